@@ -1,0 +1,274 @@
+"""Capsule Network with dynamic routing.
+
+Sabour, Frosst & Hinton, "Dynamic Routing Between Capsules", NIPS 2017, arXiv:1710.09829.
+
+Faithful to the paper: Conv1 (256 9x9) -> PrimaryCaps (32 channels of 8-D capsules, 9x9
+stride 2) -> DigitCaps (10 16-D capsules, Procedure 1 routing with r = 3) -> a 512-1024-784
+decoder masked by the true label in training, and the margin loss (m+ = 0.9, m- = 0.1,
+lambda = 0.5) plus 0.0005 x the summed squared reconstruction error.
+
+Where this code departs from the paper (each is flagged again where it happens):
+- `squash` and capsule lengths put a small epsilon inside the square root, so they stay
+  finite (with finite gradients) at s = 0. The paper's formula is undefined there.
+- `detach_early_routing` (off by default) stops gradients through u_hat in all but the last
+  routing iteration, as some ports do. The paper lets gradients flow through every iteration.
+- Routing is kept in float32 even under autocast; the paper predates mixed precision.
+"""
+
+from dataclasses import asdict, dataclass, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+EPS = 1e-8  # inside every square root, so norms have finite gradients at 0
+
+
+@dataclass(frozen=True)
+class CapsNetConfig:
+    in_channels: int = 1  # grayscale MNIST
+    image_size: int = 28  # square input side in pixels
+    num_classes: int = 10  # one digit capsule per class
+    conv1_channels: int = 256  # paper: 256 9x9 kernels
+    kernel_size: int = 9  # both convolutions use 9x9 kernels
+    primary_channels: int = 32  # paper: 32 channels of primary capsules
+    primary_dim: int = 8  # paper: 8-D primary capsules
+    digit_dim: int = 16  # paper: 16-D digit capsules
+    routing_iterations: int = 3  # paper: r = 3
+    detach_early_routing: bool = False  # not in the paper; see module docstring
+    decoder_hidden: tuple[int, int] = (512, 1024)  # paper: FC 512 -> 1024 -> pixels
+    weight_std: float = 0.01  # W_ij init; std 1 saturates routing and training never starts
+
+    @property
+    def primary_grid(self) -> int:
+        """Side of the PrimaryCaps grid: 28 -> 20 (conv1) -> 6 (stride-2 conv)."""
+        conv1_side = self.image_size - self.kernel_size + 1
+        return (conv1_side - self.kernel_size) // 2 + 1
+
+    @property
+    def num_primary_caps(self) -> int:
+        """1152 = 32 * 6 * 6 for the paper's MNIST configuration."""
+        return self.primary_channels * self.primary_grid**2
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "decoder_hidden": list(self.decoder_hidden)}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "CapsNetConfig":
+        return cls(**{**values, "decoder_hidden": tuple(values["decoder_hidden"])})
+
+
+def squash(s: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Eq. 1: v = |s|^2 / (1 + |s|^2) * s / |s|, with EPS inside the root (a departure)."""
+    norm_sq = (s * s).sum(dim=dim, keepdim=True)
+    # Divide the ratio by the norm instead of multiplying out, so huge s cannot overflow.
+    return s * (norm_sq / (1.0 + norm_sq) / torch.sqrt(norm_sq + EPS))
+
+
+def capsule_length(v: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """|v| with EPS inside the root: sqrt has an infinite gradient at 0."""
+    return torch.sqrt((v * v).sum(dim=dim) + EPS)
+
+
+class ConvLayer(nn.Module):
+    """Conv1: 256 9x9 filters, stride 1, ReLU."""
+
+    def __init__(self, config: CapsNetConfig):
+        super().__init__()
+        self.conv = nn.Conv2d(config.in_channels, config.conv1_channels, config.kernel_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, 28, 28) -> (B, 256, 20, 20)."""
+        return F.relu(self.conv(x))
+
+
+class PrimaryCaps(nn.Module):
+    """32 channels of 8-D convolutional capsules (9x9, stride 2), squashed."""
+
+    def __init__(self, config: CapsNetConfig):
+        super().__init__()
+        self.channels, self.dim = config.primary_channels, config.primary_dim
+        self.conv = nn.Conv2d(
+            config.conv1_channels, self.channels * self.dim, config.kernel_size, stride=2
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 256, 20, 20) -> (B, 1152, 8): capsule i = (channel, row, col)."""
+        out = self.conv(x)  # (B, 256, 6, 6)
+        batch, _, height, width = out.shape
+        # Each capsule is 8 channels at one position: split channels, then move them last.
+        out = out.view(batch, self.channels, self.dim, height, width)  # (B, 32, 8, 6, 6)
+        out = out.permute(0, 1, 3, 4, 2)  # (B, 32, 6, 6, 8)
+        return squash(out.reshape(batch, -1, self.dim))  # (B, 1152, 8)
+
+
+class DigitCaps(nn.Module):
+    """10 16-D capsules fed by dynamic routing (Procedure 1) from the primary capsules."""
+
+    def __init__(self, config: CapsNetConfig):
+        super().__init__()
+        self.iterations = config.routing_iterations
+        self.detach_early = config.detach_early_routing
+        num_in, num_out = config.num_primary_caps, config.num_classes
+        # W_ij maps primary capsule i (8-D) to its vote for digit capsule j (16-D). Stored as
+        # (I, 8, J*16) so all votes of one input capsule come from a single matmul.
+        self.W = nn.Parameter(
+            config.weight_std * torch.randn(num_in, config.primary_dim, num_out * config.digit_dim)
+        )
+        self.num_out, self.out_dim = num_out, config.digit_dim
+
+    def votes(self, u: torch.Tensor) -> torch.Tensor:
+        """Eq. 2's prediction vectors u_hat_j|i = W_ij u_i: (B, I, 8) -> (B, J, I, 16)."""
+        batch, num_in, _ = u.shape
+        u_hat = torch.bmm(u.transpose(0, 1), self.W)  # (I, B, J*16)
+        u_hat = u_hat.view(num_in, batch, self.num_out, self.out_dim)  # (I, B, J, 16)
+        # (B, J, I, 16) makes both routing contractions batched matrix-vector products.
+        return u_hat.permute(1, 2, 0, 3).contiguous()
+
+    def forward(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, I, 8) -> v_j (B, J, 16) and the final coupling coefficients c_ij (B, J, I)."""
+        # Routing stays in float32 under autocast: the logits b_ij grow and softmax needs range.
+        with torch.autocast(device_type=u.device.type, enabled=False):
+            u_hat = self.votes(u.float())  # (B, J, I, 16)
+            return DynamicRouting.apply(u_hat, self.iterations, self.detach_early)
+
+
+class DynamicRouting(torch.autograd.Function):
+    """Procedure 1 with a hand-derived backward; same values and gradients as plain autograd.
+
+    Autograd would keep one (B, J, I, 16) gradient per use of u_hat (2r - 1 of them) and add
+    them up. Every one of those gradients is an outer product (a (B, J, I) weight times a
+    (B, J, 16) vector), so backward stacks the weights and builds grad u_hat in one matmul.
+    That, not arithmetic, is what routing costs on a CPU. tests/test_routing.py checks this
+    against a loop written from the paper, including gradcheck in float64.
+    """
+
+    @staticmethod
+    def forward(ctx, u_hat: torch.Tensor, iterations: int, detach_early: bool):
+        """u_hat (B, J, I, 16) -> v_j (B, J, 16), c_ij (B, J, I). b_ij is per example, per call."""
+        batch, num_out, num_in, _ = u_hat.shape
+        b_ij = torch.zeros(batch, num_out, num_in, device=u_hat.device, dtype=u_hat.dtype)
+        saved = []
+        for iteration in range(iterations):
+            c_ij = torch.softmax(b_ij, dim=1)  # Eq. 3: over the outputs j, (B, J, I)
+            s_j = (c_ij.unsqueeze(2) @ u_hat).squeeze(2)  # Eq. 2: sum_i c_ij u_hat, (B, J, 16)
+            v_j = squash(s_j)  # Eq. 1, (B, J, 16)
+            saved += [c_ij, s_j, v_j]
+            if iteration < iterations - 1:  # r iterations: r squashes, r - 1 logit updates
+                b_ij = b_ij + (u_hat @ v_j.unsqueeze(-1)).squeeze(-1)  # + u_hat . v_j, (B, J, I)
+        ctx.save_for_backward(u_hat, *saved)
+        ctx.iterations, ctx.detach_early = iterations, detach_early
+        ctx.mark_non_differentiable(c_ij)
+        return v_j, c_ij
+
+    @staticmethod
+    def backward(ctx, grad_v: torch.Tensor, grad_c: torch.Tensor):
+        """grad v_j (B, J, 16) -> grad u_hat (B, J, I, 16), walking the iterations backwards."""
+        u_hat, *saved = ctx.saved_tensors
+        c, s, v = saved[0::3], saved[1::3], saved[2::3]
+        weights, vectors = [], []  # grad u_hat = sum_k weights[k] (B,J,I) x vectors[k] (B,J,16)
+        grad_b = None  # dL/db_{t+1}, which is also dL/d(agreement_t)
+        last = ctx.iterations - 1
+        for t in range(last, -1, -1):
+            if t < last:
+                # b_{t+1} = b_t + u_hat . v_t: v_t gets sum_i grad_b u_hat, u_hat gets grad_b v_t.
+                grad_v = (grad_b.unsqueeze(2) @ u_hat).squeeze(2)  # (B, J, 16)
+                weights.append(grad_b)
+                vectors.append(v[t])
+            grad_s = squash_backward(s[t], grad_v)  # (B, J, 16)
+            weights.append(c[t])
+            vectors.append(grad_s)
+            if ctx.detach_early or t == 0:  # c_0 is uniform, and detached c_t carry no gradient
+                break
+            grad_c = (u_hat @ grad_s.unsqueeze(-1)).squeeze(-1)  # (B, J, I)
+            # Softmax over j: db = c * (dc - sum_j c dc); b_t also feeds b_{t+1}, so add grad_b.
+            grad_b_t = c[t] * (grad_c - (c[t] * grad_c).sum(dim=1, keepdim=True))
+            grad_b = grad_b_t if grad_b is None else grad_b + grad_b_t
+        stacked_weights = torch.stack(weights, dim=-1)  # (B, J, I, K)
+        stacked_vectors = torch.stack(vectors, dim=2)  # (B, J, K, 16)
+        return stacked_weights @ stacked_vectors, None, None  # (B, J, I, 16)
+
+
+def squash_backward(s: torch.Tensor, grad_v: torch.Tensor) -> torch.Tensor:
+    """Vector-Jacobian product of `squash` at s, by autograd on the small (B, J, 16) tensor."""
+    with torch.enable_grad():
+        s = s.detach().requires_grad_()
+        (grad_s,) = torch.autograd.grad(squash(s), s, grad_v)
+    return grad_s
+
+
+class Decoder(nn.Module):
+    """FC 512 -> 1024 -> pixels (sigmoid), fed the digit capsules masked to one class."""
+
+    def __init__(self, config: CapsNetConfig):
+        super().__init__()
+        hidden1, hidden2 = config.decoder_hidden
+        num_pixels = config.in_channels * config.image_size**2
+        self.layers = nn.Sequential(
+            nn.Linear(config.num_classes * config.digit_dim, hidden1),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden1, hidden2),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden2, num_pixels),
+            nn.Sigmoid(),
+        )
+        self.image_shape = (config.in_channels, config.image_size, config.image_size)
+
+    def forward(self, v: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """v (B, J, 16) and the class to keep (B,) -> reconstruction (B, C, 28, 28) in [0, 1]."""
+        mask = F.one_hot(target, v.shape[1]).to(v.dtype)  # (B, J)
+        masked = (v * mask.unsqueeze(-1)).flatten(1)  # (B, J*16)
+        return self.layers(masked).view(-1, *self.image_shape)
+
+
+class CapsNet(nn.Module):
+    """The full network. `CapsNet(routing_iterations=1)` overrides single config fields."""
+
+    def __init__(self, config: CapsNetConfig | None = None, **overrides):
+        super().__init__()
+        self.config = replace(config or CapsNetConfig(), **overrides)
+        self.conv1 = ConvLayer(self.config)
+        self.primary_caps = PrimaryCaps(self.config)
+        self.digit_caps = DigitCaps(self.config)
+        self.decoder = Decoder(self.config)
+
+    def forward(
+        self, x: torch.Tensor, target: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, C, 28, 28) in [0, 1] -> lengths (B, J), reconstructions (B, C, 28, 28), v (B, J, 16).
+
+        The decoder is masked by `target` (the true label, in training) or else by the
+        longest capsule (the prediction, at test), so one pass gives both outputs.
+        """
+        u = self.primary_caps(self.conv1(x))  # (B, 1152, 8)
+        v, _ = self.digit_caps(u)  # (B, J, 16)
+        lengths = capsule_length(v)  # (B, J)
+        mask_class = lengths.argmax(dim=1) if target is None else target
+        return lengths, self.decoder(v, mask_class), v
+
+
+def margin_loss(lengths: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Eq. 4, summed over classes: (B, J), (B,) -> (B,). Hinges are squared."""
+    present = F.one_hot(target, lengths.shape[1]).to(lengths.dtype)  # T_k, (B, J)
+    loss_present = present * F.relu(0.9 - lengths) ** 2  # m+ = 0.9
+    loss_absent = 0.5 * (1.0 - present) * F.relu(lengths - 0.1) ** 2  # lambda = 0.5, m- = 0.1
+    return (loss_present + loss_absent).sum(dim=1)
+
+
+def reconstruction_loss(reconstructions: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """Sum of squared pixel errors per example: (B, C, H, W) x2 -> (B,)."""
+    return ((reconstructions - images) ** 2).flatten(1).sum(dim=1)
+
+
+def capsule_loss(
+    lengths: torch.Tensor,
+    reconstructions: torch.Tensor,
+    images: torch.Tensor,
+    target: torch.Tensor,
+    reconstruction_weight: float = 0.0005,
+) -> torch.Tensor:
+    """Margin loss + 0.0005 x reconstruction SSE, averaged over the batch (a scalar)."""
+    per_example = margin_loss(lengths, target) + reconstruction_weight * reconstruction_loss(
+        reconstructions.float(), images
+    )
+    return per_example.mean()

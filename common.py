@@ -1,0 +1,98 @@
+"""What every entry point shares: one-line errors, device choice and checkpoint I/O.
+
+train.py, evaluate.py, predict.py, bench.py and inference.ipynb all import from here, so a
+checkpoint is written and read one way only.
+"""
+
+import os
+import pickle
+import sys
+import zipfile
+from pathlib import Path
+
+import torch
+
+from CapsNet import CapsNet, CapsNetConfig
+
+SHIPPED_CHECKPOINT = Path(__file__).parent / "checkpoints" / "capsnet_mnist.pt"
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad flag, missing file, wrong checkpoint): one line, no traceback."""
+
+
+def exit_on_user_error(main):
+    """Run `main()`, turning a UserError into `error: ...` on stderr and exit status 2."""
+    try:
+        main()
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    """'auto' picks cuda, then mps, then cpu; an explicit choice must be available."""
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    available = {
+        "cpu": True,
+        "cuda": torch.cuda.is_available(),
+        "mps": torch.backends.mps.is_available(),
+    }
+    if requested not in available:
+        raise UserError(f"unknown device {requested!r}: choose auto, cpu, cuda or mps")
+    if not available[requested]:
+        raise UserError(f"device {requested!r} is not available on this machine")
+    return torch.device(requested)
+
+
+def save_checkpoint(checkpoint: dict, path: str | Path) -> None:
+    """Write atomically: a crash mid-write leaves the previous file intact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    torch.save(checkpoint, temporary)
+    os.replace(temporary, path)
+
+
+def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dict:
+    """Load a checkpoint safely (weights_only=True); any problem becomes one UserError line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location=device, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"{path} is not a readable checkpoint ({reason})") from error
+    if not isinstance(checkpoint, dict) or "model" not in checkpoint or "config" not in checkpoint:
+        raise UserError(f"{path} is not a CapsNet checkpoint (it lacks 'model' and 'config')")
+    return checkpoint
+
+
+def model_from_checkpoint(checkpoint: dict, path: str | Path = "checkpoint") -> torch.nn.Module:
+    """Rebuild the model from the checkpoint's own config, then load its weights strictly."""
+    try:
+        model = CapsNet(CapsNetConfig.from_dict(checkpoint["config"]))
+        model.load_state_dict(checkpoint["model"])
+    except (TypeError, KeyError, RuntimeError, ValueError) as error:
+        reason = str(error).strip().splitlines()[0]
+        raise UserError(f"{path} does not match the model ({reason})") from error
+    return model
+
+
+def load_model(path: str | Path, device: torch.device) -> tuple[torch.nn.Module, dict]:
+    """Checkpoint file -> model in eval mode on `device`, plus the checkpoint dict."""
+    checkpoint = load_checkpoint(path, device)
+    model = model_from_checkpoint(checkpoint, path).to(device).eval()
+    return model, checkpoint
+
+
+def export_weights(checkpoint: dict, path: str | Path) -> None:
+    """Write the shippable part of a training checkpoint: weights, config, metrics; no optimizer."""
+    keep = ("model", "config", "dataset", "epoch", "metrics", "args")
+    save_checkpoint({key: checkpoint[key] for key in keep if key in checkpoint}, path)

@@ -1,0 +1,129 @@
+"""MNIST and Fashion-MNIST held in memory as uint8 tensors, batched and shifted on-tensor.
+
+The whole training set is 47 MB as uint8, so it lives in one tensor: batches are slices and
+the paper's only augmentation (random shifts of up to 2 px with zero padding) is one gather
+for the whole batch. No DataLoader workers compete with the model for the CPU cores.
+Images are scaled to [0, 1] and never normalized, so the decoder's sigmoid can reach its
+reconstruction target, and train and test see the same pixels (apart from the shifts).
+"""
+
+import gzip
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+
+from common import UserError
+
+DEBIAN_FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
+
+CLASS_NAMES = {
+    "mnist": [str(digit) for digit in range(10)],
+    "fashion-mnist": [
+        "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+        "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    ],
+}
+DATASETS = tuple(CLASS_NAMES)
+
+RAW_FILES = (
+    "train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte",
+)
+
+
+@dataclass
+class Split:
+    """Images (N, 28, 28) uint8 and labels (N,) int64, on the CPU."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, indices: torch.Tensor) -> "Split":
+        return Split(self.images[indices], self.labels[indices])
+
+
+def read_idx(path: Path) -> torch.Tensor:
+    """Read an IDX file of unsigned bytes (optionally gzipped) into a uint8 tensor."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as file:
+        content = file.read()
+    num_dims = content[3]
+    shape = [int.from_bytes(content[4 + 4 * k : 8 + 4 * k], "big") for k in range(num_dims)]
+    values = np.frombuffer(content, dtype=np.uint8, offset=4 + 4 * num_dims)
+    return torch.from_numpy(values.copy()).view(*shape)
+
+
+def load_split(dataset: str, data_dir: str | Path, train: bool) -> Split:
+    """One split of `dataset`, downloading it into data_dir when it is absent."""
+    if dataset not in CLASS_NAMES:
+        raise UserError(f"unknown dataset {dataset!r}: choose {', '.join(DATASETS)}")
+    data_dir = Path(data_dir)
+    folder = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}[dataset]
+    local_raw = data_dir / folder / "raw"
+    if dataset == "fashion-mnist" and not local_raw.is_dir() and DEBIAN_FASHION_DIR.is_dir():
+        return read_debian_fashion(train)
+    dataset_class = {"mnist": torchvision.datasets.MNIST, "fashion-mnist": torchvision.datasets.FashionMNIST}
+    try:
+        loaded = dataset_class[dataset](root=str(data_dir), train=train, download=True)
+    except Exception as error:  # torchvision raises RuntimeError, URLError or OSError offline
+        raise UserError(
+            f"{dataset} is not in {local_raw} and could not be downloaded ({type(error).__name__}). "
+            f"Put the files {', '.join(RAW_FILES)} in {local_raw}, or pass --data-dir"
+        ) from error
+    return Split(loaded.data.clone(), loaded.targets.clone())
+
+
+def read_debian_fashion(train: bool) -> Split:
+    prefix = "train" if train else "t10k"
+    images = read_idx(DEBIAN_FASHION_DIR / f"{prefix}-images-idx3-ubyte.gz")
+    labels = read_idx(DEBIAN_FASHION_DIR / f"{prefix}-labels-idx1-ubyte.gz")
+    return Split(images, labels.long())
+
+
+def train_val_split(full: Split, val_size: int, subset: int | None, seed: int) -> tuple[Split, Split | None]:
+    """A seeded held-out validation split, then an optional training subset for quick runs."""
+    if not 0 <= val_size < len(full):
+        raise UserError(f"--val-size must be between 0 and {len(full) - 1}, got {val_size}")
+    order = torch.randperm(len(full), generator=torch.Generator().manual_seed(seed))
+    val = full.subset(order[:val_size]) if val_size else None
+    train_indices = order[val_size:]
+    if subset is not None:
+        if not 1 <= subset <= len(train_indices):
+            raise UserError(f"--train-subset must be between 1 and {len(train_indices)}, got {subset}")
+        train_indices = train_indices[:subset]
+    return full.subset(train_indices), val
+
+
+def to_float(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 (B, 28, 28) -> float (B, 1, 28, 28) in [0, 1] on `device`."""
+    return images.to(device, non_blocking=True).unsqueeze(1).float().div_(255.0)
+
+
+def random_shift(images: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
+    """Shift each image by its own integer (dy, dx) in [-max_shift, max_shift], zero-filled.
+
+    (B, H, W) -> (B, H, W), any dtype: pad once, then gather every crop with one index.
+    """
+    if max_shift == 0:
+        return images
+    batch, height, width = images.shape
+    padded = torch.nn.functional.pad(images, (max_shift,) * 4)  # (B, H+2s, W+2s)
+    offsets = torch.randint(0, 2 * max_shift + 1, (2, batch), generator=generator)  # (2, B)
+    rows = offsets[0, :, None] + torch.arange(height)  # (B, H)
+    cols = offsets[1, :, None] + torch.arange(width)  # (B, W)
+    batch_index = torch.arange(batch)[:, None, None]  # (B, 1, 1)
+    return padded[batch_index, rows[:, :, None], cols[:, None, :]]  # (B, H, W)
+
+
+def batches(split: Split, batch_size: int, order: torch.Tensor | None = None):
+    """Yield (images uint8 (b, 28, 28), labels (b,)) in `order` (default: as stored)."""
+    order = torch.arange(len(split)) if order is None else order
+    for start in range(0, len(order), batch_size):
+        indices = order[start : start + batch_size]
+        yield split.images[indices], split.labels[indices]

@@ -1,0 +1,318 @@
+"""Train a CapsNet on MNIST (or Fashion-MNIST) on CUDA, MPS or CPU, checkpointing every epoch.
+
+    python train.py                      # the paper's setup, checkpoints in checkpoints/
+    python train.py --resume             # continue checkpoints/last.pt exactly where it stopped
+    python train.py --train-subset 2000 --epochs 5 --data-dir ../shared/data
+
+Ctrl-C finishes the current batch, saves a resumable checkpoint and exits.
+"""
+
+import argparse
+import json
+import math
+import random
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from CapsNet import CapsNet, capsule_loss
+from common import UserError, exit_on_user_error, load_checkpoint, pick_device, save_checkpoint
+from data import DATASETS, batches, load_split, random_shift, to_float, train_val_split
+from evaluate import accuracy
+
+# Flags that may change when a run is resumed; everything else comes from the checkpoint.
+RESUMABLE_FLAGS = {"epochs", "device", "threads", "resume", "data_dir", "checkpoint_dir", "compile", "quiet"}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = parser.add_argument
+    add("--dataset", default="mnist", choices=DATASETS, help="dataset to train on (default: mnist)")
+    add("--epochs", type=int, default=30, help="number of epochs (default: 30)")
+    add("--batch-size", type=int, default=128, help="training batch size (default: 128)")
+    add("--lr", type=float, default=1e-3, help="Adam learning rate (default: 0.001)")
+    add("--lr-decay", type=float, default=0.9, help="learning rate factor per epoch (default: 0.9)")
+    add("--routing-iterations", type=int, default=3, help="routing iterations r (default: 3)")
+    add("--max-shift", type=int, default=2, help="random shift in pixels, 0 for none (default: 2)")
+    add("--data-dir", default="data", help="dataset root, downloaded into if absent (default: data)")
+    add("--checkpoint-dir", default="checkpoints", help="where last.pt, best.pt and the log go (default: checkpoints)")
+    add("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
+    add("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    add("--seed", type=int, default=0, help="seed for init, split, order and shifts (default: 0)")
+    add("--train-subset", type=int, default=None, help="train on the first N training images (default: all)")
+    add("--val-size", type=int, default=5000, help="held-out validation images that choose best.pt, 0 for none (default: 5000)")
+    add("--test-every", type=int, default=1, help="score the test set every N epochs and at the end (default: 1)")
+    add("--max-grad-norm", type=float, default=None, help="clip the gradient norm to this (default: no clipping)")
+    add("--on-nonfinite", default="stop", choices=("stop", "skip"), help="a NaN/inf loss or gradient stops the run or skips the batch (default: stop)")
+    add("--compile", action="store_true", help="torch.compile the model (default: off)")
+    add("--resume", action="store_true", help="continue from CHECKPOINT_DIR/last.pt (default: off)")
+    add("--dry-run", action="store_true", help="run 2 training and 2 test batches, save nothing (default: off)")
+    add("--quiet", action="store_true", help="no progress bars (default: off)")
+    args = parser.parse_args(argv)
+    check_args(args)
+    return args
+
+
+def check_args(args: argparse.Namespace) -> None:
+    positive = ("epochs", "batch_size", "routing_iterations", "test_every")
+    for name in positive:
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if not (args.lr > 0 and math.isfinite(args.lr)):
+        raise UserError(f"--lr must be a positive number, got {args.lr}")
+    if not 0 < args.lr_decay <= 1:
+        raise UserError(f"--lr-decay must be in (0, 1], got {args.lr_decay}")
+    if not 0 <= args.max_shift <= 8:
+        raise UserError(f"--max-shift must be between 0 and 8, got {args.max_shift}")
+    if args.max_grad_norm is not None and not args.max_grad_norm > 0:
+        raise UserError(f"--max-grad-norm must be positive, got {args.max_grad_norm}")
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads must be at least 1, got {args.threads}")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """The generator of one epoch's order and shifts: a resumed epoch replays it exactly."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+
+
+class StopRequest:
+    """First Ctrl-C asks the loop to stop after the current batch; a second one aborts."""
+
+    def __init__(self):
+        self.requested = False
+        signal.signal(signal.SIGINT, self.handle)
+
+    def handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping after this batch (Ctrl-C again to abort without saving)")
+
+
+class NonFiniteError(UserError):
+    pass
+
+
+class Trainer:
+    """Holds the model, optimizer and run state; one method per phase of an epoch."""
+
+    def __init__(self, args: argparse.Namespace, device: torch.device, train_split, val_split, test_split):
+        self.args, self.device = args, device
+        self.train_split, self.val_split, self.test_split = train_split, val_split, test_split
+        self.model = CapsNet(routing_iterations=args.routing_iterations).to(device)
+        self.step_model = torch.compile(self.model) if args.compile else self.model
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=args.lr)
+        # The paper decays the learning rate exponentially without giving the rate; 0.9 per
+        # epoch is XifengGuo's CapsNet-Keras/Pytorch choice.
+        self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, gamma=args.lr_decay)
+        self.epoch, self.step = 0, 0  # completed epochs; batches done in the current epoch
+        self.partial = {"loss_sum": 0.0, "seen": 0, "grad_norm_sum": 0.0, "steps": 0, "seconds": 0.0}
+        self.metrics, self.best_val, self.skipped = [], -1.0, 0
+        self.shift_generator = None
+        self.checkpoint_dir = Path(args.checkpoint_dir)
+
+    # --- checkpoints -------------------------------------------------------------------
+    def state(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "epoch": self.epoch,
+            "step": self.step,
+            "partial": dict(self.partial),
+            "shift_rng": self.shift_generator.get_state() if self.step else None,
+            "metrics": self.metrics,
+            "best_val": self.best_val,
+            "skipped": self.skipped,
+            "config": self.model.config.to_dict(),
+            "dataset": self.args.dataset,
+            "args": vars(self.args),
+        }
+
+    def load_state(self, checkpoint: dict) -> None:
+        self.model.load_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        self.epoch, self.step = checkpoint["epoch"], checkpoint["step"]
+        self.partial, self.metrics = checkpoint["partial"], checkpoint["metrics"]
+        self.best_val, self.skipped = checkpoint["best_val"], checkpoint["skipped"]
+        if self.step:
+            self.shift_generator = epoch_generator(self.args.seed, self.epoch)
+            self.shift_generator.set_state(checkpoint["shift_rng"])
+
+    def save(self, name: str) -> Path:
+        if not all(torch.isfinite(p).all() for p in self.model.parameters()):
+            raise NonFiniteError(f"the weights are not finite at epoch {self.epoch + 1}; {name} was not written")
+        path = self.checkpoint_dir / name
+        if not self.args.dry_run:
+            save_checkpoint(self.state(), path)
+        return path
+
+    # --- one training epoch ------------------------------------------------------------
+    def train_epoch(self, stop: StopRequest) -> bool:
+        """Train the rest of the current epoch; False if a stop was requested."""
+        self.model.train()
+        order_generator = epoch_generator(self.args.seed, self.epoch)
+        order = torch.randperm(len(self.train_split), generator=order_generator)
+        if self.step == 0:
+            self.shift_generator = order_generator  # continues the same stream after the order
+        all_batches = list(batches(self.train_split, self.args.batch_size, order))
+        if self.args.dry_run:
+            all_batches = all_batches[:2]
+        progress = tqdm(
+            all_batches[self.step :], desc=f"epoch {self.epoch + 1}/{self.args.epochs}",
+            initial=self.step, total=len(all_batches), leave=False, disable=self.args.quiet,
+        )
+        started = time.perf_counter()
+        for images, labels in progress:
+            loss, grad_norm = self.train_step(images, labels)
+            self.step += 1
+            if loss is not None:
+                self.partial["loss_sum"] += loss * len(labels)
+                self.partial["grad_norm_sum"] += grad_norm
+                self.partial["steps"] += 1
+            self.partial["seen"] += len(labels)
+            progress.set_postfix(loss=f"{loss if loss is not None else float('nan'):.4f}")
+            if stop.requested:
+                self.partial["seconds"] += time.perf_counter() - started
+                return False
+        self.partial["seconds"] += time.perf_counter() - started
+        return True
+
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[float | None, float]:
+        """One Adam step on a batch; (loss, grad norm), or (None, nan) for a skipped batch."""
+        shifted = random_shift(images, self.args.max_shift, self.shift_generator)  # (B, 28, 28)
+        x = to_float(shifted, self.device)  # (B, 1, 28, 28) in [0, 1]
+        y = labels.to(self.device)
+        self.optimizer.zero_grad(set_to_none=True)
+        lengths, reconstructions, _ = self.step_model(x, y)  # decoder masked by the true label
+        loss = capsule_loss(lengths, reconstructions, x, y)  # reconstructs the shifted input
+        loss.backward()
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params]).item()
+        loss_value = loss.item()
+        if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+            where = f"epoch {self.epoch + 1} step {self.step + 1}"
+            if self.args.on_nonfinite == "stop":
+                raise NonFiniteError(
+                    f"non-finite loss or gradient at {where} (loss {loss_value}, grad norm {grad_norm}); "
+                    f"stopped, the last good checkpoint is {self.checkpoint_dir / 'last.pt'}"
+                )
+            self.skipped += 1
+            return None, float("nan")
+        if self.args.max_grad_norm is not None:
+            torch.nn.utils.clip_grads_with_norm_(params, self.args.max_grad_norm, torch.tensor(grad_norm))
+        self.optimizer.step()
+        return loss_value, grad_norm
+
+    # --- end of an epoch ---------------------------------------------------------------
+    def finish_epoch(self) -> dict:
+        seconds, seen = self.partial["seconds"], self.partial["seen"]
+        record = {
+            "epoch": self.epoch + 1,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "train_loss": self.partial["loss_sum"] / max(seen, 1),
+            "grad_norm": self.partial["grad_norm_sum"] / max(self.partial["steps"], 1),
+            "seconds": seconds,
+            "img_per_s": seen / seconds if seconds else 0.0,
+            "skipped": self.skipped,
+        }
+        limit = 2 * 500 if self.args.dry_run else None
+        if self.val_split is not None:
+            record["val_acc"] = 100 * accuracy(self.model, self.val_split, self.device, limit=limit)
+        last_epoch = self.epoch + 1 == self.args.epochs
+        if (self.epoch + 1) % self.args.test_every == 0 or last_epoch:
+            record["test_acc"] = 100 * accuracy(self.model, self.test_split, self.device, limit=limit)
+        self.scheduler.step()
+        self.epoch, self.step = self.epoch + 1, 0
+        self.partial = {key: 0 for key in self.partial}
+        self.metrics.append(record)
+        return record
+
+    def save_epoch(self, record: dict) -> None:
+        improved = record.get("val_acc", -1.0) > self.best_val
+        if improved:
+            self.best_val = record["val_acc"]  # saved in last.pt, so a resume compares against it
+        self.save("last.pt")
+        if improved:
+            self.save("best.pt")
+        if not self.args.dry_run:
+            with open(self.checkpoint_dir / "metrics.jsonl", "a") as log:
+                log.write(json.dumps(record) + "\n")
+
+
+def summary_line(record: dict, epochs: int) -> str:
+    parts = [f"epoch {record['epoch']}/{epochs}", f"loss {record['train_loss']:.4f}"]
+    parts += [f"{name} {record[key]:.2f}%" for name, key in (("val", "val_acc"), ("test", "test_acc")) if key in record]
+    parts += [f"{record['seconds']:.0f} s", f"{record['img_per_s']:.0f} img/s"]
+    if record["skipped"]:
+        parts.append(f"skipped {record['skipped']}")
+    return "  ".join(parts)
+
+
+def resolve_resume(args: argparse.Namespace) -> tuple[argparse.Namespace, dict | None]:
+    """Check the checkpoint dir; on --resume, restore the saved flags except RESUMABLE_FLAGS."""
+    last = Path(args.checkpoint_dir) / "last.pt"
+    if not args.resume:
+        if last.exists() and not args.dry_run:
+            raise UserError(
+                f"{last} already exists: pass --resume to continue that run, "
+                "or --checkpoint-dir to start a new one elsewhere"
+            )
+        return args, None
+    checkpoint = load_checkpoint(last)
+    if "optimizer" not in checkpoint:
+        raise UserError(f"{last} holds weights only and cannot be resumed")
+    saved = {**checkpoint["args"], **{key: getattr(args, key) for key in RESUMABLE_FLAGS}}
+    return argparse.Namespace(**saved), checkpoint
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    args, checkpoint = resolve_resume(args)
+    device = pick_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    seed_everything(args.seed)
+    full_train = load_split(args.dataset, args.data_dir, train=True)
+    train_split, val_split = train_val_split(full_train, args.val_size, args.train_subset, args.seed)
+    test_split = load_split(args.dataset, args.data_dir, train=False)
+    trainer = Trainer(args, device, train_split, val_split, test_split)
+    if checkpoint is not None:
+        trainer.load_state(checkpoint)
+        print(f"resumed {args.checkpoint_dir}/last.pt at epoch {trainer.epoch + 1}, batch {trainer.step}")
+    num_params = sum(p.numel() for p in trainer.model.parameters())
+    print(
+        f"device {device}  threads {torch.get_num_threads()}  parameters {num_params:,}  "
+        f"train {len(train_split)}  val {len(val_split) if val_split else 0}  test {len(test_split)}"
+    )
+    stop = StopRequest()
+    while trainer.epoch < args.epochs:
+        if not trainer.train_epoch(stop):
+            path = trainer.save("last.pt")
+            print(f"interrupted: saved {path}; continue with python train.py --resume")
+            return
+        record = trainer.finish_epoch()
+        trainer.save_epoch(record)
+        print(summary_line(record, args.epochs), flush=True)
+        if args.dry_run:
+            print("dry run: nothing saved")
+            return
+    if not args.val_size:
+        print("no validation split (--val-size 0): best.pt is not written; last.pt is the final model")
+    print(f"done: python evaluate.py --checkpoint {args.checkpoint_dir}/{'best' if args.val_size else 'last'}.pt")
+
+
+if __name__ == "__main__":
+    exit_on_user_error(main)
