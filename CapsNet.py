@@ -129,7 +129,7 @@ class DigitCaps(nn.Module):
         """(B, I, 8) -> v_j (B, J, 16) and the final coupling coefficients c_ij (B, J, I)."""
         # Routing stays in float32 under autocast: the logits b_ij grow and softmax needs range.
         with torch.autocast(device_type=u.device.type, enabled=False):
-            u_hat = self.votes(u.float())  # (B, J, I, 16)
+            u_hat = self.votes(u.to(torch.promote_types(u.dtype, torch.float32)))  # (B, J, I, 16)
             return DynamicRouting.apply(u_hat, self.iterations, self.detach_early)
 
 

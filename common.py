@@ -7,7 +7,6 @@ checkpoint is written and read one way only.
 import os
 import pickle
 import sys
-import zipfile
 from pathlib import Path
 
 import torch
@@ -55,8 +54,11 @@ def save_checkpoint(checkpoint: dict, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp")
-    torch.save(checkpoint, temporary)
-    os.replace(temporary, path)
+    try:
+        torch.save(checkpoint, temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dict:
@@ -66,9 +68,13 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dic
         raise UserError(f"checkpoint {path} does not exist")
     try:
         checkpoint = torch.load(path, map_location=device, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"{path} is not a readable checkpoint ({reason})") from error
+    except pickle.UnpicklingError as error:
+        raise UserError(
+            f"{path} is not a readable checkpoint: it is corrupt, or holds objects beyond tensors "
+            "and plain types, which the safe loader (weights_only=True) refuses"
+        ) from error
+    except Exception as error:  # a truncated or foreign file fails anywhere inside the unpickler
+        raise UserError(f"{path} is not a readable checkpoint ({type(error).__name__}: it is empty, truncated or not a torch file)") from error
     if not isinstance(checkpoint, dict) or "model" not in checkpoint or "config" not in checkpoint:
         raise UserError(f"{path} is not a CapsNet checkpoint (it lacks 'model' and 'config')")
     return checkpoint

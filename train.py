@@ -2,6 +2,8 @@
 
     python train.py                      # the paper's setup, checkpoints in checkpoints/
     python train.py --resume             # continue checkpoints/last.pt exactly where it stopped
+    python train.py --resume checkpoints/capsnet_mnist.pt --checkpoint-dir runs/more
+                                         # continue a weights-only checkpoint (Adam restarts)
     python train.py --train-subset 2000 --epochs 5 --data-dir ../shared/data
 
 Ctrl-C finishes the current batch, saves a resumable checkpoint and exits.
@@ -19,7 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from CapsNet import CapsNet, capsule_loss
+from CapsNet import CapsNet, CapsNetConfig, capsule_loss
 from common import UserError, exit_on_user_error, load_checkpoint, pick_device, save_checkpoint
 from data import DATASETS, batches, load_split, random_shift, to_float, train_val_split
 from evaluate import accuracy
@@ -45,11 +47,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--seed", type=int, default=0, help="seed for init, split, order and shifts (default: 0)")
     add("--train-subset", type=int, default=None, help="train on the first N training images (default: all)")
     add("--val-size", type=int, default=5000, help="held-out validation images that choose best.pt, 0 for none (default: 5000)")
+    add("--test-subset", type=int, default=None, help="score only the first N test images (default: all)")
     add("--test-every", type=int, default=1, help="score the test set every N epochs and at the end (default: 1)")
     add("--max-grad-norm", type=float, default=None, help="clip the gradient norm to this (default: no clipping)")
     add("--on-nonfinite", default="stop", choices=("stop", "skip"), help="a NaN/inf loss or gradient stops the run or skips the batch (default: stop)")
     add("--compile", action="store_true", help="torch.compile the model (default: off)")
-    add("--resume", action="store_true", help="continue from CHECKPOINT_DIR/last.pt (default: off)")
+    add("--resume", nargs="?", const="last", default=None, metavar="PATH",
+        help="continue PATH (or CHECKPOINT_DIR/last.pt) with its saved flags; only --epochs, --device, "
+             "--threads, --data-dir, --checkpoint-dir, --compile may change (default: off)")
     add("--dry-run", action="store_true", help="run 2 training and 2 test batches, save nothing (default: off)")
     add("--quiet", action="store_true", help="no progress bars (default: off)")
     args = parser.parse_args(argv)
@@ -70,6 +75,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--max-shift must be between 0 and 8, got {args.max_shift}")
     if args.max_grad_norm is not None and not args.max_grad_norm > 0:
         raise UserError(f"--max-grad-norm must be positive, got {args.max_grad_norm}")
+    if args.test_subset is not None and args.test_subset < 1:
+        raise UserError(f"--test-subset must be at least 1, got {args.test_subset}")
     if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads must be at least 1, got {args.threads}")
 
@@ -107,10 +114,10 @@ class NonFiniteError(UserError):
 class Trainer:
     """Holds the model, optimizer and run state; one method per phase of an epoch."""
 
-    def __init__(self, args: argparse.Namespace, device: torch.device, train_split, val_split, test_split):
+    def __init__(self, args, device, train_split, val_split, test_split, config: CapsNetConfig | None = None):
         self.args, self.device = args, device
         self.train_split, self.val_split, self.test_split = train_split, val_split, test_split
-        self.model = CapsNet(routing_iterations=args.routing_iterations).to(device)
+        self.model = CapsNet(config, routing_iterations=args.routing_iterations).to(device)
         self.step_model = torch.compile(self.model) if args.compile else self.model
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=args.lr)
         # The paper decays the learning rate exponentially without giving the rate; 0.9 per
@@ -142,14 +149,25 @@ class Trainer:
 
     def load_state(self, checkpoint: dict) -> None:
         self.model.load_state_dict(checkpoint["model"])
+        self.epoch, self.metrics = checkpoint["epoch"], checkpoint["metrics"]
+        if "optimizer" not in checkpoint:
+            self.warm_restart()
+            return
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.scheduler.load_state_dict(checkpoint["scheduler"])
-        self.epoch, self.step = checkpoint["epoch"], checkpoint["step"]
-        self.partial, self.metrics = checkpoint["partial"], checkpoint["metrics"]
+        self.step, self.partial = checkpoint["step"], checkpoint["partial"]
         self.best_val, self.skipped = checkpoint["best_val"], checkpoint["skipped"]
         if self.step:
             self.shift_generator = epoch_generator(self.args.seed, self.epoch)
             self.shift_generator.set_state(checkpoint["shift_rng"])
+
+    def warm_restart(self) -> None:
+        """Continue weights-only at the scheduled lr; Adam's moments start again from zero."""
+        self.scheduler.last_epoch = self.epoch
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.args.lr * self.args.lr_decay**self.epoch
+        recorded = [record["val_acc"] for record in self.metrics if "val_acc" in record]
+        self.best_val = max(recorded, default=-1.0)
 
     def save(self, name: str) -> Path:
         if not all(torch.isfinite(p).all() for p in self.model.parameters()):
@@ -264,17 +282,21 @@ def summary_line(record: dict, epochs: int) -> str:
 def resolve_resume(args: argparse.Namespace) -> tuple[argparse.Namespace, dict | None]:
     """Check the checkpoint dir; on --resume, restore the saved flags except RESUMABLE_FLAGS."""
     last = Path(args.checkpoint_dir) / "last.pt"
-    if not args.resume:
+    if args.resume is None:
         if last.exists() and not args.dry_run:
             raise UserError(
                 f"{last} already exists: pass --resume to continue that run, "
                 "or --checkpoint-dir to start a new one elsewhere"
             )
         return args, None
-    checkpoint = load_checkpoint(last)
+    path = last if args.resume == "last" else Path(args.resume)
+    checkpoint = load_checkpoint(path)
+    if "args" not in checkpoint or "epoch" not in checkpoint:
+        raise UserError(f"{path} has no training flags or epoch, so there is no run to continue")
     if "optimizer" not in checkpoint:
-        raise UserError(f"{last} holds weights only and cannot be resumed")
-    saved = {**checkpoint["args"], **{key: getattr(args, key) for key in RESUMABLE_FLAGS}}
+        print(f"{path} holds weights only: continuing at the scheduled lr with fresh Adam moments")
+    # Flags newer than the checkpoint keep their defaults.
+    saved = {**vars(args), **checkpoint["args"], **{key: getattr(args, key) for key in RESUMABLE_FLAGS}}
     return argparse.Namespace(**saved), checkpoint
 
 
@@ -288,10 +310,12 @@ def main(argv=None) -> None:
     full_train = load_split(args.dataset, args.data_dir, train=True)
     train_split, val_split = train_val_split(full_train, args.val_size, args.train_subset, args.seed)
     test_split = load_split(args.dataset, args.data_dir, train=False)
+    if args.test_subset is not None:
+        test_split = test_split.subset(torch.arange(min(args.test_subset, len(test_split))))
     trainer = Trainer(args, device, train_split, val_split, test_split)
     if checkpoint is not None:
         trainer.load_state(checkpoint)
-        print(f"resumed {args.checkpoint_dir}/last.pt at epoch {trainer.epoch + 1}, batch {trainer.step}")
+        print(f"resumed at epoch {trainer.epoch + 1}, batch {trainer.step}")
     num_params = sum(p.numel() for p in trainer.model.parameters())
     print(
         f"device {device}  threads {torch.get_num_threads()}  parameters {num_params:,}  "

@@ -1,0 +1,131 @@
+"""Measure CapsNet speed against the convolution floor, in one process, and print one JSON object.
+
+    python bench.py                              # batch 128, 2 threads' worth of defaults
+    python bench.py --batch-size 64 --steps 10 --threads 1
+
+The floor is what Conv1 and the PrimaryCaps convolution alone cost (forward+backward with
+weight gradients for training, forward only for evaluation): ~95% of CapsNet's arithmetic.
+Model and floor are timed in alternating rounds and each keeps its best round, so a noisy
+neighbour on the machine hurts both alike.
+"""
+
+import argparse
+import json
+import platform
+import resource
+import time
+
+import torch
+
+from CapsNet import CapsNetConfig
+from common import UserError, exit_on_user_error, pick_device
+from data import Split, to_float
+from train import Trainer, epoch_generator
+from train import parse_args as train_args
+
+
+def best_rate(function, images_per_call: int, steps: int, rounds: int) -> list[float]:
+    """Images per second of each round of `steps` calls (after one warm-up call)."""
+    function()
+    rates = []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        for _ in range(steps):
+            function()
+        rates.append(images_per_call * steps / (time.perf_counter() - started))
+    return rates
+
+
+def conv_floor(config: CapsNetConfig, device: torch.device):
+    """Conv1 + ReLU + the PrimaryCaps convolution alone, as the model builds them."""
+    conv1 = torch.nn.Conv2d(config.in_channels, config.conv1_channels, config.kernel_size).to(device)
+    primary = torch.nn.Conv2d(
+        config.conv1_channels, config.primary_channels * config.primary_dim, config.kernel_size, stride=2
+    ).to(device)
+    return lambda x: primary(torch.relu(conv1(x)))
+
+
+def synthetic_split(size: int, seed: int = 0) -> Split:
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (size, 28, 28), dtype=torch.uint8, generator=generator)
+    return Split(images, torch.randint(0, 10, (size,), generator=generator))
+
+
+def measure(args: argparse.Namespace) -> dict:
+    device = pick_device(args.device)
+    torch.manual_seed(0)
+    flags = ["--batch-size", str(args.batch_size), "--device", str(device), "--val-size", "0"]
+    trainer_args = train_args(flags + (["--compile"] if args.compile else []))
+    split = synthetic_split(args.batch_size)
+    trainer = Trainer(trainer_args, device, split, None, split)
+    trainer.shift_generator = epoch_generator(0, 0)
+    images, labels = split.images, split.labels
+    x = to_float(images, device)
+    floor = conv_floor(trainer.model.config, device)
+
+    def train_step():
+        trainer.train_step(images, labels)  # shifts, forward, loss, backward, Adam
+
+    def floor_step():
+        floor(x).sum().backward()
+
+    def eval_step():
+        trainer.model(x)
+
+    started = time.perf_counter()
+    train_step()  # with --compile, this first call compiles
+    first_step_seconds = time.perf_counter() - started
+    train_rates, floor_rates, eval_rates, forward_floor_rates = [], [], [], []
+    for _ in range(args.rounds):  # alternate, so drift in machine load hits both sides
+        train_rates += best_rate(train_step, args.batch_size, args.steps, 1)
+        floor_rates += best_rate(floor_step, args.batch_size, args.steps, 1)
+        with torch.inference_mode():
+            trainer.model.eval()
+            eval_rates += best_rate(eval_step, args.batch_size, args.steps, 1)
+            forward_floor_rates += best_rate(lambda: floor(x), args.batch_size, args.steps, 1)
+            single = x[:1]
+            latencies = [1000 / rate for rate in best_rate(lambda: trainer.model(single), 1, 20, 1)]
+        trainer.model.train()
+    result = {
+        "device": str(device),
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "batch_size": args.batch_size,
+        "steps_per_round": args.steps,
+        "rounds": args.rounds,
+        "compile": args.compile,
+        "train_img_per_s": max(train_rates),
+        "train_floor_img_per_s": max(floor_rates),
+        "eval_img_per_s": max(eval_rates),
+        "eval_floor_img_per_s": max(forward_floor_rates),
+        "single_image_latency_ms": min(latencies),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "first_train_step_s": first_step_seconds,
+    }
+    result["train_ratio"] = result["train_img_per_s"] / result["train_floor_img_per_s"]
+    result["eval_ratio"] = result["eval_img_per_s"] / result["eval_floor_img_per_s"]
+    return {key: round(value, 3) if isinstance(value, float) else value for key, value in result.items()}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch-size", type=int, default=128, help="images per step (default: 128)")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per round (default: 5)")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds, best kept (default: 3)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model; reports the first step's time (default: off)")
+    args = parser.parse_args(argv)
+    for name in ("batch_size", "steps", "rounds"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UserError(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    print(json.dumps(measure(args)))
+
+
+if __name__ == "__main__":
+    exit_on_user_error(main)

@@ -1,0 +1,278 @@
+"""The model against the paper: squash, PrimaryCaps layout, routing, decoder masking, loss."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import SMALL
+
+from CapsNet import (
+    CapsNet,
+    CapsNetConfig,
+    DigitCaps,
+    DynamicRouting,
+    PrimaryCaps,
+    capsule_length,
+    capsule_loss,
+    margin_loss,
+    reconstruction_loss,
+    squash,
+)
+
+
+def reference_routing(u_hat: torch.Tensor, iterations: int, detach_early: bool = False):
+    """Procedure 1 written as plainly as the paper, one loop per index, for parity checks.
+
+    u_hat (B, J, I, D) -> v (B, J, D), c (B, J, I). Autograd differentiates it.
+    """
+    batch, num_out, num_in, _ = u_hat.shape
+    v_all, c_all = [], []
+    for b in range(batch):  # b_ij belongs to one example
+        logits = [[torch.zeros((), dtype=u_hat.dtype) for _ in range(num_out)] for _ in range(num_in)]
+        for r in range(iterations):
+            votes = u_hat[b] if r == iterations - 1 or not detach_early else u_hat[b].detach()
+            c = [torch.softmax(torch.stack(logits[i]), dim=0) for i in range(num_in)]  # over j
+            s = [sum(c[i][j] * votes[j, i] for i in range(num_in)) for j in range(num_out)]
+            v = [squash(s_j) for s_j in s]
+            if r < iterations - 1:
+                for i in range(num_in):
+                    for j in range(num_out):
+                        logits[i][j] = logits[i][j] + torch.dot(votes[j, i], v[j])
+        v_all.append(torch.stack(v))
+        c_all.append(torch.stack(c, dim=1))
+    return torch.stack(v_all), torch.stack(c_all)
+
+
+# --- squash and lengths --------------------------------------------------------------
+
+def test_squash_is_finite_with_finite_gradient_at_zero():
+    s = torch.zeros(3, 16, requires_grad=True)
+    v = squash(s)
+    v.sum().backward()
+    assert torch.equal(v, torch.zeros_like(v))
+    assert torch.isfinite(s.grad).all()
+
+
+def test_squash_keeps_direction_and_length_below_one():
+    s = torch.randn(100, 16) * torch.logspace(-3, 3, 100).unsqueeze(1)
+    v = squash(s)
+    lengths = v.norm(dim=-1)
+    assert (lengths <= 1).all()
+    assert (lengths[s.norm(dim=-1) < 100] < 1).all()  # float32 rounds 1 - 1e-6 up to 1
+    cosine = F.cosine_similarity(v, s, dim=-1)
+    assert torch.allclose(cosine, torch.ones(100), atol=1e-5)
+    # Eq. 1: |v| = |s|^2 / (1 + |s|^2)
+    norm = s.norm(dim=-1)
+    assert torch.allclose(lengths, norm**2 / (1 + norm**2), rtol=1e-4)
+
+
+def test_squash_is_finite_for_huge_inputs():
+    s = torch.full((2, 16), 1e18, requires_grad=True)
+    v = squash(s)
+    v.sum().backward()
+    assert torch.isfinite(v).all() and torch.isfinite(s.grad).all()
+    assert torch.allclose(v.norm(dim=-1), torch.ones(2))
+
+
+def test_squash_and_length_pass_gradcheck():
+    s = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(squash, (s,))
+    assert torch.autograd.gradcheck(capsule_length, (s,))
+
+
+def test_capsule_length_has_finite_gradient_at_zero():
+    v = torch.zeros(2, 10, 16, requires_grad=True)
+    capsule_length(v).sum().backward()
+    assert torch.isfinite(v.grad).all()
+
+
+# --- shapes and layout ---------------------------------------------------------------
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("iterations", [1, 3])
+def test_output_shapes(batch, iterations):
+    model = CapsNet(SMALL, routing_iterations=iterations)
+    lengths, reconstructions, v = model(torch.rand(batch, 1, 28, 28))
+    assert lengths.shape == (batch, 10)
+    assert reconstructions.shape == (batch, 1, 28, 28)
+    assert v.shape == (batch, 10, 16)
+    assert ((reconstructions >= 0) & (reconstructions <= 1)).all()
+
+
+def test_paper_configuration_has_1152_primary_capsules():
+    config = CapsNetConfig()
+    assert config.num_primary_caps == 1152
+    model = CapsNet(config)
+    u = model.primary_caps(model.conv1(torch.rand(2, 1, 28, 28)))
+    assert u.shape == (2, 1152, 8)
+
+
+def test_config_follows_input_size_and_classes():
+    model = CapsNet(image_size=32, num_classes=5, conv1_channels=16, primary_channels=4)
+    assert model.config.num_primary_caps == 4 * 8 * 8
+    lengths, reconstructions, _ = model(torch.rand(2, 1, 32, 32))
+    assert lengths.shape == (2, 5) and reconstructions.shape == (2, 1, 32, 32)
+
+
+def test_primary_capsule_is_eight_channels_at_one_position():
+    layer = PrimaryCaps(SMALL)
+    x = torch.randn(2, SMALL.conv1_channels, 20, 20)
+    conv_out = layer.conv(x)  # (2, 8*8, 6, 6)
+    capsules = layer(x)  # (2, 8*36, 8)
+    channel, row, col = 3, 4, 1
+    expected = squash(conv_out[:, channel * 8 : (channel + 1) * 8, row, col])  # (2, 8)
+    index = channel * 36 + row * 6 + col
+    assert torch.allclose(capsules[:, index], expected, atol=1e-6)
+
+
+# --- routing -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("iterations", [1, 2, 3, 5])
+@pytest.mark.parametrize("detach_early", [False, True])
+def test_routing_matches_plain_procedure_1(iterations, detach_early):
+    torch.manual_seed(iterations)
+    u_hat = (0.5 * torch.randn(2, 3, 5, 4, dtype=torch.float64)).requires_grad_()
+    grad_v = torch.randn(2, 3, 4, dtype=torch.float64)
+    v, c = DynamicRouting.apply(u_hat, iterations, detach_early)
+    v_ref, c_ref = reference_routing(u_hat, iterations, detach_early)
+    assert torch.allclose(v, v_ref, atol=1e-12) and torch.allclose(c, c_ref, atol=1e-12)
+    (grad,) = torch.autograd.grad(v, u_hat, grad_v)
+    (grad_ref,) = torch.autograd.grad(v_ref, u_hat, grad_v)
+    assert torch.allclose(grad, grad_ref, atol=1e-12)
+
+
+@pytest.mark.parametrize("iterations", [1, 3])
+def test_routing_passes_gradcheck(iterations):
+    u_hat = (0.5 * torch.randn(2, 3, 4, 3, dtype=torch.float64)).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: DynamicRouting.apply(x, iterations, False)[0], (u_hat,))
+
+
+def test_digit_caps_matches_reference_in_the_full_model():
+    torch.manual_seed(0)
+    layer = DigitCaps(CapsNetConfig(primary_channels=2, routing_iterations=3)).double()
+    u = torch.randn(2, layer.W.shape[0], 8, dtype=torch.float64)
+    v, _ = layer(u)
+    v_ref, _ = reference_routing(layer.votes(u), 3)
+    assert torch.allclose(v, v_ref, atol=1e-10)
+
+
+def test_coupling_sums_to_one_over_outputs():
+    u_hat = torch.randn(4, 10, 50, 16)
+    _, c = DynamicRouting.apply(u_hat, 3, False)
+    assert torch.allclose(c.sum(dim=1), torch.ones(4, 50), atol=1e-6)
+    assert not torch.allclose(c.sum(dim=2), torch.ones(4, 10))  # not a softmax over inputs
+
+
+def test_agreeing_input_gains_coupling():
+    torch.manual_seed(0)
+    u_hat = 0.1 * torch.randn(1, 3, 20, 8)
+    direction = torch.randn(8)
+    u_hat[0, 1, :15] = direction  # 15 inputs agree on output 1; input 0 is one of them
+    _, c = DynamicRouting.apply(u_hat, 3, False)
+    assert c[0, 1, 0] > 1 / 3 + 0.1  # more than the uniform start
+    assert c[0, 1, 0] == c[0, :, 0].max()
+
+
+def test_batch_independence(small_model):
+    x = torch.rand(4, 1, 28, 28)
+    lengths, reconstructions, v = small_model(x)
+    perturbed = x.clone()
+    perturbed[2] = torch.rand(1, 28, 28)
+    lengths2, reconstructions2, v2 = small_model(perturbed)
+    keep = [0, 1, 3]
+    assert torch.allclose(v[keep], v2[keep], atol=1e-6)
+    assert torch.allclose(reconstructions[keep], reconstructions2[keep], atol=1e-6)
+    assert not torch.allclose(v[2], v2[2])
+
+
+def test_routing_is_stateless_between_calls(small_model):
+    x = torch.rand(2, 1, 28, 28)
+    first = small_model(x)[2]
+    small_model(torch.rand(8, 1, 28, 28))
+    assert torch.equal(first, small_model(x)[2])
+
+
+# --- decoder masking -----------------------------------------------------------------
+
+def test_decoder_uses_the_true_label_in_training_and_the_prediction_at_test(small_model):
+    x = torch.rand(3, 1, 28, 28)
+    lengths, recon_predicted, v = small_model(x)
+    predicted = lengths.argmax(dim=1)
+    other = (predicted + 1) % 10
+    _, recon_other, _ = small_model(x, other)
+    assert torch.allclose(recon_predicted, small_model.decoder(v, predicted))
+    assert torch.allclose(recon_other, small_model.decoder(v, other))
+    assert not torch.equal(recon_other, recon_predicted)
+
+
+def test_decoder_sees_only_the_masked_capsule(small_model):
+    v = torch.randn(2, 10, 16)
+    target = torch.tensor([3, 7])
+    changed = v.clone()
+    changed[:, 0] += 5.0  # capsule 0 is masked out for both examples
+    assert torch.equal(small_model.decoder(v, target), small_model.decoder(changed, target))
+
+
+# --- loss ----------------------------------------------------------------------------
+
+def test_margin_loss_hand_computed():
+    lengths = torch.tensor([[0.5, 0.3, 0.05], [0.95, 0.0, 0.1]])
+    target = torch.tensor([0, 0])
+    # example 0: (0.9 - 0.5)^2 + 0.5 * (0.3 - 0.1)^2 + 0 ; example 1: everything within margins
+    expected = torch.tensor([0.16 + 0.5 * 0.04, 0.0])
+    assert torch.allclose(margin_loss(lengths, target), expected)
+
+
+def test_reconstruction_term_is_0_0005_times_summed_squared_error():
+    images = torch.zeros(2, 1, 28, 28)
+    reconstructions = torch.full((2, 1, 28, 28), 0.5)
+    assert torch.allclose(reconstruction_loss(reconstructions, images), torch.full((2,), 784 * 0.25))
+    lengths = torch.tensor([[0.9, 0.1], [0.1, 0.9]])  # margin loss exactly 0
+    loss = capsule_loss(lengths, reconstructions, images, torch.tensor([0, 1]))
+    assert torch.isclose(loss, torch.tensor(0.0005 * 784 * 0.25))
+
+
+def test_initial_loss_is_what_theory_says(mnist_test):
+    torch.manual_seed(0)
+    model = CapsNet()
+    x = mnist_test.images[:32].unsqueeze(1).float() / 255
+    y = mnist_test.labels[:32]
+    lengths, reconstructions, _ = model(x, y)
+    # With W ~ N(0, 0.01^2) all lengths start near 0: margin loss ~ 0.9^2, and a decoder
+    # that outputs ~0.5 everywhere costs 0.0005 * sum (x - 0.5)^2.
+    assert lengths.max() < 0.1
+    expected_margin = ((0.9 - lengths.gather(1, y[:, None])) ** 2).mean()
+    assert torch.isclose(margin_loss(lengths, y).mean(), expected_margin, atol=1e-3)
+    assert 0.78 < expected_margin < 0.82
+    expected_reconstruction = 0.0005 * ((x - 0.5) ** 2).flatten(1).sum(1).mean()
+    loss = capsule_loss(lengths, reconstructions, x, y)
+    assert torch.isclose(loss, expected_margin + expected_reconstruction, rtol=0.05)
+
+
+# --- learning ------------------------------------------------------------------------
+
+def test_gradients_reach_every_parameter(small_model):
+    x, y = torch.rand(4, 1, 28, 28), torch.tensor([0, 1, 2, 3])
+    lengths, reconstructions, _ = small_model(x, y)
+    capsule_loss(lengths, reconstructions, x, y).backward()
+    for name, parameter in small_model.named_parameters():
+        assert parameter.grad is not None, name
+        assert parameter.grad.abs().sum() > 0, name
+
+
+def test_overfits_a_small_batch(mnist_train):
+    torch.manual_seed(0)
+    model = CapsNet(SMALL)
+    x = mnist_train.images[:32].unsqueeze(1).float() / 255
+    y = mnist_train.labels[:32]
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(60):
+        optimizer.zero_grad()
+        lengths, reconstructions, _ = model(x, y)
+        loss = capsule_loss(lengths, reconstructions, x, y)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    lengths, _, _ = model(x)
+    assert (lengths.argmax(dim=1) == y).all()
+    assert losses[-1] < 0.1 * losses[0]

@@ -1,0 +1,141 @@
+"""No NaN, no collapse, no lost checkpoint: extreme inputs, guards, atomic writes, a stress run."""
+
+import math
+
+import pytest
+import torch
+from conftest import SMALL
+
+import common
+import train
+from CapsNet import CapsNet, DynamicRouting, capsule_loss
+from common import UserError, load_checkpoint, save_checkpoint
+from data import train_val_split
+from evaluate import accuracy
+from test_cli import SMALL_RUN, train_in_process
+
+
+@pytest.fixture(scope="module")
+def paper_model():
+    torch.manual_seed(0)
+    return CapsNet()
+
+
+@pytest.mark.parametrize("kind", ["zeros", "ones", "huge", "negative"])
+def test_full_size_model_is_finite_on_extreme_inputs(paper_model, kind):
+    x = {
+        "zeros": torch.zeros(2, 1, 28, 28),
+        "ones": torch.ones(2, 1, 28, 28),
+        "huge": torch.rand(2, 1, 28, 28) * 1e4,
+        "negative": -torch.rand(2, 1, 28, 28) * 1e4,
+    }[kind]
+    y = torch.tensor([3, 8])
+    paper_model.zero_grad()
+    lengths, reconstructions, v = paper_model(x, y)
+    capsule_loss(lengths, reconstructions, x.clamp(0, 1), y).backward()
+    assert torch.isfinite(lengths).all() and torch.isfinite(reconstructions).all()
+    for name, parameter in paper_model.named_parameters():
+        assert torch.isfinite(parameter.grad).all(), name
+
+
+def test_routing_stays_finite_when_votes_are_huge():
+    u_hat = (1e6 * torch.randn(2, 10, 40, 16)).requires_grad_()
+    v, c = DynamicRouting.apply(u_hat, 3, False)
+    v.sum().backward()
+    assert torch.isfinite(v).all() and torch.isfinite(c).all() and torch.isfinite(u_hat.grad).all()
+
+
+def test_routing_stays_float32_under_autocast(paper_model):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lengths, _, v = paper_model(torch.rand(2, 1, 28, 28))
+    assert v.dtype == torch.float32 and lengths.dtype == torch.float32
+
+
+def nan_on_call(n: int):
+    """A capsule_loss that returns NaN on its n-th call (1-based) and is exact otherwise."""
+    calls = {"count": 0}
+
+    def loss(*args, **kwargs):
+        calls["count"] += 1
+        value = capsule_loss(*args, **kwargs)
+        return value * float("nan") if calls["count"] == n else value
+
+    return loss
+
+
+def test_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
+    steps_per_epoch = 96 // 32
+    monkeypatch.setattr(train, "capsule_loss", nan_on_call(steps_per_epoch + 2))
+    with pytest.raises(UserError, match="non-finite loss or gradient at epoch 2 step 2"):
+        train_in_process(data_dir, tmp_path, "--epochs", 3)
+    last = load_checkpoint(tmp_path / "last.pt")
+    assert last["epoch"] == 1
+    assert all(torch.isfinite(value).all() for value in last["model"].values())
+
+
+def test_skip_mode_counts_skipped_batches(data_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "capsule_loss", nan_on_call(2))
+    last = train_in_process(data_dir, tmp_path, "--epochs", 1, "--on-nonfinite", "skip")
+    assert last["skipped"] == 1 and last["metrics"][-1]["skipped"] == 1
+    assert math.isfinite(last["metrics"][-1]["train_loss"])
+
+
+def test_gradient_clipping_and_norm_logging(data_dir, tmp_path):
+    last = train_in_process(data_dir, tmp_path, "--epochs", 1, "--max-grad-norm", "0.01")
+    assert last["metrics"][-1]["grad_norm"] > 0.01  # logged before clipping
+
+
+def test_interrupted_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "best.pt"
+    save_checkpoint({"model": {"w": torch.ones(3)}, "config": {}}, path)
+
+    def crash_mid_write(obj, target):
+        with open(target, "wb") as file:
+            file.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(common.torch, "save", crash_mid_write)
+    with pytest.raises(OSError):
+        save_checkpoint({"model": {"w": torch.zeros(3)}, "config": {}}, path)
+    monkeypatch.undo()
+    assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(3))
+
+
+def test_best_is_never_replaced_by_a_worse_model(data_dir, tmp_path):
+    train_in_process(data_dir, tmp_path, "--epochs", 1)
+    best_before = (tmp_path / "best.pt").read_bytes()
+    checkpoint = load_checkpoint(tmp_path / "last.pt")
+    checkpoint["best_val"] = 100.0  # pretend epoch 1 was perfect: epoch 2 cannot beat it
+    save_checkpoint(checkpoint, tmp_path / "last.pt")
+    train_in_process(data_dir, tmp_path, "--epochs", 2, "--resume")
+    assert (tmp_path / "best.pt").read_bytes() == best_before
+    assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 2
+
+
+def test_broken_weights_are_never_saved(data_dir, tmp_path):
+    args = train.parse_args(["--checkpoint-dir", str(tmp_path), *SMALL_RUN])
+    trainer = train.Trainer(args, torch.device("cpu"), None, None, None, config=SMALL)
+    with torch.no_grad():
+        trainer.model.decoder.layers[0].weight[0, 0] = float("inf")
+    with pytest.raises(UserError, match="not finite"):
+        trainer.save("last.pt")
+    assert not (tmp_path / "last.pt").exists()
+
+
+@pytest.mark.parametrize("lr", [1e-3, 1e-2])
+def test_stress_hundreds_of_steps_never_nan_never_collapse(mnist_train, lr, tmp_path):
+    """480 steps of the real training step on 512 digits, at the default lr and 10x it."""
+    subset, _ = train_val_split(mnist_train, 0, 512, seed=0)
+    args = train.parse_args(["--lr", str(lr), "--batch-size", "32", "--epochs", "30",
+                             "--checkpoint-dir", str(tmp_path), "--quiet"])
+    torch.manual_seed(0)
+    trainer = train.Trainer(args, torch.device("cpu"), subset, None, subset, config=SMALL)
+    history = []
+    for _ in range(args.epochs):
+        assert trainer.train_epoch(stop=type("NoStop", (), {"requested": False})())
+        record = trainer.finish_epoch()
+        assert math.isfinite(record["train_loss"]) and math.isfinite(record["grad_norm"])
+        history.append(100 * accuracy(trainer.model, subset, torch.device("cpu")))
+    best_so_far = [max(history[: k + 1]) for k in range(len(history))]
+    assert max(history) > 90
+    assert all(acc >= best - 5 for acc, best in zip(history, best_so_far)), history
