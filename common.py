@@ -11,9 +11,12 @@ from pathlib import Path
 
 import torch
 
+from baseline import BaselineCNN, BaselineConfig
 from CapsNet import CapsNet, CapsNetConfig
 
 SHIPPED_CHECKPOINT = Path(__file__).parent / "checkpoints" / "capsnet_mnist.pt"
+# A checkpoint's "model_kind" names its class; checkpoints without one are CapsNets.
+MODEL_KINDS = {"capsnet": (CapsNet, CapsNetConfig), "cnn": (BaselineCNN, BaselineConfig)}
 
 
 class UserError(Exception):
@@ -81,9 +84,13 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dic
 
 
 def model_from_checkpoint(checkpoint: dict, path: str | Path = "checkpoint") -> torch.nn.Module:
-    """Rebuild the model from the checkpoint's own config, then load its weights strictly."""
+    """Rebuild the model from the checkpoint's own kind and config, then load its weights strictly."""
+    kind = checkpoint.get("model_kind", "capsnet")
+    if kind not in MODEL_KINDS:
+        raise UserError(f"{path} holds an unknown model kind {kind!r}: choose {', '.join(MODEL_KINDS)}")
+    model_class, config_class = MODEL_KINDS[kind]
     try:
-        model = CapsNet(CapsNetConfig.from_dict(checkpoint["config"]))
+        model = model_class(config_class.from_dict(checkpoint["config"]))
         model.load_state_dict(checkpoint["model"])
     except (TypeError, KeyError, RuntimeError, ValueError) as error:
         reason = str(error).strip().splitlines()[0]
@@ -100,5 +107,5 @@ def load_model(path: str | Path, device: torch.device) -> tuple[torch.nn.Module,
 
 def export_weights(checkpoint: dict, path: str | Path) -> None:
     """Write the shippable part of a training checkpoint: weights, config, metrics; no optimizer."""
-    keep = ("model", "config", "dataset", "epoch", "metrics", "args")
+    keep = ("model", "model_kind", "config", "dataset", "epoch", "metrics", "args")
     save_checkpoint({key: checkpoint[key] for key in keep if key in checkpoint}, path)

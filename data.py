@@ -5,9 +5,15 @@ the paper's only augmentation (random shifts of up to 2 px with zero padding) is
 for the whole batch. No DataLoader workers compete with the model for the CPU cores.
 Images are scaled to [0, 1] and never normalized, so the decoder's sigmoid can reach its
 reconstruction target, and train and test see the same pixels (apart from the shifts).
+
+`random_affine` makes an affNIST-like test set on the fly: each 28x28 image is placed on a
+40x40 zero canvas, transformed there, and the model sees the centre 28x28 crop. The crop (not
+a 40 -> 28 resize) keeps MNIST's pixel scale, so an identity transform gives back the
+original image (up to float rounding); a digit translated to the canvas edge can lose up to 2 px to the crop.
 """
 
 import gzip
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,3 +133,65 @@ def batches(split: Split, batch_size: int, order: torch.Tensor | None = None):
     for start in range(0, len(order), batch_size):
         indices = order[start : start + batch_size]
         yield split.images[indices], split.labels[indices]
+
+
+AFFINE_FAMILIES = ("rotation", "shear", "scale", "translation", "combined")
+AFFINE_CANVAS = 40  # affNIST's canvas side in pixels
+
+
+@dataclass
+class AffineParams:
+    """One draw per image, (N,) each, from affNIST-like ranges."""
+
+    angle: torch.Tensor  # radians, uniform in +-20 degrees
+    shear: torch.Tensor  # x-shear factor, uniform in +-0.2
+    scale: torch.Tensor  # uniform in [0.8, 1.2], the same along both axes
+    offset: torch.Tensor  # (N, 2) integer (dx, dy) pixels in +-6: anywhere on the 40x40 canvas
+
+    @classmethod
+    def draw(cls, count: int, generator: torch.Generator, image_size: int = 28) -> "AffineParams":
+        def uniform(low: float, high: float) -> torch.Tensor:
+            return low + (high - low) * torch.rand(count, generator=generator, dtype=torch.float64)
+
+        max_offset = (AFFINE_CANVAS - image_size) // 2
+        return cls(
+            angle=uniform(-math.radians(20), math.radians(20)),
+            shear=uniform(-0.2, 0.2),
+            scale=uniform(0.8, 1.2),
+            offset=torch.randint(-max_offset, max_offset + 1, (count, 2), generator=generator),
+        )
+
+    def subset(self, indices) -> "AffineParams":
+        return AffineParams(self.angle[indices], self.shear[indices], self.scale[indices], self.offset[indices])
+
+    def only(self, family: str) -> "AffineParams":
+        """Keep one family's draws (or all, for "combined"); the others become the identity."""
+        def keep(name: str) -> bool:
+            return family in (name, "combined")
+
+        return AffineParams(
+            self.angle if keep("rotation") else torch.zeros_like(self.angle),
+            self.shear if keep("shear") else torch.zeros_like(self.shear),
+            self.scale if keep("scale") else torch.ones_like(self.scale),
+            self.offset if keep("translation") else torch.zeros_like(self.offset),
+        )
+
+
+def random_affine(x: torch.Tensor, params: AffineParams) -> torch.Tensor:
+    """(B, C, 28, 28) float -> (B, C, 28, 28): on a 40x40 canvas, rotate, shear and scale about
+    the digit's centre, translate by `offset`, then crop the centre 28x28 (bilinear, zero fill)."""
+    batch, channels, height, width = x.shape
+    pad = (AFFINE_CANVAS - width) // 2
+    canvas = torch.nn.functional.pad(x, (pad, AFFINE_CANVAS - width - pad, pad, AFFINE_CANVAS - height - pad))
+    cos, sin = torch.cos(params.angle), torch.sin(params.angle)
+    # Forward map p -> A p + t with A = scale * R(angle) @ [[1, shear], [0, 1]], in (x, y) pixels.
+    linear = torch.stack([torch.stack([cos, cos * params.shear - sin], -1),
+                          torch.stack([sin, sin * params.shear + cos], -1)], -2)  # (B, 2, 2)
+    linear = params.scale[:, None, None] * linear
+    inverse = torch.linalg.inv(linear)  # (B, 2, 2)
+    # affine_grid maps output to input coordinates in [-1, 1]: theta = [A^-1, -A^-1 t], t in half-canvases.
+    shift = params.offset.to(inverse.dtype) * (2 / AFFINE_CANVAS)  # (B, 2)
+    theta = torch.cat([inverse, -(inverse @ shift.unsqueeze(-1))], dim=-1)  # (B, 2, 3)
+    grid = torch.nn.functional.affine_grid(theta, list(canvas.shape), align_corners=False).to(x.device, x.dtype)
+    moved = torch.nn.functional.grid_sample(canvas, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return moved[:, :, pad : pad + height, pad : pad + width]  # (B, C, 28, 28)

@@ -5,13 +5,23 @@
     python train.py --resume checkpoints/capsnet_mnist.pt --checkpoint-dir runs/more
                                          # continue a weights-only checkpoint (Adam restarts)
     python train.py --train-subset 2000 --epochs 5 --data-dir ../shared/data
+    python train.py --model cnn --checkpoint-dir checkpoints/cnn   # the small CNN baseline
+    torchrun --standalone --nproc_per_node 2 train.py ...          # data-parallel (DDP)
 
 Ctrl-C finishes the current batch, saves a resumable checkpoint and exits.
+
+Under torchrun (WORLD_SIZE > 1) every process trains a DistributedDataParallel replica (gloo
+on CPU, nccl on CUDA). --batch-size stays the global batch: all ranks draw the same epoch
+order and shifts and each takes its own batch_size / world_size slice of every batch, so the
+run matches a single-process run up to float rounding. The learning rate therefore needs no
+scaling; if you raise --batch-size to give each rank more work, scale --lr linearly with it.
+Only rank 0 prints, logs and writes checkpoints.
 """
 
 import argparse
 import json
 import math
+import os
 import random
 import signal
 import time
@@ -19,12 +29,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from baseline import BaselineCNN
 from CapsNet import CapsNet, CapsNetConfig, capsule_loss
-from common import UserError, exit_on_user_error, load_checkpoint, pick_device, save_checkpoint
+from common import MODEL_KINDS, UserError, exit_on_user_error, load_checkpoint, pick_device, save_checkpoint
 from data import DATASETS, batches, load_split, random_shift, to_float, train_val_split
-from evaluate import accuracy
+from evaluate import predict_lengths
 
 # Flags that may change when a run is resumed; everything else comes from the checkpoint.
 RESUMABLE_FLAGS = {"epochs", "device", "threads", "resume", "data_dir", "checkpoint_dir", "compile", "quiet"}
@@ -34,8 +48,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
     add("--dataset", default="mnist", choices=DATASETS, help="dataset to train on (default: mnist)")
+    add("--model", default="capsnet", choices=tuple(MODEL_KINDS),
+        help="capsnet, or cnn for the small baseline in baseline.py (cross-entropy loss) (default: capsnet)")
     add("--epochs", type=int, default=30, help="number of epochs (default: 30)")
-    add("--batch-size", type=int, default=128, help="training batch size (default: 128)")
+    add("--batch-size", type=int, default=128, help="training batch size, summed over all torchrun processes (default: 128)")
     add("--lr", type=float, default=1e-3, help="Adam learning rate (default: 0.001)")
     add("--lr-decay", type=float, default=0.9, help="learning rate factor per epoch (default: 0.9)")
     add("--routing-iterations", type=int, default=3, help="routing iterations r (default: 3)")
@@ -104,11 +120,44 @@ class StopRequest:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print("\nstopping after this batch (Ctrl-C again to abort without saving)")
+        log("\nstopping after this batch (Ctrl-C again to abort without saving)")
 
 
 class NonFiniteError(UserError):
     pass
+
+
+def init_distributed(args: argparse.Namespace) -> torch.device:
+    """Join torchrun's process group when WORLD_SIZE > 1; return this process's device."""
+    device = pick_device(args.device)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return device
+    if args.batch_size % world_size:
+        raise UserError(f"--batch-size {args.batch_size} must be divisible by the {world_size} torchrun processes")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    elif device.type != "cpu":
+        raise UserError(f"data-parallel training runs on cuda or cpu, not {device.type}")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0  # torchrun sets RANK; a plain run is rank 0
+
+
+def log(*args, **kwargs) -> None:
+    """print, on rank 0 only."""
+    if is_main_process():
+        print(*args, **kwargs)
+
+
+def build_model(args: argparse.Namespace, config: CapsNetConfig | None) -> torch.nn.Module:
+    if args.model == "cnn":
+        return BaselineCNN()
+    return CapsNet(config, routing_iterations=args.routing_iterations)
 
 
 class Trainer:
@@ -117,8 +166,12 @@ class Trainer:
     def __init__(self, args, device, train_split, val_split, test_split, config: CapsNetConfig | None = None):
         self.args, self.device = args, device
         self.train_split, self.val_split, self.test_split = train_split, val_split, test_split
-        self.model = CapsNet(config, routing_iterations=args.routing_iterations).to(device)
-        self.step_model = torch.compile(self.model) if args.compile else self.model
+        self.rank, self.world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        self.model = build_model(args, config).to(device)
+        replica = self.model
+        if self.world_size > 1:  # all-reduces (averages) the gradients inside backward()
+            replica = DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
+        self.step_model = torch.compile(replica) if args.compile else replica
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=args.lr)
         # The paper decays the learning rate exponentially without giving the rate; 0.9 per
         # epoch is XifengGuo's CapsNet-Keras/Pytorch choice.
@@ -133,6 +186,7 @@ class Trainer:
     def state(self) -> dict:
         return {
             "model": self.model.state_dict(),
+            "model_kind": self.args.model,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "epoch": self.epoch,
@@ -173,9 +227,20 @@ class Trainer:
         if not all(torch.isfinite(p).all() for p in self.model.parameters()):
             raise NonFiniteError(f"the weights are not finite at epoch {self.epoch + 1}; {name} was not written")
         path = self.checkpoint_dir / name
-        if not self.args.dry_run:
+        if not self.args.dry_run and self.rank == 0:
             save_checkpoint(self.state(), path)
         return path
+
+    # --- across torchrun processes (no-ops in a single process) -------------------------
+    def local_indices(self, batch_size: int) -> torch.Tensor:
+        """This rank's contiguous share of a global batch: all of it in a single process."""
+        return torch.tensor_split(torch.arange(batch_size), self.world_size)[self.rank]
+
+    def sum_over_ranks(self, value: torch.Tensor) -> float:
+        if self.world_size > 1:
+            value = value.to(self.device)  # nccl reduces on the GPU
+            dist.all_reduce(value)
+        return value.item()
 
     # --- one training epoch ------------------------------------------------------------
     def train_epoch(self, stop: StopRequest) -> bool:
@@ -190,7 +255,7 @@ class Trainer:
             all_batches = all_batches[:2]
         progress = tqdm(
             all_batches[self.step :], desc=f"epoch {self.epoch + 1}/{self.args.epochs}",
-            initial=self.step, total=len(all_batches), leave=False, disable=self.args.quiet,
+            initial=self.step, total=len(all_batches), leave=False, disable=self.args.quiet or self.rank > 0,
         )
         started = time.perf_counter()
         for images, labels in progress:
@@ -202,7 +267,8 @@ class Trainer:
                 self.partial["steps"] += 1
             self.partial["seen"] += len(labels)
             progress.set_postfix(loss=f"{loss if loss is not None else float('nan'):.4f}")
-            if stop.requested:
+            # Every rank must stop after the same batch, or the others wait in all-reduce forever.
+            if self.sum_over_ranks(torch.tensor(float(stop.requested))) > 0:
                 self.partial["seconds"] += time.perf_counter() - started
                 return False
         self.partial["seconds"] += time.perf_counter() - started
@@ -210,16 +276,19 @@ class Trainer:
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[float | None, float]:
         """One Adam step on a batch; (loss, grad norm), or (None, nan) for a skipped batch."""
+        # Every rank shifts the whole global batch with the same generator, then takes its share.
         shifted = random_shift(images, self.args.max_shift, self.shift_generator)  # (B, 28, 28)
-        x = to_float(shifted, self.device)  # (B, 1, 28, 28) in [0, 1]
-        y = labels.to(self.device)
+        mine = self.local_indices(len(labels))
+        x = to_float(shifted[mine], self.device)  # (b, 1, 28, 28) in [0, 1]
+        y = labels[mine].to(self.device)
         self.optimizer.zero_grad(set_to_none=True)
-        lengths, reconstructions, _ = self.step_model(x, y)  # decoder masked by the true label
-        loss = capsule_loss(lengths, reconstructions, x, y)  # reconstructs the shifted input
+        # DDP averages gradients over ranks; weighting by the local share makes that the
+        # gradient of the global batch mean even when the last batch splits unevenly.
+        loss = self.loss(x, y) * (len(y) * self.world_size / len(labels))
         loss.backward()
         params = [p for p in self.model.parameters() if p.grad is not None]
-        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params]).item()
-        loss_value = loss.item()
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params]).item()  # same on every rank
+        loss_value = self.sum_over_ranks(loss.detach()) / self.world_size
         if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
             where = f"epoch {self.epoch + 1} step {self.step + 1}"
             if self.args.on_nonfinite == "stop":
@@ -233,6 +302,14 @@ class Trainer:
             torch.nn.utils.clip_grads_with_norm_(params, self.args.max_grad_norm, torch.tensor(grad_norm))
         self.optimizer.step()
         return loss_value, grad_norm
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Batch-mean loss: margin + reconstruction for CapsNet, cross-entropy for the CNN."""
+        if self.args.model == "cnn":
+            (logits,) = self.step_model(x)  # (b, K)
+            return F.cross_entropy(logits, y)
+        lengths, reconstructions, _ = self.step_model(x, y)  # decoder masked by the true label
+        return capsule_loss(lengths, reconstructions, x, y)  # reconstructs the shifted input
 
     # --- end of an epoch ---------------------------------------------------------------
     def finish_epoch(self) -> dict:
@@ -248,15 +325,24 @@ class Trainer:
         }
         limit = 2 * 500 if self.args.dry_run else None
         if self.val_split is not None:
-            record["val_acc"] = 100 * accuracy(self.model, self.val_split, self.device, limit=limit)
+            record["val_acc"] = self.accuracy(self.val_split, limit)
         last_epoch = self.epoch + 1 == self.args.epochs
         if (self.epoch + 1) % self.args.test_every == 0 or last_epoch:
-            record["test_acc"] = 100 * accuracy(self.model, self.test_split, self.device, limit=limit)
+            record["test_acc"] = self.accuracy(self.test_split, limit)
         self.scheduler.step()
         self.epoch, self.step = self.epoch + 1, 0
         self.partial = {key: 0 for key in self.partial}
         self.metrics.append(record)
         return record
+
+    def accuracy(self, split, limit: int | None) -> float:
+        """Accuracy (%) on the first `limit` examples; each rank scores every world_size-th one."""
+        count = len(split) if limit is None else min(limit, len(split))
+        mine = split.subset(torch.arange(self.rank, count, self.world_size))
+        correct = torch.zeros((), dtype=torch.int64)
+        if len(mine):
+            correct += (predict_lengths(self.model, mine, self.device).argmax(dim=1) == mine.labels).sum()
+        return 100 * self.sum_over_ranks(correct) / count
 
     def save_epoch(self, record: dict) -> None:
         improved = record.get("val_acc", -1.0) > self.best_val
@@ -265,9 +351,9 @@ class Trainer:
         self.save("last.pt")
         if improved:
             self.save("best.pt")
-        if not self.args.dry_run:
-            with open(self.checkpoint_dir / "metrics.jsonl", "a") as log:
-                log.write(json.dumps(record) + "\n")
+        if not self.args.dry_run and self.rank == 0:
+            with open(self.checkpoint_dir / "metrics.jsonl", "a") as metrics_log:
+                metrics_log.write(json.dumps(record) + "\n")
 
 
 def summary_line(record: dict, epochs: int) -> str:
@@ -294,7 +380,7 @@ def resolve_resume(args: argparse.Namespace) -> tuple[argparse.Namespace, dict |
     if "args" not in checkpoint or "epoch" not in checkpoint:
         raise UserError(f"{path} has no training flags or epoch, so there is no run to continue")
     if "optimizer" not in checkpoint:
-        print(f"{path} holds weights only: continuing at the scheduled lr with fresh Adam moments")
+        log(f"{path} holds weights only: continuing at the scheduled lr with fresh Adam moments")
     # Flags newer than the checkpoint keep their defaults.
     saved = {**vars(args), **checkpoint["args"], **{key: getattr(args, key) for key in RESUMABLE_FLAGS}}
     return argparse.Namespace(**saved), checkpoint
@@ -303,7 +389,15 @@ def resolve_resume(args: argparse.Namespace) -> tuple[argparse.Namespace, dict |
 def main(argv=None) -> None:
     args = parse_args(argv)
     args, checkpoint = resolve_resume(args)
-    device = pick_device(args.device)
+    device = init_distributed(args)
+    try:
+        run(args, checkpoint, device)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run(args: argparse.Namespace, checkpoint: dict | None, device: torch.device) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     seed_everything(args.seed)
@@ -313,29 +407,32 @@ def main(argv=None) -> None:
     if args.test_subset is not None:
         test_split = test_split.subset(torch.arange(min(args.test_subset, len(test_split))))
     trainer = Trainer(args, device, train_split, val_split, test_split)
+    if 0 < len(train_split) % args.batch_size < trainer.world_size:
+        raise UserError(f"the last batch of {len(train_split) % args.batch_size} images cannot feed "
+                        f"{trainer.world_size} processes: change --train-subset or --batch-size")
     if checkpoint is not None:
         trainer.load_state(checkpoint)
-        print(f"resumed at epoch {trainer.epoch + 1}, batch {trainer.step}")
+        log(f"resumed at epoch {trainer.epoch + 1}, batch {trainer.step}")
     num_params = sum(p.numel() for p in trainer.model.parameters())
-    print(
-        f"device {device}  threads {torch.get_num_threads()}  parameters {num_params:,}  "
-        f"train {len(train_split)}  val {len(val_split) if val_split else 0}  test {len(test_split)}"
+    log(
+        f"model {args.model}  device {device}  processes {trainer.world_size}  threads {torch.get_num_threads()}  "
+        f"parameters {num_params:,}  train {len(train_split)}  val {len(val_split) if val_split else 0}  test {len(test_split)}"
     )
     stop = StopRequest()
     while trainer.epoch < args.epochs:
         if not trainer.train_epoch(stop):
             path = trainer.save("last.pt")
-            print(f"interrupted: saved {path}; continue with python train.py --resume")
+            log(f"interrupted: saved {path}; continue with python train.py --resume")
             return
         record = trainer.finish_epoch()
         trainer.save_epoch(record)
-        print(summary_line(record, args.epochs), flush=True)
+        log(summary_line(record, args.epochs), flush=True)
         if args.dry_run:
-            print("dry run: nothing saved")
+            log("dry run: nothing saved")
             return
     if not args.val_size:
-        print("no validation split (--val-size 0): best.pt is not written; last.pt is the final model")
-    print(f"done: python evaluate.py --checkpoint {args.checkpoint_dir}/{'best' if args.val_size else 'last'}.pt")
+        log("no validation split (--val-size 0): best.pt is not written; last.pt is the final model")
+    log(f"done: python evaluate.py --checkpoint {args.checkpoint_dir}/{'best' if args.val_size else 'last'}.pt")
 
 
 if __name__ == "__main__":

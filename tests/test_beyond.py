@@ -1,0 +1,179 @@
+"""Issue 8, beyond the paper's MNIST: routing diagnostics, affine robustness, the CNN baseline,
+Fashion-MNIST end to end, and data-parallel training under torchrun."""
+
+import json
+import math
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO, SMALL
+
+import evaluate
+import train
+from baseline import BaselineCNN
+from CapsNet import CapsNet
+from common import UserError, export_weights, load_checkpoint, model_from_checkpoint, save_checkpoint
+from data import AFFINE_FAMILIES, DEBIAN_FASHION_DIR, AffineParams, random_affine, to_float
+
+CPU = torch.device("cpu")
+TINY_RUN = ["--train-subset", "64", "--val-size", "0", "--test-subset", "40", "--batch-size", "32", "--quiet"]
+
+
+@pytest.fixture
+def few_digits(mnist_test):
+    return mnist_test.subset(torch.arange(40))
+
+
+@pytest.fixture
+def small_checkpoint(small_model, tmp_path):
+    path = tmp_path / "small.pt"
+    save_checkpoint({"model": small_model.state_dict(), "config": small_model.config.to_dict(),
+                     "dataset": "mnist", "epoch": 0}, path)
+    return path
+
+
+def evaluate_json(capsys, *flags) -> dict:
+    capsys.readouterr()  # drop what came before
+    evaluate.main([*map(str, flags), "--json"])
+    return json.loads(capsys.readouterr().out)
+
+
+def train_in_process(data_dir, folder, *extra) -> dict:
+    train.main(["--data-dir", str(data_dir), "--checkpoint-dir", str(folder), *TINY_RUN, *map(str, extra)])
+    return load_checkpoint(folder / "last.pt")
+
+
+# --- routing diagnostics -------------------------------------------------------------------
+def test_routing_stats_agree_with_plain_evaluation_and_restore_r(small_model, few_digits):
+    stats, predictions = evaluate.routing_stats(small_model, few_digits, CPU)
+    plain = evaluate.predict_lengths(small_model, few_digits, CPU).argmax(dim=1)
+    assert torch.equal(predictions, plain)
+    assert small_model.digit_caps.iterations == 3
+    assert list(stats["accuracy_by_iterations"]) == ["1", "2", "3", "5"]
+    assert stats["accuracy_by_iterations"]["3"] == pytest.approx(100 * (plain == few_digits.labels).float().mean().item())
+    assert 0 <= stats["coupling_entropy"] <= math.log(10) + 1e-9
+    assert 0 <= stats["coupling_std"] <= stats["coupling_std_max"] == pytest.approx(0.3)
+
+
+def test_one_routing_iteration_is_uniform_and_input_independent(few_digits):
+    torch.manual_seed(0)
+    stats, _ = evaluate.routing_stats(CapsNet(SMALL, routing_iterations=1), few_digits, CPU)
+    assert stats["coupling_entropy"] == pytest.approx(math.log(10))
+    assert stats["coupling_std"] == pytest.approx(0, abs=1e-12)
+
+
+def test_silent_primary_capsules_count_as_never_active(small_model, few_digits):
+    with torch.no_grad():
+        small_model.primary_caps.conv.weight.zero_()
+        small_model.primary_caps.conv.bias.zero_()
+    stats, _ = evaluate.routing_stats(small_model, few_digits, CPU)
+    assert stats["never_active_fraction"] == 1 and stats["inactive_fraction_per_image"] == 1
+
+
+def test_routing_stats_in_json_and_text(small_checkpoint, data_dir, capsys):
+    flags = ["--checkpoint", small_checkpoint, "--data-dir", data_dir, "--test-subset", 30, "--routing-stats"]
+    result = evaluate_json(capsys, *flags)
+    assert result["total"] == 30 and result["routing"]["iterations"] == 3
+    evaluate.main(list(map(str, flags)))
+    text = capsys.readouterr().out
+    assert "coupling entropy" in text and "r=5" in text and "never longer than 0.01" in text
+
+
+# --- affine robustness ---------------------------------------------------------------------
+def test_identity_affine_returns_the_image_and_translation_is_an_exact_shift(few_digits):
+    x = to_float(few_digits.images[:4], CPU)  # (4, 1, 28, 28)
+    params = AffineParams.draw(4, torch.Generator().manual_seed(0))
+    assert torch.equal(random_affine(x, params.only("no family")), x)
+    moved = random_affine(x, params.only("translation"))
+    padded = torch.nn.functional.pad(x, (6,) * 4)  # (4, 1, 40, 40)
+    for k, (dx, dy) in enumerate(params.offset.tolist()):
+        expected = padded[k, :, 6 - dy : 34 - dy, 6 - dx : 34 - dx]
+        torch.testing.assert_close(moved[k], expected, atol=1e-5, rtol=0)
+
+
+def test_quarter_turn_about_the_centre_is_rot90(few_digits):
+    x = to_float(few_digits.images[:2], CPU)
+    params = AffineParams.draw(2, torch.Generator().manual_seed(0)).only("no family")
+    params.angle = torch.full((2,), math.pi / 2, dtype=torch.float64)
+    torch.testing.assert_close(random_affine(x, params), torch.rot90(x, -1, (2, 3)), atol=1e-5, rtol=0)
+
+
+def test_affine_draws_stay_in_the_affnist_ranges():
+    params = AffineParams.draw(10_000, torch.Generator().manual_seed(0))
+    assert params.angle.abs().max() <= math.radians(20) and params.shear.abs().max() <= 0.2
+    assert 0.8 <= params.scale.min() and params.scale.max() <= 1.2
+    assert params.offset.abs().max() == 6
+
+
+def test_affine_accuracy_is_seeded(small_model, few_digits, small_checkpoint, data_dir, capsys):
+    digits = few_digits.subset(torch.arange(20))
+    first = evaluate.affine_accuracy(small_model, digits, CPU, seed=3)
+    assert list(first) == list(AFFINE_FAMILIES)
+    assert evaluate.affine_accuracy(small_model, digits, CPU, seed=3) == first
+    result = evaluate_json(capsys, "--checkpoint", small_checkpoint, "--data-dir", data_dir,
+                           "--test-subset", 20, "--affine", "--seed", 3)
+    assert result["affine"] == {"seed": 3, "accuracy": pytest.approx(first)}
+
+
+# --- the CNN baseline ----------------------------------------------------------------------
+def test_baseline_parameter_count_is_the_documented_one():
+    documented = int(re.search(r"([\d,]+) parameters", BaselineCNN.__doc__).group(1).replace(",", ""))
+    assert sum(p.numel() for p in BaselineCNN().parameters()) == documented
+
+
+def test_cnn_trains_checkpoints_and_evaluates(data_dir, tmp_path, capsys):
+    checkpoint = train_in_process(data_dir, tmp_path / "cnn", "--epochs", 1, "--model", "cnn")
+    assert checkpoint["model_kind"] == "cnn"
+    export_weights(checkpoint, tmp_path / "cnn.pt")
+    assert isinstance(model_from_checkpoint(load_checkpoint(tmp_path / "cnn.pt")), BaselineCNN)
+    result = evaluate_json(capsys, "--checkpoint", tmp_path / "cnn.pt", "--data-dir", data_dir,
+                           "--test-subset", 40, "--affine")
+    assert result["model_kind"] == "cnn"
+    assert result["accuracy"] == pytest.approx(checkpoint["metrics"][-1]["test_acc"])
+    with pytest.raises(UserError, match="--routing-stats needs a CapsNet checkpoint"):
+        evaluate.main(["--checkpoint", str(tmp_path / "cnn.pt"), "--data-dir", str(data_dir), "--routing-stats"])
+
+
+def test_unknown_model_kind_is_a_clear_error(small_checkpoint):
+    checkpoint = {**load_checkpoint(small_checkpoint), "model_kind": "resnet"}
+    with pytest.raises(UserError, match="unknown model kind 'resnet'"):
+        model_from_checkpoint(checkpoint)
+
+
+# --- Fashion-MNIST -------------------------------------------------------------------------
+@pytest.mark.skipif(not DEBIAN_FASHION_DIR.is_dir(), reason=f"{DEBIAN_FASHION_DIR} is missing (apt install dataset-fashion-mnist)")
+def test_fashion_mnist_trains_and_evaluates_with_class_names(tmp_path, capsys):
+    # An empty data dir: the Debian copy is read, nothing is downloaded.
+    checkpoint = train_in_process(tmp_path / "data", tmp_path / "fashion", "--epochs", 1, "--dataset", "fashion-mnist")
+    assert checkpoint["dataset"] == "fashion-mnist"
+    capsys.readouterr()
+    evaluate.main(["--checkpoint", str(tmp_path / "fashion" / "last.pt"), "--data-dir", str(tmp_path / "data"),
+                   "--test-subset", "40"])
+    text = capsys.readouterr().out
+    assert "dataset fashion-mnist" in text and "Ankle boot" in text and "T-shirt/top" in text
+
+
+# --- data-parallel training ----------------------------------------------------------------
+def test_torchrun_two_processes_match_one_process(data_dir, tmp_path):
+    flags = ["train.py", "--data-dir", data_dir, *TINY_RUN, "--epochs", 1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    result = subprocess.run([*command, *map(str, flags), "--checkpoint-dir", tmp_path / "ddp"],
+                            capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("epoch 1/1") == 1 and "processes 2" in result.stdout  # rank 0 prints
+    assert len((tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()) == 1  # rank 0 logs
+    parallel = load_checkpoint(tmp_path / "ddp" / "last.pt")
+    single = train_in_process(data_dir, tmp_path / "single", "--epochs", 1)
+    for key, value in single["model"].items():
+        torch.testing.assert_close(parallel["model"][key], value, atol=1e-5, rtol=0, msg=key)
+    assert parallel["metrics"][0]["train_loss"] == pytest.approx(single["metrics"][0]["train_loss"], rel=1e-5)
+    assert parallel["metrics"][0]["test_acc"] == single["metrics"][0]["test_acc"]
+
+
+def test_global_batch_must_split_evenly_over_processes(data_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError, match="--batch-size 33 must be divisible"):
+        train_in_process(data_dir, tmp_path, "--batch-size", 33)
