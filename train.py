@@ -354,6 +354,32 @@ class Trainer:
         if not self.args.dry_run and self.rank == 0:
             with open(self.checkpoint_dir / "metrics.jsonl", "a") as metrics_log:
                 metrics_log.write(json.dumps(record) + "\n")
+            plot_curve(self.metrics, self.checkpoint_dir / "curve.png")
+
+
+def plot_curve(records: list[dict], path: Path) -> None:
+    """Training loss and validation/test accuracy per epoch, from metrics.jsonl records."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(10, 3.8))
+    epochs = [record["epoch"] for record in records]
+    loss_axis.semilogy(epochs, [record["train_loss"] for record in records], color="black")
+    loss_axis.set(xlabel="epoch", ylabel="training loss (log scale)", title="loss")
+    for key, label in (("val_acc", "validation"), ("test_acc", "test")):
+        points = [(record["epoch"], record[key]) for record in records if key in record]
+        if points:
+            accuracy_axis.plot(*zip(*points), marker=".", label=label)
+    accuracy_axis.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
+    accuracy_axis.grid(alpha=0.3)
+    for axis in (loss_axis, accuracy_axis):
+        axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    accuracy_axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
 
 
 def summary_line(record: dict, epochs: int) -> str:

@@ -49,6 +49,7 @@ def test_train_writes_checkpoints_and_log(trained_run):
     checkpoint = load_checkpoint(folder / "last.pt")
     assert {"model", "optimizer", "scheduler", "epoch", "metrics", "config", "args"} <= checkpoint.keys()
     assert checkpoint["epoch"] == 2 and (folder / "best.pt").exists()
+    assert (folder / "curve.png").stat().st_size > 1000
 
 
 def test_evaluate_reports_what_training_reported(trained_run, data_dir):
