@@ -1,0 +1,273 @@
+"""predict.py: preprocessing of photos into MNIST format, its errors, and the command line."""
+
+import io
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw, ImageFilter
+
+import predict
+from baseline import BaselineCNN, BaselineConfig
+from common import UserError, exit_on_user_error, load_model, save_checkpoint
+from predict import PERTURBATIONS, classify, perturbed_reconstructions, preprocess
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLES = sorted(path for path in (REPO / "samples").iterdir() if path.suffix in {".jpg", ".png"})
+PHOTO_DIGITS = range(10)  # the first ten MNIST test digits (classes 7 2 1 0 4 1 4 9 5 9)
+
+
+def photograph(digit28: np.ndarray, seed: int) -> bytes:
+    """An MNIST digit as a phone photo: dark ink on grey paper, 10x larger, off-centre on an
+    800x600 page, blurred (sigma 3 px), noisy (std 10 of 255), JPEG quality 60."""
+    rng = np.random.default_rng(seed)
+    ink = Image.fromarray(digit28).resize((280, 280), Image.BICUBIC)
+    page = Image.new("L", (800, 600), 225)
+    page.paste(Image.new("L", ink.size, 40), (int(rng.integers(20, 500)), int(rng.integers(20, 300))), ink)
+    page = page.filter(ImageFilter.GaussianBlur(3))
+    pixels = np.asarray(page, dtype=np.float32) + rng.normal(0, 10, (600, 800))
+    out = io.BytesIO()
+    Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(out, "JPEG", quality=60)
+    return out.getvalue()
+
+
+def aligned_correlation(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson correlation, best over shifts of up to 1 px: MNIST rounded its centring to
+    whole pixels, so a faithful re-centring may land one pixel away."""
+    def correlation(x, y):
+        x, y = x.ravel() - x.mean(), y.ravel() - y.mean()
+        return float(x @ y / np.sqrt((x @ x) * (y @ y)))
+    return max(correlation(np.roll(a, (dy, dx), axis=(0, 1)), b) for dy in (-1, 0, 1) for dx in (-1, 0, 1))
+
+
+def png_bytes(image: Image.Image, **save_args) -> bytes:
+    out = io.BytesIO()
+    image.save(out, "PNG", **save_args)
+    return out.getvalue()
+
+
+def drawn_seven(size=(300, 400), ink=0, paper=255, mode="L") -> Image.Image:
+    """A thick dark 7 on light paper, in the middle of the page."""
+    image = Image.new(mode, size, paper)
+    width, height = size
+    ImageDraw.Draw(image).line(
+        [(0.3 * width, 0.3 * height), (0.7 * width, 0.3 * height), (0.45 * width, 0.7 * height)],
+        fill=ink, width=max(1, min(size) // 12),
+    )
+    return image
+
+
+def assert_mnist_format(image28: torch.Tensor) -> None:
+    assert image28.shape == (28, 28) and image28.dtype == torch.float32
+    assert image28.min() >= 0 and image28.max() <= 1 and image28.max() > 0.5
+    rows, cols = torch.nonzero(image28 > 0, as_tuple=True)
+    assert max(rows.max() - rows.min(), cols.max() - cols.min()) + 1 <= 22  # the 20 px box, plus blur
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    """predict.py in its own process, as a user runs it (4 s, mostly importing torch)."""
+    return subprocess.run([sys.executable, str(REPO / "predict.py"), *args], capture_output=True, text=True, cwd=REPO, timeout=120)
+
+
+def run_main(capsys, *args: str) -> tuple[int, str, str]:
+    """predict.py's main in this process, as `python predict.py` runs it: (exit status, stdout, stderr)."""
+    try:
+        exit_on_user_error(lambda: predict.main(list(args)))
+        status = 0
+    except SystemExit as exit:
+        status = exit.code
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+# Preprocessing real digits
+
+
+def test_clean_mnist_digit_is_left_as_it_is(mnist_test):
+    """An MNIST image is already in MNIST format, so preprocessing must reproduce it."""
+    for index in PHOTO_DIGITS:
+        digit = mnist_test.images[index].numpy()
+        assert aligned_correlation(preprocess(png_bytes(Image.fromarray(digit))).numpy(), digit / 255.0) > 0.99
+
+
+def test_photo_of_mnist_digit_comes_back_as_the_digit(mnist_test):
+    """Measured over the first 300 test digits: mean 0.958, 5th percentile 0.915; these ten
+    range from 0.915 to 0.988 (mean 0.969)."""
+    scores = []
+    for index in PHOTO_DIGITS:
+        digit = mnist_test.images[index].numpy()
+        processed = preprocess(photograph(digit, seed=index))
+        assert_mnist_format(processed)
+        scores.append(aligned_correlation(processed.numpy(), digit / 255.0))
+    assert min(scores) > 0.85 and np.mean(scores) > 0.93, scores
+
+
+def test_photo_of_mnist_digit_keeps_its_prediction(mnist_test, trained_checkpoint):
+    model, _ = load_model(trained_checkpoint, torch.device("cpu"))
+    for index in PHOTO_DIGITS:
+        digit = mnist_test.images[index].numpy()
+        original = classify(model, torch.from_numpy(digit / np.float32(255)))
+        photo = classify(model, preprocess(photograph(digit, seed=index)))
+        assert photo["class_index"] == original["class_index"] == int(mnist_test.labels[index]), index
+
+
+# Odd images
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(lambda: drawn_seven(mode="RGB", ink=(20, 30, 120), paper=(240, 235, 220)), id="rgb"),
+        pytest.param(lambda: drawn_seven(mode="RGBA", ink=(0, 0, 0, 255), paper=(0, 0, 0, 0)), id="rgba-transparent-black"),
+        pytest.param(lambda: drawn_seven(mode="LA", ink=(0, 255), paper=(0, 0)), id="la"),
+        pytest.param(lambda: drawn_seven(mode="I;16", ink=3000, paper=60000), id="16-bit"),
+        pytest.param(lambda: drawn_seven(mode="I", ink=1000, paper=50000), id="32-bit-int"),
+        pytest.param(lambda: drawn_seven(mode="RGB", ink=(0, 0, 0)).quantize(4), id="palette"),
+        pytest.param(lambda: drawn_seven(mode="1", ink=0, paper=1), id="bilevel"),
+        pytest.param(lambda: drawn_seven(mode="CMYK", ink=(0, 0, 0, 255), paper=(0, 0, 0, 0)), id="cmyk"),
+        pytest.param(lambda: drawn_seven(size=(4000, 3000)), id="huge-4000x3000"),
+        pytest.param(lambda: drawn_seven(size=(12, 9)), id="tiny-12x9"),
+        pytest.param(lambda: drawn_seven(ink=255, paper=0), id="white-on-black"),
+    ],
+)
+def test_odd_images_become_mnist_format(make):
+    image = make()
+    assert_mnist_format(preprocess(image))
+    file_format = "TIFF" if image.mode in {"I", "CMYK"} else "PNG"  # which PNG cannot hold
+    out = io.BytesIO()
+    image.save(out, file_format)
+    assert_mnist_format(preprocess(out.getvalue()))
+
+
+def test_palette_with_transparent_colour():
+    image = drawn_seven(mode="RGBA", ink=(0, 0, 0, 255), paper=(0, 0, 0, 0)).convert("P")
+    image.info["transparency"] = image.getpixel((0, 0))
+    assert_mnist_format(preprocess(png_bytes(image, transparency=image.getpixel((0, 0)))))
+
+
+def test_exif_orientation_is_applied():
+    """A horizontal bar stored sideways with EXIF 'rotate 90 clockwise' must come out horizontal."""
+    upright = Image.new("L", (400, 300), 255)
+    ImageDraw.Draw(upright).rectangle((100, 140, 300, 160), fill=0)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    out = io.BytesIO()
+    upright.rotate(90, expand=True).save(out, "JPEG", exif=exif)
+    bar = preprocess(out.getvalue())
+    rows, cols = torch.nonzero(bar > 0.5, as_tuple=True)
+    assert cols.max() - cols.min() >= 18 and rows.max() - rows.min() <= 5
+
+
+def test_specks_and_paper_edges_are_ignored():
+    """Dust, and a dark table along the edges, do not move the digit's box."""
+    clean = preprocess(drawn_seven(size=(600, 600)))
+    page = np.asarray(drawn_seven(size=(600, 600)), dtype=np.uint8).copy()
+    page[:, :40] = 60  # the table at the left edge
+    page[500:503, 500:503] = 0  # dust
+    page[60:62, 80:83] = 0
+    assert aligned_correlation(preprocess(Image.fromarray(page)).numpy(), clean.numpy()) > 0.98
+
+
+# Errors
+
+
+@pytest.mark.parametrize(
+    "make_input, message",
+    [
+        (lambda tmp: tmp, "is a directory"),
+        (lambda tmp: tmp / "missing.png", "does not exist"),
+        (lambda tmp: write(tmp / "empty.png", b""), "is empty"),
+        (lambda tmp: write(tmp / "notes.png", b"this is not a picture\n"), "not a readable image"),
+        (lambda tmp: write(tmp / "cut.png", png_bytes(drawn_seven())[:300]), "not a readable image"),
+        (lambda tmp: write(tmp / "white.png", png_bytes(Image.new("L", (300, 200), 255))), "no digit found"),
+        (lambda tmp: write(tmp / "noise.png", png_bytes(noisy_paper())), "no digit found"),
+    ],
+    ids=["directory", "missing", "empty", "text", "truncated", "blank", "blank-noisy-paper"],
+)
+def test_bad_input_is_a_one_line_error(tmp_path, capsys, make_input, message):
+    path = make_input(tmp_path)
+    with pytest.raises(UserError, match=message):
+        preprocess(path)
+    status, out, err = run_main(capsys, str(SAMPLES[0]), str(path), "--checkpoint", "unused.pt")
+    assert status == 2 and out == ""  # no guess for the good file either
+    assert re.fullmatch(r"error: .+\n", err) and message in err
+
+
+def test_cli_process_reports_bad_input_without_traceback(tmp_path):
+    result = run_cli(str(tmp_path))
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == f"error: {tmp_path} is a directory, not an image\n"
+
+
+def test_empty_bytes_are_an_error():
+    with pytest.raises(UserError, match="is empty"):
+        preprocess(b"")
+
+
+def write(path: Path, content: bytes) -> Path:
+    path.write_bytes(content)
+    return path
+
+
+def noisy_paper() -> Image.Image:
+    rng = np.random.default_rng(0)
+    return Image.fromarray(rng.normal(200, 12, (400, 500)).clip(0, 255).astype(np.uint8))
+
+
+# The model helpers and the command line
+
+
+def test_classify_and_figure_4_shapes(tiny_checkpoint):
+    model, _ = load_model(tiny_checkpoint, torch.device("cpu"))
+    result = classify(model, preprocess(drawn_seven()))
+    assert len(result["lengths"]) == 10 and result["confidence"] == max(result["lengths"])
+    assert result["label"] == str(result["class_index"]) and result["capsule"].shape == (16,)
+    assert result["reconstruction"].shape == (28, 28)
+    grid = perturbed_reconstructions(model, result["capsule"], result["class_index"])
+    assert grid.shape == (16, len(PERTURBATIONS), 28, 28)
+    # The zero column decodes the capsule itself: the plain reconstruction.
+    torch.testing.assert_close(grid[:, PERTURBATIONS.index(0.0)], result["reconstruction"].expand(16, 28, 28))
+
+
+def test_cli_json_and_show(tiny_checkpoint, tmp_path, capsys):
+    status, out, err = run_main(capsys, str(SAMPLES[0]), str(SAMPLES[1]), "--checkpoint", str(tiny_checkpoint), "--json", "--show", str(tmp_path))
+    assert status == 0, err
+    records = json.loads(out)
+    assert [record["file"] for record in records] == [str(SAMPLES[0]), str(SAMPLES[1])]
+    assert set(records[0]) == {"file", "prediction", "class_index", "confidence", "capsule_lengths"}
+    for sample in SAMPLES[:2]:
+        for kind in ("input", "reconstruction"):
+            assert Image.open(tmp_path / f"{sample.stem}_{kind}.png").size == (28, 28)
+
+
+def test_cli_missing_checkpoint_is_a_one_line_error(tmp_path, capsys):
+    status, _, err = run_main(capsys, str(SAMPLES[0]), "--checkpoint", str(tmp_path / "none.pt"))
+    assert status == 2 and re.fullmatch(r"error: checkpoint .* does not exist\n", err)
+
+
+def test_cli_show_into_a_file_is_an_error(capsys):
+    status, out, err = run_main(capsys, str(SAMPLES[0]), "--show", str(REPO / "predict.py"))
+    assert status == 2 and out == "" and err == f"error: --show {REPO / 'predict.py'} is a file, not a folder\n"
+
+
+def test_cli_refuses_a_model_without_capsules(tmp_path, capsys):
+    path = tmp_path / "cnn.pt"
+    save_checkpoint({"model": BaselineCNN(BaselineConfig()).state_dict(), "model_kind": "cnn", "config": BaselineConfig().to_dict()}, path)
+    status, _, err = run_main(capsys, str(SAMPLES[0]), "--checkpoint", str(path))
+    assert status == 2 and err == f"error: {path} holds a 'cnn' model; predict.py needs a CapsNet checkpoint\n"
+
+
+def test_cli_predicts_the_bundled_samples(trained_checkpoint):
+    result = run_cli(*map(str, SAMPLES), "--checkpoint", str(trained_checkpoint))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()[1:]  # after the header line
+    assert len(lines) == len(SAMPLES)
+    for sample, line in zip(SAMPLES, lines):
+        match = re.fullmatch(r"(.+): (\d)  confidence ([01]\.\d{3}) \(length of the winning capsule\)", line)
+        assert match and match[1] == str(sample), line
+        assert match[2] == sample.name[0], line  # file names start with the true digit
