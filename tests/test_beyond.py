@@ -1,6 +1,7 @@
 """Issue 8, beyond the paper's MNIST: routing diagnostics, affine robustness, the CNN baseline,
 Fashion-MNIST end to end, and data-parallel training under torchrun."""
 
+import functools
 import json
 import math
 import re
@@ -10,6 +11,8 @@ import sys
 import pytest
 import torch
 from conftest import REPO, SMALL
+
+import test_cli
 
 import evaluate
 import train
@@ -41,9 +44,7 @@ def evaluate_json(capsys, *flags) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
-def train_in_process(data_dir, folder, *extra) -> dict:
-    train.main(["--data-dir", str(data_dir), "--checkpoint-dir", str(folder), *TINY_RUN, *map(str, extra)])
-    return load_checkpoint(folder / "last.pt")
+train_in_process = functools.partial(test_cli.train_in_process, run_flags=TINY_RUN)
 
 
 # --- routing diagnostics -------------------------------------------------------------------

@@ -85,8 +85,8 @@ def test_dry_run_saves_nothing(data_dir, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def train_in_process(data_dir, folder, *extra):
-    train.main(["--data-dir", str(data_dir), "--checkpoint-dir", str(folder), *SMALL_RUN, *map(str, extra)])
+def train_in_process(data_dir, folder, *extra, run_flags=SMALL_RUN):
+    train.main(["--data-dir", str(data_dir), "--checkpoint-dir", str(folder), *run_flags, *map(str, extra)])
     return load_checkpoint(folder / "last.pt")
 
 
