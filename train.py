@@ -376,7 +376,8 @@ def plot_curve(records: list[dict], path: Path) -> None:
     accuracy_axis.grid(alpha=0.3)
     for axis in (loss_axis, accuracy_axis):
         axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    accuracy_axis.legend()
+    if accuracy_axis.get_lines():  # no accuracy yet when --test-every skips the first epochs
+        accuracy_axis.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -50,6 +51,15 @@ def test_train_writes_checkpoints_and_log(trained_run):
     assert {"model", "optimizer", "scheduler", "epoch", "metrics", "config", "args"} <= checkpoint.keys()
     assert checkpoint["epoch"] == 2 and (folder / "best.pt").exists()
     assert (folder / "curve.png").stat().st_size > 1000
+
+
+def test_curve_draws_before_the_first_test_score(tmp_path):
+    # --test-every 5 leaves the first epochs without any accuracy to plot or put in a legend.
+    records = [{"epoch": epoch, "train_loss": 1.0 / epoch} for epoch in (1, 2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train.plot_curve(records, tmp_path / "curve.png")
+    assert (tmp_path / "curve.png").stat().st_size > 1000
 
 
 def test_evaluate_reports_what_training_reported(trained_run, data_dir):
