@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from conftest import SMALL
 
 from CapsNet import (
+    CPU_ROUTING_PIECE,
     CapsNet,
     CapsNetConfig,
     DigitCaps,
@@ -153,6 +154,21 @@ def test_digit_caps_matches_reference_in_the_full_model():
     v, _ = layer(u)
     v_ref, _ = reference_routing(layer.votes(u), 3)
     assert torch.allclose(v, v_ref, atol=1e-10)
+
+
+def test_routing_in_cpu_pieces_matches_one_pass():
+    # On a CPU, DigitCaps routes CPU_ROUTING_PIECE images at a time: no value or gradient may change.
+    torch.manual_seed(0)
+    layer = DigitCaps(CapsNetConfig(primary_channels=2)).double()
+    u = torch.randn(2 * CPU_ROUTING_PIECE + 3, layer.W.shape[0], 8, dtype=torch.float64, requires_grad=True)
+    v, c = layer(u)
+    v_ref, c_ref = DynamicRouting.apply(layer.votes(u), 3, False)
+    assert torch.allclose(v, v_ref, atol=1e-12) and torch.allclose(c, c_ref, atol=1e-12)
+    weights = torch.randn_like(v)
+    grads = torch.autograd.grad((v * weights).sum(), (u, layer.W))
+    grads_ref = torch.autograd.grad((v_ref * weights).sum(), (u, layer.W))
+    for grad, grad_ref in zip(grads, grads_ref):
+        assert torch.allclose(grad, grad_ref, atol=1e-10)
 
 
 def test_coupling_sums_to_one_over_outputs():
