@@ -15,9 +15,8 @@ the pixel scale the model was trained at. Each family is scored alone and all to
 
 import argparse
 import json
-from pathlib import Path
-
 import math
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -47,12 +46,6 @@ def predict_lengths(model, split: Split, device: torch.device, limit: int | None
             scores = model(to_float(images, device))[0]  # (b, J)
             outputs.append(scores.float().cpu())
     return torch.cat(outputs)  # (N, J)
-
-
-def accuracy(model, split: Split, device: torch.device, limit: int | None = None) -> float:
-    """Fraction of the first `limit` examples whose top score (longest capsule) is the true class."""
-    predictions = predict_lengths(model, split, device, limit).argmax(dim=1)
-    return (predictions == split.labels[: len(predictions)]).float().mean().item()
 
 
 def routing_stats(model: CapsNet, split: Split, device: torch.device, progress: bool = False) -> tuple[dict, torch.Tensor]:

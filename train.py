@@ -172,7 +172,7 @@ class Trainer:
         if self.world_size > 1:  # all-reduces (averages) the gradients inside backward()
             replica = DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
         self.step_model = torch.compile(replica) if args.compile else replica
-        # One fused kernel for all 8.2M parameters: on a CPU, 3 ms a step instead of 46 ms.
+        # One fused kernel for all 8.2M parameters: on this CPU, 4.6 ms a step instead of 20.4 ms.
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=args.lr, fused=True)
         # The paper decays the learning rate exponentially without giving the rate; 0.9 per
         # epoch is XifengGuo's CapsNet-Keras/Pytorch choice.
