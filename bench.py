@@ -55,7 +55,8 @@ def measure(args: argparse.Namespace) -> dict:
     device = pick_device(args.device)
     torch.manual_seed(0)
     flags = ["--batch-size", str(args.batch_size), "--device", str(device), "--val-size", "0"]
-    trainer_args = train_args(flags + (["--compile"] if args.compile else []))
+    flags += (["--compile"] if args.compile else []) + (["--bf16"] if args.bf16 else [])
+    trainer_args = train_args(flags)
     split = synthetic_split(args.batch_size)
     trainer = Trainer(trainer_args, device, split, None, split)
     trainer.shift_generator = epoch_generator(0, 0)
@@ -72,20 +73,22 @@ def measure(args: argparse.Namespace) -> dict:
     def eval_step():
         trainer.model(x)
 
-    started = time.perf_counter()
-    train_step()  # with --compile, this first call compiles
-    first_step_seconds = time.perf_counter() - started
-    train_rates, floor_rates, eval_rates, forward_floor_rates = [], [], [], []
-    for _ in range(args.rounds):  # alternate, so drift in machine load hits both sides
-        train_rates += best_rate(train_step, args.batch_size, args.steps, 1)
-        floor_rates += best_rate(floor_step, args.batch_size, args.steps, 1)
-        with torch.inference_mode():
-            trainer.model.eval()
-            eval_rates += best_rate(eval_step, args.batch_size, args.steps, 1)
-            forward_floor_rates += best_rate(lambda: floor(x), args.batch_size, args.steps, 1)
-            single = x[:1]
-            latencies = [1000 / rate for rate in best_rate(lambda: trainer.model(single), 1, 20, 1)]
-        trainer.model.train()
+    # --bf16 puts model and floor alike under autocast (routing inside the model stays float32).
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+        started = time.perf_counter()
+        train_step()  # with --compile, this first call compiles
+        first_step_seconds = time.perf_counter() - started
+        train_rates, floor_rates, eval_rates, forward_floor_rates = [], [], [], []
+        for _ in range(args.rounds):  # alternate, so drift in machine load hits both sides
+            train_rates += best_rate(train_step, args.batch_size, args.steps, 1)
+            floor_rates += best_rate(floor_step, args.batch_size, args.steps, 1)
+            with torch.inference_mode():
+                trainer.model.eval()
+                eval_rates += best_rate(eval_step, args.batch_size, args.steps, 1)
+                forward_floor_rates += best_rate(lambda: floor(x), args.batch_size, args.steps, 1)
+                single = x[:1]
+                latencies = [1000 / rate for rate in best_rate(lambda: trainer.model(single), 1, 20, 1)]
+            trainer.model.train()
     result = {
         "device": str(device),
         "cpu": platform.processor() or platform.machine(),
@@ -95,6 +98,7 @@ def measure(args: argparse.Namespace) -> dict:
         "steps_per_round": args.steps,
         "rounds": args.rounds,
         "compile": args.compile,
+        "bf16": args.bf16,
         "train_img_per_s": max(train_rates),
         "train_floor_img_per_s": max(floor_rates),
         "eval_img_per_s": max(eval_rates),
@@ -116,6 +120,7 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model; reports the first step's time (default: off)")
+    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast for model and floor alike (default: off)")
     args = parser.parse_args(argv)
     for name in ("batch_size", "steps", "rounds"):
         if getattr(args, name) < 1:

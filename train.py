@@ -41,7 +41,7 @@ from data import DATASETS, batches, load_split, random_shift, to_float, train_va
 from evaluate import predict_lengths
 
 # Flags that may change when a run is resumed; everything else comes from the checkpoint.
-RESUMABLE_FLAGS = {"epochs", "device", "threads", "resume", "data_dir", "checkpoint_dir", "compile", "quiet"}
+RESUMABLE_FLAGS = {"epochs", "device", "threads", "resume", "data_dir", "checkpoint_dir", "compile", "bf16", "quiet"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -68,9 +68,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--max-grad-norm", type=float, default=None, help="clip the gradient norm to this (default: no clipping)")
     add("--on-nonfinite", default="stop", choices=("stop", "skip"), help="a NaN/inf loss or gradient stops the run or skips the batch (default: stop)")
     add("--compile", action="store_true", help="torch.compile the model (default: off)")
+    add("--bf16", action="store_true",
+        help="bfloat16 autocast for the training step's convolutions and decoder, meant for CUDA; "
+             "routing and the loss stay float32, evaluation is float32 (default: off)")
     add("--resume", nargs="?", const="last", default=None, metavar="PATH",
         help="continue PATH (or CHECKPOINT_DIR/last.pt) with its saved flags; only --epochs, --device, "
-             "--threads, --data-dir, --checkpoint-dir, --compile may change (default: off)")
+             "--threads, --data-dir, --checkpoint-dir, --compile, --bf16 may change (default: off)")
     add("--dry-run", action="store_true", help="run 2 training and 2 test batches, save nothing (default: off)")
     add("--quiet", action="store_true", help="no progress bars (default: off)")
     args = parser.parse_args(argv)
@@ -285,7 +288,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         # DDP averages gradients over ranks; weighting by the local share makes that the
         # gradient of the global batch mean even when the last batch splits unevenly.
-        loss = self.loss(x, y) * (len(y) * self.world_size / len(labels))
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.args.bf16):
+            loss = self.loss(x, y) * (len(y) * self.world_size / len(labels))
         loss.backward()
         params = [p for p in self.model.parameters() if p.grad is not None]
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params]).item()  # same on every rank

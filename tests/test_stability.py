@@ -50,6 +50,22 @@ def test_routing_stays_float32_under_autocast(paper_model):
     assert v.dtype == torch.float32 and lengths.dtype == torch.float32
 
 
+def test_bf16_training_step_runs_convolutions_in_bf16_and_keeps_float32_weights(mnist_train, tmp_path):
+    batch = train_val_split(mnist_train, 0, 32, seed=0)[0]
+    losses, conv_dtypes = {}, []
+    for flags in ([], ["--bf16"]):
+        args = train.parse_args(["--checkpoint-dir", str(tmp_path), "--quiet", *flags])
+        torch.manual_seed(0)
+        trainer = train.Trainer(args, torch.device("cpu"), batch, None, batch, config=SMALL)
+        trainer.shift_generator = train.epoch_generator(0, 0)
+        trainer.model.conv1.conv.register_forward_hook(lambda module, inputs, out: conv_dtypes.append(out.dtype))
+        losses[bool(flags)], grad_norm = trainer.train_step(batch.images, batch.labels)
+        assert math.isfinite(grad_norm)
+        assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+    assert conv_dtypes == [torch.float32, torch.bfloat16]
+    assert losses[True] == pytest.approx(losses[False], rel=0.02)
+
+
 def nan_on_call(n: int):
     """A capsule_loss that returns NaN on its n-th call (1-based) and is exact otherwise."""
     calls = {"count": 0}
