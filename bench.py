@@ -18,7 +18,7 @@ import time
 import torch
 
 from CapsNet import CapsNetConfig
-from common import UserError, exit_on_user_error, pick_device
+from common import UserError, exit_on_user_error, keep_freed_memory, pick_device
 from data import Split, to_float
 from train import Trainer, epoch_generator
 from train import parse_args as train_args
@@ -129,6 +129,7 @@ def main(argv=None) -> None:
         if args.threads < 1:
             raise UserError(f"--threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as train.py does, for model and floor alike
     print(json.dumps(measure(args)))
 
 

@@ -4,6 +4,7 @@ train.py, evaluate.py, predict.py, bench.py and inference.ipynb all import from 
 checkpoint is written and read one way only.
 """
 
+import ctypes
 import os
 import pickle
 import sys
@@ -30,6 +31,25 @@ def exit_on_user_error(main):
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+
+
+def keep_freed_memory() -> None:
+    """On Linux (glibc), keep freed memory for reuse instead of handing it back to the OS.
+
+    A training step allocates and frees tensors of 50 MB and more (Conv1's output is 52 MB at
+    batch 128). By default glibc maps each of those afresh and unmaps it on free, so every step
+    page-faults them in again. Heap-only allocation without trimming made `bench.py`'s training
+    step about 9% faster on this repository's test machine. Elsewhere this does nothing.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (e.g. musl)
+        return
+    m_trim_threshold, m_mmap_max = -1, -4  # from glibc's malloc.h
+    libc.mallopt(m_mmap_max, 0)
+    libc.mallopt(m_trim_threshold, 2**30)
 
 
 def pick_device(requested: str = "auto") -> torch.device:

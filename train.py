@@ -36,7 +36,9 @@ from tqdm import tqdm
 
 from baseline import BaselineCNN
 from CapsNet import CapsNet, CapsNetConfig, capsule_loss
-from common import MODEL_KINDS, UserError, exit_on_user_error, load_checkpoint, pick_device, save_checkpoint
+from common import (
+    MODEL_KINDS, UserError, exit_on_user_error, keep_freed_memory, load_checkpoint, pick_device, save_checkpoint,
+)
 from data import DATASETS, batches, load_split, random_shift, to_float, train_val_split
 from evaluate import predict_lengths
 
@@ -422,6 +424,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     args, checkpoint = resolve_resume(args)
     device = init_distributed(args)
+    keep_freed_memory()
     try:
         run(args, checkpoint, device)
     finally:
