@@ -2,6 +2,7 @@
 
     python bench.py                              # batch 128, 2 threads' worth of defaults
     python bench.py --batch-size 64 --steps 10 --threads 1
+    python bench.py --bf16                       # bfloat16 autocast, model and floor alike
 
 The floor is what Conv1 and the PrimaryCaps convolution alone cost (forward+backward with
 weight gradients for training, forward only for evaluation): ~95% of CapsNet's arithmetic.
