@@ -71,8 +71,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--on-nonfinite", default="stop", choices=("stop", "skip"), help="a NaN/inf loss or gradient stops the run or skips the batch (default: stop)")
     add("--compile", action="store_true", help="torch.compile the model (default: off)")
     add("--bf16", action="store_true",
-        help="bfloat16 autocast for the training step's convolutions and decoder, meant for CUDA; "
-             "routing and the loss stay float32, evaluation is float32 (default: off)")
+        help="bfloat16 autocast for the training step's convolutions and decoder, for GPUs and CPUs with "
+             "AVX512-BF16 or AMX; routing and the loss stay float32, evaluation is float32 (default: off)")
     add("--resume", nargs="?", const="last", default=None, metavar="PATH",
         help="continue PATH (or CHECKPOINT_DIR/last.pt) with its saved flags; only --epochs, --device, "
              "--threads, --data-dir, --checkpoint-dir, --compile, --bf16 may change (default: off)")
