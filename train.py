@@ -57,6 +57,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--lr", type=float, default=1e-3, help="Adam learning rate (default: 0.001)")
     add("--lr-decay", type=float, default=0.9, help="learning rate factor per epoch (default: 0.9)")
     add("--routing-iterations", type=int, default=3, help="routing iterations r (default: 3)")
+    add("--detach-early-routing", action="store_true",
+        help="stop gradients through u_hat in all but the last routing iteration, as some public ports do; "
+             "not in the paper (default: off)")
     add("--max-shift", type=int, default=2, help="random shift in pixels, 0 for none (default: 2)")
     add("--data-dir", default="data", help="dataset root, downloaded into if absent (default: data)")
     add("--checkpoint-dir", default="checkpoints", help="where last.pt, best.pt and the log go (default: checkpoints)")
@@ -162,7 +165,8 @@ def log(*args, **kwargs) -> None:
 def build_model(args: argparse.Namespace, config: CapsNetConfig | None) -> torch.nn.Module:
     if args.model == "cnn":
         return BaselineCNN()
-    return CapsNet(config, routing_iterations=args.routing_iterations)
+    return CapsNet(config, routing_iterations=args.routing_iterations,
+                   detach_early_routing=args.detach_early_routing)
 
 
 class Trainer:

@@ -114,6 +114,14 @@ def test_resume_reproduces_the_uninterrupted_run(data_dir, tmp_path):
     assert_same_state(straight, resumed)
 
 
+def test_detach_early_routing_flag_reaches_the_model(data_dir, tmp_path):
+    paper = train_in_process(data_dir, tmp_path / "paper", "--epochs", 1)
+    detached = train_in_process(data_dir, tmp_path / "detached", "--epochs", 1, "--detach-early-routing")
+    assert not paper["config"]["detach_early_routing"] and detached["config"]["detach_early_routing"]
+    # Same seed, data and order: only the routing gradient differs, so the trained W must too.
+    assert not torch.equal(paper["model"]["digit_caps.W"], detached["model"]["digit_caps.W"])
+
+
 def test_interrupt_mid_epoch_saves_and_resumes_exactly(data_dir, tmp_path, monkeypatch):
     straight = train_in_process(data_dir, tmp_path / "straight", "--epochs", 1)
 
