@@ -71,23 +71,12 @@ def capsule_length(v: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return torch.sqrt((v * v).sum(dim=dim) + EPS)
 
 
-def he_normal(conv: nn.Conv2d) -> nn.Conv2d:
-    """He et al. (2015) init, std sqrt(2 / fan_in), zero bias; `conv` re-initialized in place.
-
-    PyTorch's default is sqrt(6) times smaller, which starts the primary capsules deep in
-    squash's flat region (|u| ~ 0.1) and left one-epoch runs behind (README, "One epoch").
-    """
-    nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
-    nn.init.zeros_(conv.bias)
-    return conv
-
-
 class ConvLayer(nn.Module):
     """Conv1: 256 9x9 filters, stride 1, ReLU."""
 
     def __init__(self, config: CapsNetConfig):
         super().__init__()
-        self.conv = he_normal(nn.Conv2d(config.in_channels, config.conv1_channels, config.kernel_size))
+        self.conv = nn.Conv2d(config.in_channels, config.conv1_channels, config.kernel_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, 28, 28) -> (B, 256, 20, 20)."""
@@ -100,9 +89,9 @@ class PrimaryCaps(nn.Module):
     def __init__(self, config: CapsNetConfig):
         super().__init__()
         self.channels, self.dim = config.primary_channels, config.primary_dim
-        self.conv = he_normal(nn.Conv2d(
+        self.conv = nn.Conv2d(
             config.conv1_channels, self.channels * self.dim, config.kernel_size, stride=2
-        ))
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 256, 20, 20) -> (B, 1152, 8): capsule i = (channel, row, col)."""
