@@ -111,11 +111,16 @@ def model_from_checkpoint(checkpoint: dict, path: str | Path = "checkpoint") -> 
     model_class, config_class = MODEL_KINDS[kind]
     try:
         model = model_class(config_class.from_dict(checkpoint["config"]))
-        model.load_state_dict(checkpoint["model"])
+        model.load_state_dict(chosen_weights(checkpoint))
     except (TypeError, KeyError, RuntimeError, ValueError) as error:
         reason = str(error).strip().splitlines()[0]
         raise UserError(f"{path} does not match the model ({reason})") from error
     return model
+
+
+def chosen_weights(checkpoint: dict) -> dict:
+    """The weights validation chose: the raw ones, or their moving average (train.py --ema-decay)."""
+    return checkpoint["ema"] if checkpoint.get("chosen") == "ema" else checkpoint["model"]
 
 
 def load_model(path: str | Path, device: torch.device) -> tuple[torch.nn.Module, dict]:
@@ -127,5 +132,6 @@ def load_model(path: str | Path, device: torch.device) -> tuple[torch.nn.Module,
 
 def export_weights(checkpoint: dict, path: str | Path) -> None:
     """Write the shippable part of a training checkpoint: weights, config, metrics; no optimizer."""
-    keep = ("model", "model_kind", "config", "dataset", "epoch", "metrics", "args")
-    save_checkpoint({key: checkpoint[key] for key in keep if key in checkpoint}, path)
+    keep = ("model_kind", "config", "dataset", "epoch", "metrics", "args")
+    shipped = {key: checkpoint[key] for key in keep if key in checkpoint}
+    save_checkpoint({**shipped, "model": chosen_weights(checkpoint)}, path)
