@@ -32,7 +32,9 @@ class BaselineConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "BaselineConfig":
-        return cls(**{**values, "channels": tuple(values["channels"]), "dropout": tuple(values["dropout"])})
+        return cls(
+            **{**values, "channels": tuple(values["channels"]), "dropout": tuple(values["dropout"])}
+        )
 
 
 class BaselineCNN(nn.Module):
@@ -53,7 +55,8 @@ class BaselineCNN(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:
         """x (B, C, 28, 28) in [0, 1] -> (class logits (B, K),).
 
-        A one-element tuple, so evaluate.py takes the class scores as `model(x)[0]` from either model.
+        A one-element tuple, so scoring takes the class scores as `model(x)[0]` from either
+        model.
         """
         out = F.relu(self.conv1(x))  # (B, 32, 26, 26)
         out = F.max_pool2d(F.relu(self.conv2(out)), 2)  # (B, 64, 12, 12)

@@ -15,14 +15,15 @@ import json
 import platform
 import resource
 import time
+from pathlib import Path
 
 import torch
 
-from CapsNet import CapsNetConfig
-from common import UserError, exit_on_user_error, keep_freed_memory, pick_device
-from data import Split, to_float
-from train import Trainer, epoch_generator
-from train import parse_args as train_args
+from CapsNet import CapsNet, CapsNetConfig
+from data import Split, to_model_input
+from errors import UserError, exit_on_user_error
+from hardware import keep_freed_memory, pick_device
+from training import TrainConfig, Trainer, epoch_generator
 
 
 def best_rate(function, images_per_call: int, steps: int, rounds: int) -> list[float]:
@@ -39,9 +40,14 @@ def best_rate(function, images_per_call: int, steps: int, rounds: int) -> list[f
 
 def conv_floor(config: CapsNetConfig, device: torch.device):
     """Conv1 + ReLU + the PrimaryCaps convolution alone, as the model builds them."""
-    conv1 = torch.nn.Conv2d(config.in_channels, config.conv1_channels, config.kernel_size).to(device)
+    conv1 = torch.nn.Conv2d(config.in_channels, config.conv1_channels, config.kernel_size).to(
+        device
+    )
     primary = torch.nn.Conv2d(
-        config.conv1_channels, config.primary_channels * config.primary_dim, config.kernel_size, stride=2
+        config.conv1_channels,
+        config.primary_channels * config.primary_dim,
+        config.kernel_size,
+        stride=2,
     ).to(device)
     return lambda x: primary(torch.relu(conv1(x)))
 
@@ -55,24 +61,29 @@ def synthetic_split(size: int, seed: int = 0) -> Split:
 def measure(args: argparse.Namespace) -> dict:
     device = pick_device(args.device)
     torch.manual_seed(0)
-    flags = ["--batch-size", str(args.batch_size), "--device", str(device), "--val-size", "0"]
-    flags += (["--compile"] if args.compile else []) + (["--bf16"] if args.bf16 else [])
-    trainer_args = train_args(flags)
+    config = TrainConfig(
+        batch_size=args.batch_size, val_size=0, compile=args.compile, bf16=args.bf16
+    )
     split = synthetic_split(args.batch_size)
-    trainer = Trainer(trainer_args, device, split, None, split)
-    trainer.shift_generator = epoch_generator(0, 0)
+    trainer = Trainer(
+        config, CapsNet(), device, steps_per_epoch=1, checkpoint_dir=Path("unused"), dry_run=True
+    )
+    generator = epoch_generator(0, 0)
     images, labels = split.images, split.labels
-    x = to_float(images, device)
+    x = to_model_input(images, device)
     floor = conv_floor(trainer.model.config, device)
 
     def train_step():
-        trainer.train_step(images, labels)  # shifts, forward, loss, backward, Adam
+        trainer.train_step(images, labels, generator)  # shifts, forward, loss, backward, Adam
 
     def floor_step():
         floor(x).sum().backward()
 
     def eval_step():
         trainer.model(x)
+
+    def single_step():
+        trainer.model(x[:1])
 
     # --bf16 puts model and floor alike under autocast (routing inside the model stays float32).
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
@@ -87,8 +98,7 @@ def measure(args: argparse.Namespace) -> dict:
                 trainer.model.eval()
                 eval_rates += best_rate(eval_step, args.batch_size, args.steps, 1)
                 forward_floor_rates += best_rate(lambda: floor(x), args.batch_size, args.steps, 1)
-                single = x[:1]
-                latencies = [1000 / rate for rate in best_rate(lambda: trainer.model(single), 1, 20, 1)]
+                latencies = [1000 / rate for rate in best_rate(single_step, 1, 20, 1)]
             trainer.model.train()
     result = {
         "device": str(device),
@@ -110,22 +120,46 @@ def measure(args: argparse.Namespace) -> dict:
     }
     result["train_ratio"] = result["train_img_per_s"] / result["train_floor_img_per_s"]
     result["eval_ratio"] = result["eval_img_per_s"] / result["eval_floor_img_per_s"]
-    return {key: round(value, 3) if isinstance(value, float) else value for key, value in result.items()}
+    return {
+        key: round(value, 3) if isinstance(value, float) else value for key, value in result.items()
+    }
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch-size", type=int, default=128, help="images per step (default: 128)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=128, help="images per step (default: 128)"
+    )
     parser.add_argument("--steps", type=int, default=5, help="timed steps per round (default: 5)")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds, best kept (default: 3)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model; reports the first step's time (default: off)")
-    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast for model and floor alike (default: off)")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="alternating rounds, best kept (default: 3)"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
+    )
+    parser.add_argument(
+        "--device",
+        default="auto",
+        help="auto (cuda, then mps, then cpu), cpu, cuda or mps (default: auto)",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the model; reports the first step's time (default: off)",
+    )
+    parser.add_argument(
+        "--bf16",
+        action="store_true",
+        help="bfloat16 autocast for model and floor alike (default: off)",
+    )
     args = parser.parse_args(argv)
     for name in ("batch_size", "steps", "rounds"):
         if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+            raise UserError(
+                f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}"
+            )
     if args.threads is not None:
         if args.threads < 1:
             raise UserError(f"--threads must be at least 1, got {args.threads}")

@@ -9,7 +9,8 @@ reconstruction target, and train and test see the same pixels (apart from the sh
 `random_affine` makes an affNIST-like test set on the fly: each 28x28 image is placed on a
 40x40 zero canvas, transformed there, and the model sees the centre 28x28 crop. The crop (not
 a 40 -> 28 resize) keeps MNIST's pixel scale, so an identity transform gives back the
-original image (up to float rounding); a digit translated to the canvas edge can lose up to 2 px to the crop.
+original image (up to float rounding); a digit translated to the canvas edge can lose up to
+2 px to the crop.
 """
 
 import gzip
@@ -21,22 +22,32 @@ import numpy as np
 import torch
 import torchvision
 
-from common import UserError
+from errors import UserError
 
 DEBIAN_FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
 
 CLASS_NAMES = {
     "mnist": [str(digit) for digit in range(10)],
     "fashion-mnist": [
-        "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-        "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+        "T-shirt/top",
+        "Trouser",
+        "Pullover",
+        "Dress",
+        "Coat",
+        "Sandal",
+        "Shirt",
+        "Sneaker",
+        "Bag",
+        "Ankle boot",
     ],
 }
 DATASETS = tuple(CLASS_NAMES)
 
 RAW_FILES = (
-    "train-images-idx3-ubyte", "train-labels-idx1-ubyte",
-    "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte",
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
 )
 
 
@@ -74,12 +85,16 @@ def load_split(dataset: str, data_dir: str | Path, train: bool) -> Split:
     local_raw = data_dir / folder / "raw"
     if dataset == "fashion-mnist" and not local_raw.is_dir() and DEBIAN_FASHION_DIR.is_dir():
         return read_debian_fashion(train)
-    dataset_class = {"mnist": torchvision.datasets.MNIST, "fashion-mnist": torchvision.datasets.FashionMNIST}
+    dataset_class = {
+        "mnist": torchvision.datasets.MNIST,
+        "fashion-mnist": torchvision.datasets.FashionMNIST,
+    }
     try:
         loaded = dataset_class[dataset](root=str(data_dir), train=train, download=True)
     except Exception as error:  # torchvision raises RuntimeError, URLError or OSError offline
         raise UserError(
-            f"{dataset} is not in {local_raw} and could not be downloaded ({type(error).__name__}). "
+            f"{dataset} is not in {local_raw} and could not be downloaded "
+            f"({type(error).__name__}). "
             f"Put the files {', '.join(RAW_FILES)} in {local_raw}, or pass --data-dir"
         ) from error
     return Split(loaded.data.clone(), loaded.targets.clone())
@@ -92,7 +107,9 @@ def read_debian_fashion(train: bool) -> Split:
     return Split(images, labels.long())
 
 
-def train_val_split(full: Split, val_size: int, subset: int | None, seed: int) -> tuple[Split, Split | None]:
+def train_val_split(
+    full: Split, val_size: int, subset: int | None, seed: int
+) -> tuple[Split, Split | None]:
     """A seeded held-out validation split, then an optional training subset for quick runs."""
     if not 0 <= val_size < len(full):
         raise UserError(f"--val-size must be between 0 and {len(full) - 1}, got {val_size}")
@@ -101,14 +118,23 @@ def train_val_split(full: Split, val_size: int, subset: int | None, seed: int) -
     train_indices = order[val_size:]
     if subset is not None:
         if not 1 <= subset <= len(train_indices):
-            raise UserError(f"--train-subset must be between 1 and {len(train_indices)}, got {subset}")
+            raise UserError(
+                f"--train-subset must be between 1 and {len(train_indices)}, got {subset}"
+            )
         train_indices = train_indices[:subset]
     return full.subset(train_indices), val
 
 
-def to_float(images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """uint8 (B, 28, 28) -> float (B, 1, 28, 28) in [0, 1] on `device`."""
-    return images.to(device, non_blocking=True).unsqueeze(1).float().div_(255.0)
+def to_model_input(images: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """Digits as the model takes them, the one conversion every caller uses.
+
+    (B, H, W) or a single (H, W), uint8 in 0..255 or float in [0, 1]
+    -> float32 (B, 1, H, W) in [0, 1] on `device`.
+    """
+    if images.dim() == 2:
+        images = images.unsqueeze(0)  # (1, H, W)
+    x = images.to(device, non_blocking=True).unsqueeze(1)  # (B, 1, H, W)
+    return x.float().div_(255.0) if images.dtype == torch.uint8 else x.float()
 
 
 def random_shift(images: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
@@ -162,10 +188,13 @@ class AffineParams:
         )
 
     def subset(self, indices) -> "AffineParams":
-        return AffineParams(self.angle[indices], self.shear[indices], self.scale[indices], self.offset[indices])
+        return AffineParams(
+            self.angle[indices], self.shear[indices], self.scale[indices], self.offset[indices]
+        )
 
     def only(self, family: str) -> "AffineParams":
         """Keep one family's draws (or all, for "combined"); the others become the identity."""
+
         def keep(name: str) -> bool:
             return family in (name, "combined")
 
@@ -182,16 +211,28 @@ def random_affine(x: torch.Tensor, params: AffineParams) -> torch.Tensor:
     the digit's centre, translate by `offset`, then crop the centre 28x28 (bilinear, zero fill)."""
     batch, channels, height, width = x.shape
     pad = (AFFINE_CANVAS - width) // 2
-    canvas = torch.nn.functional.pad(x, (pad, AFFINE_CANVAS - width - pad, pad, AFFINE_CANVAS - height - pad))
+    canvas = torch.nn.functional.pad(
+        x, (pad, AFFINE_CANVAS - width - pad, pad, AFFINE_CANVAS - height - pad)
+    )
     cos, sin = torch.cos(params.angle), torch.sin(params.angle)
     # Forward map p -> A p + t with A = scale * R(angle) @ [[1, shear], [0, 1]], in (x, y) pixels.
-    linear = torch.stack([torch.stack([cos, cos * params.shear - sin], -1),
-                          torch.stack([sin, sin * params.shear + cos], -1)], -2)  # (B, 2, 2)
+    linear = torch.stack(
+        [
+            torch.stack([cos, cos * params.shear - sin], -1),
+            torch.stack([sin, sin * params.shear + cos], -1),
+        ],
+        -2,
+    )  # (B, 2, 2)
     linear = params.scale[:, None, None] * linear
     inverse = torch.linalg.inv(linear)  # (B, 2, 2)
-    # affine_grid maps output to input coordinates in [-1, 1]: theta = [A^-1, -A^-1 t], t in half-canvases.
+    # affine_grid maps output to input coordinates in [-1, 1]:
+    # theta = [A^-1, -A^-1 t], with t in half-canvases.
     shift = params.offset.to(inverse.dtype) * (2 / AFFINE_CANVAS)  # (B, 2)
     theta = torch.cat([inverse, -(inverse @ shift.unsqueeze(-1))], dim=-1)  # (B, 2, 3)
-    grid = torch.nn.functional.affine_grid(theta, list(canvas.shape), align_corners=False).to(x.device, x.dtype)
-    moved = torch.nn.functional.grid_sample(canvas, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    grid = torch.nn.functional.affine_grid(theta, list(canvas.shape), align_corners=False).to(
+        x.device, x.dtype
+    )
+    moved = torch.nn.functional.grid_sample(
+        canvas, grid, mode="bilinear", padding_mode="zeros", align_corners=False
+    )
     return moved[:, :, pad : pad + height, pad : pad + width]  # (B, C, 28, 28)

@@ -15,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from common import UserError, exit_on_user_error
+from errors import UserError, exit_on_user_error
 
 
 def read_grid(path: Path) -> list[dict]:
@@ -40,8 +40,16 @@ def finished_names(results: Path) -> set[str]:
 
 
 def train(run: dict, folder: Path, data_dir: str) -> int:
-    command = [sys.executable, str(Path(__file__).parent / "train.py"), *run["flags"],
-               "--data-dir", data_dir, "--checkpoint-dir", str(folder), "--quiet"]
+    command = [
+        sys.executable,
+        str(Path(__file__).parent / "train.py"),
+        *run["flags"],
+        "--data-dir",
+        data_dir,
+        "--checkpoint-dir",
+        str(folder),
+        "--quiet",
+    ]
     if (folder / "last.pt").exists():
         command.append("--resume")
     print(f"[{run['name']}] {' '.join(command[1:])}", flush=True)
@@ -51,15 +59,30 @@ def train(run: dict, folder: Path, data_dir: str) -> int:
 def summary(run: dict, folder: Path) -> dict:
     log = records(folder)
     best = max((r for r in log if "val_acc" in r), key=lambda r: r["val_acc"], default=log[-1])
-    return {"name": run["name"], "flags": run["flags"], "final": log[-1], "best_by_val": best, "log": log}
+    return {
+        "name": run["name"],
+        "flags": run["flags"],
+        "final": log[-1],
+        "best_by_val": best,
+        "log": log,
+    }
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("grid", type=Path, help="JSON grid file")
     parser.add_argument("--data-dir", default="data", help="dataset root (default: data)")
-    parser.add_argument("--runs-dir", type=Path, default=Path("runs/sweep"), help="run folders (default: runs/sweep)")
-    parser.add_argument("--list", action="store_true", help="print each run's state and stop (default: off)")
+    parser.add_argument(
+        "--runs-dir",
+        type=Path,
+        default=Path("runs/sweep"),
+        help="run folders (default: runs/sweep)",
+    )
+    parser.add_argument(
+        "--list", action="store_true", help="print each run's state and stop (default: off)"
+    )
     args = parser.parse_args(argv)
     grid = read_grid(args.grid)
     results = args.grid.with_suffix(".results.jsonl")
@@ -73,7 +96,9 @@ def main(argv=None) -> None:
             continue
         code = train(run, folder, args.data_dir)
         if code != 0:
-            raise UserError(f"run {run['name']} stopped (exit {code}); run the sweep again to resume it")
+            raise UserError(
+                f"run {run['name']} stopped (exit {code}); run the sweep again to resume it"
+            )
         with open(results, "a") as file:
             file.write(json.dumps(summary(run, folder)) + "\n")
 

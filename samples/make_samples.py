@@ -1,4 +1,4 @@
-"""Make the bundled sample images: handwritten digits as they reach the model from a phone or a scanner.
+"""Make the bundled sample images: handwritten digits as they come from a phone or a scanner.
 
     python -m samples.make_samples --data-dir ../shared/data
 
@@ -38,7 +38,10 @@ MNIST_SAMPLES = {
 }
 # name -> strokes, each a polyline in [0, 1] coordinates of the digit's box (x right, y down)
 DRAWN_SAMPLES = {
-    "7_thin_pen_drawn.jpg": [[(0.1, 0.08), (0.9, 0.06), (0.62, 0.45), (0.42, 0.95)], [(0.35, 0.5), (0.8, 0.48)]],
+    "7_thin_pen_drawn.jpg": [
+        [(0.1, 0.08), (0.9, 0.06), (0.62, 0.45), (0.42, 0.95)],
+        [(0.35, 0.5), (0.8, 0.48)],
+    ],
     "4_thin_pen_drawn.jpg": [[(0.55, 0.05), (0.12, 0.62), (0.9, 0.62)], [(0.7, 0.3), (0.68, 0.97)]],
 }
 
@@ -57,7 +60,9 @@ def page(size: tuple[int, int], colour, shadow: float, rng: np.random.Generator)
     """(H, W, 3) float page: a colour, a shadow and paper grain (blurred noise)."""
     width, height = size
     grain = Image.fromarray(rng.normal(128, 40, (height, width)).clip(0, 255).astype(np.uint8))
-    grain = np.asarray(grain.filter(ImageFilter.GaussianBlur(1.5)), dtype=np.float32)[..., None] - 128
+    grain = (
+        np.asarray(grain.filter(ImageFilter.GaussianBlur(1.5)), dtype=np.float32)[..., None] - 128
+    )
     return (np.array(colour, dtype=np.float32) + 0.15 * grain) * lighting(size, shadow, rng)
 
 
@@ -74,25 +79,39 @@ def drawn_ink(strokes, height: int, rng: np.random.Generator) -> Image.Image:
     ink = Image.new("L", (side, side), 0)
     draw = ImageDraw.Draw(ink)
     for stroke in strokes:
-        points = np.concatenate([np.linspace(a, b, 12, endpoint=False) for a, b in zip(stroke, stroke[1:])] + [[stroke[-1]]])
+        points = np.concatenate(
+            [np.linspace(a, b, 12, endpoint=False) for a, b in zip(stroke, stroke[1:])]
+            + [[stroke[-1]]]
+        )
         points = points + rng.normal(0, 0.006, points.shape)  # a hand's tremor
-        draw.line([tuple(p) for p in (points * side * 0.9 + side * 0.05)], fill=255, width=3 * scale, joint="curve")
+        draw.line(
+            [tuple(p) for p in (points * side * 0.9 + side * 0.05)],
+            fill=255,
+            width=3 * scale,
+            joint="curve",
+        )
     return ink.resize((height, height), Image.LANCZOS)
 
 
-def place(base: np.ndarray, ink: Image.Image, colour, rng: np.random.Generator, strength: float = 1.0) -> np.ndarray:
+def place(
+    base: np.ndarray, ink: Image.Image, colour, rng: np.random.Generator, strength: float = 1.0
+) -> np.ndarray:
     """Lay the ink on the page at a random off-centre place: pixel = page (1 - a) + ink a."""
     height, width = base.shape[:2]
     top = int(rng.integers(0, height - ink.height))
     left = int(rng.integers(0, width - ink.width))
     alpha = np.zeros((height, width, 1), dtype=np.float32)
-    alpha[top : top + ink.height, left : left + ink.width, 0] = np.asarray(ink, dtype=np.float32) / 255 * strength
+    alpha[top : top + ink.height, left : left + ink.width, 0] = (
+        np.asarray(ink, dtype=np.float32) / 255 * strength
+    )
     return base * (1 - alpha) + np.array(colour, dtype=np.float32) * alpha
 
 
 def camera(pixels: np.ndarray, blur: float, noise: float, rng: np.random.Generator) -> Image.Image:
     """Focus blur and sensor noise -> an RGB image."""
-    image = Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(blur))
+    image = Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).filter(
+        ImageFilter.GaussianBlur(blur)
+    )
     noisy = np.asarray(image, dtype=np.float32) + rng.normal(0, noise, pixels.shape)
     return Image.fromarray(noisy.clip(0, 255).astype(np.uint8))
 
@@ -100,7 +119,9 @@ def camera(pixels: np.ndarray, blur: float, noise: float, rng: np.random.Generat
 def on_dark_table(paper: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Shrink the sheet and lay it, slightly turned, on a dark wooden table filling the frame."""
     height, width = paper.shape[:2]
-    sheet = Image.fromarray(paper.clip(0, 255).astype(np.uint8)).resize((int(width * 0.8), int(height * 0.8)))
+    sheet = Image.fromarray(paper.clip(0, 255).astype(np.uint8)).resize(
+        (int(width * 0.8), int(height * 0.8))
+    )
     mask = Image.new("L", sheet.size, 255).rotate(-3, expand=True)
     sheet = sheet.rotate(-3, expand=True)
     table = page((width, height), (70, 50, 38), 0.3, rng)
@@ -113,17 +134,23 @@ def make_mnist_sample(digit28: np.ndarray, spec, rng: np.random.Generator) -> Im
     """One MNIST digit -> a photo in the style `spec` names (see MNIST_SAMPLES)."""
     _, size, height, angle, style = spec
     ink = mnist_ink(digit28, height, angle)
-    if style == "rgba":  # a drawing app's export: the digit only in alpha, transparent black around it
+    if (
+        style == "rgba"
+    ):  # a drawing app's export: the digit only in alpha, transparent black around it
         alpha = place(np.zeros((size[1], size[0], 1), dtype=np.float32), ink, (255,), rng)
         rgba = np.concatenate([np.broadcast_to(BLUE_INK, (*alpha.shape[:2], 3)), alpha], axis=2)
         rgba[alpha[..., 0] == 0, :3] = 0
         return Image.fromarray(rgba.astype(np.uint8), "RGBA")
     if style == "chalk":  # light ink on a dark board: the opposite polarity
         board = page(size, (45, 60, 50), 0.25, rng)
-        chalk = Image.fromarray((np.asarray(ink) * rng.uniform(0.6, 1.0, ink.size[::-1])).astype(np.uint8))
+        chalk = Image.fromarray(
+            (np.asarray(ink) * rng.uniform(0.6, 1.0, ink.size[::-1])).astype(np.uint8)
+        )
         return camera(place(board, chalk, (225, 228, 220), rng), 1.2, 5, rng)
     colour, strength = (PENCIL, 0.6) if style == "pencil" else (BLUE_INK, 1.0)
-    pixels = place(page(size, PAPER, 0.45 if style == "pencil" else 0.25, rng), ink, colour, rng, strength)
+    pixels = place(
+        page(size, PAPER, 0.45 if style == "pencil" else 0.25, rng), ink, colour, rng, strength
+    )
     if style == "table":
         pixels = on_dark_table(pixels, rng)
     return camera(pixels, 1.5, 6, rng)
@@ -136,7 +163,9 @@ def save(image: Image.Image, path: Path, style: str) -> None:
         Image.fromarray((gray * 65535).astype(np.uint16)).save(path)
     elif style == "palette":
         image.quantize(colors=8).save(path)
-    elif style == "exif":  # pixels stored sideways, EXIF orientation 6 says "turn 90 degrees clockwise"
+    elif (
+        style == "exif"
+    ):  # pixels stored sideways, EXIF orientation 6 says "turn 90 degrees clockwise"
         exif = Image.Exif()
         exif[0x0112] = 6
         image.rotate(90, expand=True).save(path, quality=85, exif=exif)
@@ -148,8 +177,12 @@ def save(image: Image.Image, path: Path, style: str) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="Make the sample photos in samples/.")
-    parser.add_argument("--data-dir", default="data", help="MNIST root, as for train.py (default: data)")
-    parser.add_argument("--out-dir", type=Path, default=HERE, help=f"where to write the images (default: {HERE})")
+    parser.add_argument(
+        "--data-dir", default="data", help="MNIST root, as for train.py (default: data)"
+    )
+    parser.add_argument(
+        "--out-dir", type=Path, default=HERE, help=f"where to write the images (default: {HERE})"
+    )
     args = parser.parse_args(argv)
 
     test = load_split("mnist", args.data_dir, train=False)
@@ -161,7 +194,9 @@ def main(argv=None) -> None:
         print(f"{name}  MNIST test index {index}")
     for seed, (name, strokes) in enumerate(DRAWN_SAMPLES.items(), start=len(MNIST_SAMPLES)):
         rng = np.random.default_rng(seed)
-        pixels = place(page((600, 600), PAPER, 0.2, rng), drawn_ink(strokes, 320, rng), BLUE_INK, rng)
+        pixels = place(
+            page((600, 600), PAPER, 0.2, rng), drawn_ink(strokes, 320, rng), BLUE_INK, rng
+        )
         save(camera(pixels, 0.8, 4, rng), args.out_dir / name, "jpeg")
         print(f"{name}  drawn")
 

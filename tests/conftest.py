@@ -1,7 +1,10 @@
-"""Shared fixtures: real MNIST from CAPSNET_DATA_DIR (default ../shared/data), small models,
-and checkpoints (a tiny untrained one for plumbing, the trained one for accuracy)."""
+"""Shared fixtures and helpers: real MNIST from CAPSNET_DATA_DIR (default ../shared/data),
+small models, checkpoints (a tiny untrained one for plumbing, the trained one for accuracy),
+and the scripts run as a user runs them."""
 
+import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -9,21 +12,101 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # import CapsNet, common, data, predict without installing
+sys.path.insert(0, str(REPO))  # import the repository's modules without installing
 
+import evaluate  # noqa: E402
+import train  # noqa: E402
 from CapsNet import CapsNet, CapsNetConfig  # noqa: E402
-from common import SHIPPED_CHECKPOINT, save_checkpoint  # noqa: E402
+from checkpoint import SHIPPED_CHECKPOINT, load_checkpoint, save_checkpoint  # noqa: E402
 from data import load_split  # noqa: E402
+from training import TrainConfig, Trainer  # noqa: E402
 
 # CAPSNET_DATA_DIR, else the workplace's shared copy, else train.py's default download folder.
 DEFAULT_DATA_DIR = REPO.parent / "shared" / "data"
-DATA_DIR = Path(os.environ.get("CAPSNET_DATA_DIR") or (DEFAULT_DATA_DIR if DEFAULT_DATA_DIR.is_dir() else REPO / "data"))
+DATA_DIR = Path(
+    os.environ.get("CAPSNET_DATA_DIR")
+    or (DEFAULT_DATA_DIR if DEFAULT_DATA_DIR.is_dir() else REPO / "data")
+)
 # Narrow layers keep the slow tests fast; routing, decoder and loss are the paper's.
 SMALL = CapsNetConfig(conv1_channels=32, primary_channels=8)
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "browser: drives JupyterLab in headless Chromium (slow, needs chromium and playwright)")
+CPU = torch.device("cpu")
+# Flags of a small but real training run: 96 training, 64 validation and 100 test digits.
+SMALL_RUN = [
+    "--train-subset",
+    "96",
+    "--val-size",
+    "64",
+    "--test-subset",
+    "100",
+    "--batch-size",
+    "32",
+    "--quiet",
+]
+TINY_RUN = [
+    "--train-subset",
+    "64",
+    "--val-size",
+    "0",
+    "--test-subset",
+    "40",
+    "--batch-size",
+    "32",
+    "--quiet",
+]
+
+
+def run(
+    script: str, *args, check: bool = True, timeout: float = 600
+) -> subprocess.CompletedProcess:
+    """A script in its own process, as a user runs it."""
+    result = subprocess.run(
+        [sys.executable, str(REPO / script), *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=timeout,
+    )
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(error_lines) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in error_lines[0]
+
+
+def train_in_process(data_dir, folder, *extra, run_flags=SMALL_RUN) -> dict:
+    """train.main in this process; returns the run's last.pt."""
+    train.main(
+        ["--data-dir", str(data_dir), "--checkpoint-dir", str(folder), *run_flags, *map(str, extra)]
+    )
+    return load_checkpoint(folder / "last.pt")
+
+
+def make_trainer(folder, model_config=None, steps_per_epoch: int = 1, **settings) -> Trainer:
+    """A Trainer of a seeded SMALL CapsNet on the CPU, with TrainConfig(**settings)."""
+    torch.manual_seed(0)
+    return Trainer(
+        TrainConfig(**settings),
+        CapsNet(model_config or SMALL),
+        CPU,
+        steps_per_epoch,
+        folder,
+        quiet=True,
+    )
+
+
+def evaluate_json(capsys, *flags) -> dict:
+    capsys.readouterr()  # drop what came before
+    evaluate.main([*map(str, flags), "--json"])
+    return json.loads(capsys.readouterr().out)
 
 
 @pytest.fixture(scope="session")
@@ -68,5 +151,28 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     config = CapsNetConfig(conv1_channels=8, primary_channels=2, decoder_hidden=(16, 32))
     model = CapsNet(config)
     path = tmp_path_factory.mktemp("tiny") / "tiny.pt"
-    save_checkpoint({"model": model.state_dict(), "config": config.to_dict(), "dataset": "mnist", "epoch": 0}, path)
+    save_checkpoint(
+        {"model": model.state_dict(), "config": config.to_dict(), "dataset": "mnist", "epoch": 0},
+        path,
+    )
+    return path
+
+
+@pytest.fixture
+def few_digits(mnist_test):
+    return mnist_test.subset(torch.arange(40))
+
+
+@pytest.fixture
+def small_checkpoint(small_model, tmp_path):
+    path = tmp_path / "small.pt"
+    save_checkpoint(
+        {
+            "model": small_model.state_dict(),
+            "config": small_model.config.to_dict(),
+            "dataset": "mnist",
+            "epoch": 0,
+        },
+        path,
+    )
     return path

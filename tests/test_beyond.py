@@ -1,8 +1,7 @@
-"""Issue 8, beyond the paper's MNIST: routing diagnostics, affine robustness, the CNN baseline,
+"""Beyond the paper's MNIST: routing diagnostics, affine robustness, the CNN baseline,
 Fashion-MNIST end to end, and data-parallel training under torchrun."""
 
 import functools
-import json
 import math
 import re
 import subprocess
@@ -10,58 +9,38 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, SMALL
-
-import test_cli
 
 import evaluate
-import train
 from baseline import BaselineCNN
 from CapsNet import CapsNet
-from common import UserError, export_weights, load_checkpoint, model_from_checkpoint, save_checkpoint
-from data import AFFINE_FAMILIES, DEBIAN_FASHION_DIR, AffineParams, random_affine, to_float
+from checkpoint import export_weights, load_checkpoint, model_from_checkpoint
+from data import AFFINE_FAMILIES, DEBIAN_FASHION_DIR, AffineParams, random_affine, to_model_input
+from errors import UserError
+from scoring import affine_accuracy, class_scores, routing_stats
 
-CPU = torch.device("cpu")
-TINY_RUN = ["--train-subset", "64", "--val-size", "0", "--test-subset", "40", "--batch-size", "32", "--quiet"]
+from conftest import CPU, REPO, SMALL, TINY_RUN, evaluate_json
+from conftest import train_in_process as train_small
 
-
-@pytest.fixture
-def few_digits(mnist_test):
-    return mnist_test.subset(torch.arange(40))
-
-
-@pytest.fixture
-def small_checkpoint(small_model, tmp_path):
-    path = tmp_path / "small.pt"
-    save_checkpoint({"model": small_model.state_dict(), "config": small_model.config.to_dict(),
-                     "dataset": "mnist", "epoch": 0}, path)
-    return path
-
-
-def evaluate_json(capsys, *flags) -> dict:
-    capsys.readouterr()  # drop what came before
-    evaluate.main([*map(str, flags), "--json"])
-    return json.loads(capsys.readouterr().out)
-
-
-train_in_process = functools.partial(test_cli.train_in_process, run_flags=TINY_RUN)
+train_in_process = functools.partial(train_small, run_flags=TINY_RUN)
 
 
 # --- routing diagnostics -------------------------------------------------------------------
-def test_routing_stats_agree_with_plain_evaluation_and_restore_r(small_model, few_digits):
-    stats, predictions = evaluate.routing_stats(small_model, few_digits, CPU)
-    plain = evaluate.predict_lengths(small_model, few_digits, CPU).argmax(dim=1)
+def test_routing_stats_agree_with_plain_evaluation_and_leave_r_alone(small_model, few_digits):
+    stats, predictions = routing_stats(small_model, few_digits, CPU)
+    plain = class_scores(small_model, few_digits, CPU).argmax(dim=1)
     assert torch.equal(predictions, plain)
     assert small_model.digit_caps.iterations == 3
     assert list(stats["accuracy_by_iterations"]) == ["1", "2", "3", "5"]
-    assert stats["accuracy_by_iterations"]["3"] == pytest.approx(100 * (plain == few_digits.labels).float().mean().item())
+    assert stats["accuracy_by_iterations"]["3"] == pytest.approx(
+        100 * (plain == few_digits.labels).float().mean().item()
+    )
     assert 0 <= stats["coupling_entropy"] <= math.log(10) + 1e-9
     assert 0 <= stats["coupling_std"] <= stats["coupling_std_max"] == pytest.approx(0.3)
 
 
 def test_one_routing_iteration_is_uniform_and_input_independent(few_digits):
     torch.manual_seed(0)
-    stats, _ = evaluate.routing_stats(CapsNet(SMALL, routing_iterations=1), few_digits, CPU)
+    stats, _ = routing_stats(CapsNet(SMALL, routing_iterations=1), few_digits, CPU)
     assert stats["coupling_entropy"] == pytest.approx(math.log(10))
     assert stats["coupling_std"] == pytest.approx(0, abs=1e-12)
 
@@ -70,12 +49,20 @@ def test_silent_primary_capsules_count_as_never_active(small_model, few_digits):
     with torch.no_grad():
         small_model.primary_caps.conv.weight.zero_()
         small_model.primary_caps.conv.bias.zero_()
-    stats, _ = evaluate.routing_stats(small_model, few_digits, CPU)
+    stats, _ = routing_stats(small_model, few_digits, CPU)
     assert stats["never_active_fraction"] == 1 and stats["inactive_fraction_per_image"] == 1
 
 
 def test_routing_stats_in_json_and_text(small_checkpoint, data_dir, capsys):
-    flags = ["--checkpoint", small_checkpoint, "--data-dir", data_dir, "--test-subset", 30, "--routing-stats"]
+    flags = [
+        "--checkpoint",
+        small_checkpoint,
+        "--data-dir",
+        data_dir,
+        "--test-subset",
+        30,
+        "--routing-stats",
+    ]
     result = evaluate_json(capsys, *flags)
     assert result["total"] == 30 and result["routing"]["iterations"] == 3
     evaluate.main(list(map(str, flags)))
@@ -85,7 +72,7 @@ def test_routing_stats_in_json_and_text(small_checkpoint, data_dir, capsys):
 
 # --- affine robustness ---------------------------------------------------------------------
 def test_identity_affine_returns_the_image_and_translation_is_an_exact_shift(few_digits):
-    x = to_float(few_digits.images[:4], CPU)  # (4, 1, 28, 28)
+    x = to_model_input(few_digits.images[:4], CPU)  # (4, 1, 28, 28)
     params = AffineParams.draw(4, torch.Generator().manual_seed(0))
     assert torch.equal(random_affine(x, params.only("no family")), x)
     moved = random_affine(x, params.only("translation"))
@@ -96,10 +83,12 @@ def test_identity_affine_returns_the_image_and_translation_is_an_exact_shift(few
 
 
 def test_quarter_turn_about_the_centre_is_rot90(few_digits):
-    x = to_float(few_digits.images[:2], CPU)
+    x = to_model_input(few_digits.images[:2], CPU)
     params = AffineParams.draw(2, torch.Generator().manual_seed(0)).only("no family")
     params.angle = torch.full((2,), math.pi / 2, dtype=torch.float64)
-    torch.testing.assert_close(random_affine(x, params), torch.rot90(x, -1, (2, 3)), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        random_affine(x, params), torch.rot90(x, -1, (2, 3)), atol=1e-5, rtol=0
+    )
 
 
 def test_affine_draws_stay_in_the_affnist_ranges():
@@ -111,17 +100,29 @@ def test_affine_draws_stay_in_the_affnist_ranges():
 
 def test_affine_accuracy_is_seeded(small_model, few_digits, small_checkpoint, data_dir, capsys):
     digits = few_digits.subset(torch.arange(20))
-    first = evaluate.affine_accuracy(small_model, digits, CPU, seed=3)
+    first = affine_accuracy(small_model, digits, CPU, seed=3)
     assert list(first) == list(AFFINE_FAMILIES)
-    assert evaluate.affine_accuracy(small_model, digits, CPU, seed=3) == first
-    result = evaluate_json(capsys, "--checkpoint", small_checkpoint, "--data-dir", data_dir,
-                           "--test-subset", 20, "--affine", "--seed", 3)
+    assert affine_accuracy(small_model, digits, CPU, seed=3) == first
+    result = evaluate_json(
+        capsys,
+        "--checkpoint",
+        small_checkpoint,
+        "--data-dir",
+        data_dir,
+        "--test-subset",
+        20,
+        "--affine",
+        "--seed",
+        3,
+    )
     assert result["affine"] == {"seed": 3, "accuracy": pytest.approx(first)}
 
 
 # --- the CNN baseline ----------------------------------------------------------------------
 def test_baseline_parameter_count_is_the_documented_one():
-    documented = int(re.search(r"([\d,]+) parameters", BaselineCNN.__doc__).group(1).replace(",", ""))
+    documented = int(
+        re.search(r"([\d,]+) parameters", BaselineCNN.__doc__).group(1).replace(",", "")
+    )
     assert sum(p.numel() for p in BaselineCNN().parameters()) == documented
 
 
@@ -130,12 +131,28 @@ def test_cnn_trains_checkpoints_and_evaluates(data_dir, tmp_path, capsys):
     assert checkpoint["model_kind"] == "cnn"
     export_weights(checkpoint, tmp_path / "cnn.pt")
     assert isinstance(model_from_checkpoint(load_checkpoint(tmp_path / "cnn.pt")), BaselineCNN)
-    result = evaluate_json(capsys, "--checkpoint", tmp_path / "cnn.pt", "--data-dir", data_dir,
-                           "--test-subset", 40, "--affine")
+    result = evaluate_json(
+        capsys,
+        "--checkpoint",
+        tmp_path / "cnn.pt",
+        "--data-dir",
+        data_dir,
+        "--test-subset",
+        40,
+        "--affine",
+    )
     assert result["model_kind"] == "cnn"
     assert result["accuracy"] == pytest.approx(checkpoint["metrics"][-1]["test_acc"])
     with pytest.raises(UserError, match="--routing-stats needs a CapsNet checkpoint"):
-        evaluate.main(["--checkpoint", str(tmp_path / "cnn.pt"), "--data-dir", str(data_dir), "--routing-stats"])
+        evaluate.main(
+            [
+                "--checkpoint",
+                str(tmp_path / "cnn.pt"),
+                "--data-dir",
+                str(data_dir),
+                "--routing-stats",
+            ]
+        )
 
 
 def test_unknown_model_kind_is_a_clear_error(small_checkpoint):
@@ -145,24 +162,50 @@ def test_unknown_model_kind_is_a_clear_error(small_checkpoint):
 
 
 # --- Fashion-MNIST -------------------------------------------------------------------------
-@pytest.mark.skipif(not DEBIAN_FASHION_DIR.is_dir(), reason=f"{DEBIAN_FASHION_DIR} is missing (apt install dataset-fashion-mnist)")
+@pytest.mark.skipif(
+    not DEBIAN_FASHION_DIR.is_dir(),
+    reason=f"{DEBIAN_FASHION_DIR} is missing (apt install dataset-fashion-mnist)",
+)
 def test_fashion_mnist_trains_and_evaluates_with_class_names(tmp_path, capsys):
     # An empty data dir: the Debian copy is read, nothing is downloaded.
-    checkpoint = train_in_process(tmp_path / "data", tmp_path / "fashion", "--epochs", 1, "--dataset", "fashion-mnist")
+    checkpoint = train_in_process(
+        tmp_path / "data", tmp_path / "fashion", "--epochs", 1, "--dataset", "fashion-mnist"
+    )
     assert checkpoint["dataset"] == "fashion-mnist"
     capsys.readouterr()
-    evaluate.main(["--checkpoint", str(tmp_path / "fashion" / "last.pt"), "--data-dir", str(tmp_path / "data"),
-                   "--test-subset", "40"])
+    evaluate.main(
+        [
+            "--checkpoint",
+            str(tmp_path / "fashion" / "last.pt"),
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--test-subset",
+            "40",
+        ]
+    )
     text = capsys.readouterr().out
     assert "dataset fashion-mnist" in text and "Ankle boot" in text and "T-shirt/top" in text
 
 
 # --- data-parallel training ----------------------------------------------------------------
+@pytest.mark.slow
 def test_torchrun_two_processes_match_one_process(data_dir, tmp_path):
     flags = ["train.py", "--data-dir", data_dir, *TINY_RUN, "--epochs", 1]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    result = subprocess.run([*command, *map(str, flags), "--checkpoint-dir", tmp_path / "ddp"],
-                            capture_output=True, text=True, cwd=REPO, timeout=300)
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+    ]
+    result = subprocess.run(
+        [*command, *map(str, flags), "--checkpoint-dir", tmp_path / "ddp"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("epoch 1/1") == 1 and "processes 2" in result.stdout  # rank 0 prints
     assert len((tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()) == 1  # rank 0 logs
@@ -170,7 +213,9 @@ def test_torchrun_two_processes_match_one_process(data_dir, tmp_path):
     single = train_in_process(data_dir, tmp_path / "single", "--epochs", 1)
     for key, value in single["model"].items():
         torch.testing.assert_close(parallel["model"][key], value, atol=1e-5, rtol=0, msg=key)
-    assert parallel["metrics"][0]["train_loss"] == pytest.approx(single["metrics"][0]["train_loss"], rel=1e-5)
+    assert parallel["metrics"][0]["train_loss"] == pytest.approx(
+        single["metrics"][0]["train_loss"], rel=1e-5
+    )
     assert parallel["metrics"][0]["test_acc"] == single["metrics"][0]["test_acc"]
 
 

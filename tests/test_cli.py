@@ -5,39 +5,25 @@ import subprocess
 import sys
 import warnings
 
+import numpy as np
 import pytest
 import torch
-from conftest import REPO
+from PIL import Image
 
 import train
-from common import export_weights, load_checkpoint
+from checkpoint import export_weights, load_checkpoint
+from figures import plot_curve
 
-SMALL_RUN = ["--train-subset", "96", "--val-size", "64", "--test-subset", "100", "--batch-size", "32", "--quiet"]
-
-
-def run(script: str, *args, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run(
-        [sys.executable, str(REPO / script), *map(str, args)], capture_output=True, text=True, cwd=REPO
-    )
-    if check:
-        assert result.returncode == 0, result.stderr
-    return result
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr
-    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert len(error_lines) == 1, result.stderr
-    for fragment in fragments:
-        assert fragment in error_lines[0]
+from conftest import REPO, SMALL_RUN, assert_one_line_error, run, train_in_process
 
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, data_dir):
     """One small training run through the real CLI, shared by the tests below."""
     folder = tmp_path_factory.mktemp("run")
-    result = run("train.py", "--data-dir", data_dir, "--checkpoint-dir", folder, "--epochs", 2, *SMALL_RUN)
+    result = run(
+        "train.py", "--data-dir", data_dir, "--checkpoint-dir", folder, "--epochs", 2, *SMALL_RUN
+    )
     return folder, result.stdout
 
 
@@ -48,9 +34,17 @@ def test_train_writes_checkpoints_and_log(trained_run):
     assert [r["epoch"] for r in records] == [1, 2]
     assert records[1]["lr"] == pytest.approx(0.9e-3)  # exponential decay per epoch
     checkpoint = load_checkpoint(folder / "last.pt")
-    assert {"model", "optimizer", "scheduler", "epoch", "metrics", "config", "args"} <= checkpoint.keys()
+    assert {
+        "model",
+        "optimizer",
+        "scheduler",
+        "epoch",
+        "metrics",
+        "config",
+        "train_config",
+    } <= checkpoint.keys()
     assert checkpoint["epoch"] == 2 and (folder / "best.pt").exists()
-    assert (folder / "curve.png").stat().st_size > 1000
+    assert_is_a_drawing(folder / "curve.png", (1100, 418))
 
 
 def test_curve_draws_before_the_first_test_score(tmp_path):
@@ -58,15 +52,24 @@ def test_curve_draws_before_the_first_test_score(tmp_path):
     records = [{"epoch": epoch, "train_loss": 1.0 / epoch} for epoch in (1, 2)]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        train.plot_curve(records, tmp_path / "curve.png")
-    assert (tmp_path / "curve.png").stat().st_size > 1000
+        plot_curve(records, tmp_path / "curve.png")
+    assert_is_a_drawing(tmp_path / "curve.png", (1100, 418))
 
 
 def test_evaluate_reports_what_training_reported(trained_run, data_dir):
     folder, _ = trained_run
     best = load_checkpoint(folder / "best.pt")
     reported = best["metrics"][-1]["test_acc"]
-    result = run("evaluate.py", "--checkpoint", folder / "best.pt", "--data-dir", data_dir, "--test-subset", 100, "--json")
+    result = run(
+        "evaluate.py",
+        "--checkpoint",
+        folder / "best.pt",
+        "--data-dir",
+        data_dir,
+        "--test-subset",
+        100,
+        "--json",
+    )
     scored = json.loads(result.stdout)
     assert scored["accuracy"] == pytest.approx(reported, abs=1e-4)
     assert scored["total"] == 100 and sum(map(sum, scored["confusion_matrix"])) == 100
@@ -74,30 +77,49 @@ def test_evaluate_reports_what_training_reported(trained_run, data_dir):
 
 def test_evaluate_text_report_and_figures(trained_run, data_dir, tmp_path):
     folder, _ = trained_run
-    result = run("evaluate.py", "--checkpoint", folder / "last.pt", "--data-dir", data_dir,
-                 "--test-subset", 50, "--figures", tmp_path)
+    result = run(
+        "evaluate.py",
+        "--checkpoint",
+        folder / "last.pt",
+        "--data-dir",
+        data_dir,
+        "--test-subset",
+        50,
+        "--figures",
+        tmp_path,
+    )
     assert "Test: accuracy" in result.stdout and "confusion matrix" in result.stdout
-    assert (tmp_path / "confusion_matrix.png").stat().st_size > 1000
-    assert (tmp_path / "reconstructions.png").stat().st_size > 1000
+    assert_is_a_drawing(tmp_path / "confusion_matrix.png", (660, 550))
+    assert_is_a_drawing(tmp_path / "reconstructions.png", (1760, 264))
+    # The top row shows the first 16 test digits: their columns hold ink, the margins do not.
+    pixels = np.asarray(Image.open(tmp_path / "reconstructions.png").convert("L"), dtype=float)
+    assert pixels.std() > 20
+
+
+def assert_is_a_drawing(path, size: tuple[int, int]) -> None:
+    """A PNG of the size its figsize and dpi give, with more on it than a blank canvas."""
+    image = Image.open(path)
+    assert image.format == "PNG" and image.size == size
+    colours = image.convert("RGB").getcolors(maxcolors=1 << 20)
+    assert len(colours) > 50  # text, lines and images are anti-aliased: many shades
 
 
 def test_fresh_run_refuses_to_overwrite_a_previous_run(trained_run, data_dir):
     folder, _ = trained_run
     before = (folder / "last.pt").read_bytes()
-    result = run("train.py", "--data-dir", data_dir, "--checkpoint-dir", folder, *SMALL_RUN, check=False)
+    result = run(
+        "train.py", "--data-dir", data_dir, "--checkpoint-dir", folder, *SMALL_RUN, check=False
+    )
     assert_one_line_error(result, "--resume")
     assert (folder / "last.pt").read_bytes() == before
 
 
 def test_dry_run_saves_nothing(data_dir, tmp_path):
-    result = run("train.py", "--data-dir", data_dir, "--checkpoint-dir", tmp_path, "--dry-run", *SMALL_RUN)
+    result = run(
+        "train.py", "--data-dir", data_dir, "--checkpoint-dir", tmp_path, "--dry-run", *SMALL_RUN
+    )
     assert "dry run" in result.stdout
     assert list(tmp_path.iterdir()) == []
-
-
-def train_in_process(data_dir, folder, *extra, run_flags=SMALL_RUN):
-    train.main(["--data-dir", str(data_dir), "--checkpoint-dir", str(folder), *run_flags, *map(str, extra)])
-    return load_checkpoint(folder / "last.pt")
 
 
 def assert_same_state(a: dict, b: dict) -> None:
@@ -116,8 +138,12 @@ def test_resume_reproduces_the_uninterrupted_run(data_dir, tmp_path):
 
 def test_detach_early_routing_flag_reaches_the_model(data_dir, tmp_path):
     paper = train_in_process(data_dir, tmp_path / "paper", "--epochs", 1)
-    detached = train_in_process(data_dir, tmp_path / "detached", "--epochs", 1, "--detach-early-routing")
-    assert not paper["config"]["detach_early_routing"] and detached["config"]["detach_early_routing"]
+    detached = train_in_process(
+        data_dir, tmp_path / "detached", "--epochs", 1, "--detach-early-routing"
+    )
+    assert (
+        not paper["config"]["detach_early_routing"] and detached["config"]["detach_early_routing"]
+    )
     # Same seed, data and order: only the routing gradient differs, so the trained W must too.
     assert not torch.equal(paper["model"]["digit_caps.W"], detached["model"]["digit_caps.W"])
 
@@ -136,7 +162,7 @@ def test_interrupt_mid_epoch_saves_and_resumes_exactly(data_dir, tmp_path, monke
 
     monkeypatch.setattr(train, "StopRequest", StopAfterTwoBatches)
     interrupted = train_in_process(data_dir, tmp_path / "resumed", "--epochs", 1)
-    assert (interrupted["epoch"], interrupted["step"]) == (0, 2)
+    assert (interrupted["epoch"], interrupted["batches_done"]) == (0, 2)
     monkeypatch.undo()
     resumed = train_in_process(data_dir, tmp_path / "resumed", "--epochs", 1, "--resume")
     assert_same_state(straight, resumed)
@@ -154,7 +180,9 @@ def test_interrupt_mid_epoch_saves_and_resumes_exactly(data_dir, tmp_path, monke
     ],
 )
 def test_train_rejects_bad_values(flags, fragment, data_dir, tmp_path):
-    result = run("train.py", "--data-dir", data_dir, "--checkpoint-dir", tmp_path, *flags, check=False)
+    result = run(
+        "train.py", "--data-dir", data_dir, "--checkpoint-dir", tmp_path, *flags, check=False
+    )
     assert_one_line_error(result, fragment)
 
 
@@ -164,20 +192,25 @@ def test_missing_data_offline_names_the_expected_path(tmp_path, monkeypatch):
     assert_one_line_error(result, "missing.pt")
     # Download is impossible here: point every mirror at an unreachable local port.
     code = (
-        "import torchvision, train;"
+        "import torchvision, train, errors;"
         "torchvision.datasets.MNIST.mirrors = ['http://127.0.0.1:9/'];"
-        f"train.exit_on_user_error(lambda: train.main(['--data-dir', {str(empty)!r}, '--checkpoint-dir', {str(tmp_path)!r}]))"
+        f"flags = ['--data-dir', {str(empty)!r}, '--checkpoint-dir', {str(tmp_path)!r}];"
+        "errors.exit_on_user_error(lambda: train.main(flags))"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert_one_line_error(result, str(empty / "MNIST" / "raw"))
 
 
 def test_resume_without_a_checkpoint_is_a_clear_error(data_dir, tmp_path):
-    result = run("train.py", "--data-dir", data_dir, "--checkpoint-dir", tmp_path, "--resume", check=False)
+    result = run(
+        "train.py", "--data-dir", data_dir, "--checkpoint-dir", tmp_path, "--resume", check=False
+    )
     assert_one_line_error(result, "last.pt", "does not exist")
 
 
-@pytest.mark.parametrize("kind", ["garbage", "empty", "not_capsnet", "pickled_object", "wrong_shapes"])
+@pytest.mark.parametrize(
+    "kind", ["garbage", "empty", "not_capsnet", "pickled_object", "wrong_shapes"]
+)
 def test_evaluate_rejects_bad_checkpoints(kind, tmp_path, data_dir):
     path = tmp_path / f"{kind}.pt"
     if kind == "garbage":
@@ -189,7 +222,13 @@ def test_evaluate_rejects_bad_checkpoints(kind, tmp_path, data_dir):
     elif kind == "pickled_object":
         torch.save({"model": {}, "config": {}, "args": __import__("argparse").Namespace(x=1)}, path)
     else:
-        torch.save({"model": {"conv1.conv.weight": torch.zeros(2)}, "config": {"decoder_hidden": [512, 1024]}}, path)
+        torch.save(
+            {
+                "model": {"conv1.conv.weight": torch.zeros(2)},
+                "config": {"decoder_hidden": [512, 1024]},
+            },
+            path,
+        )
     result = run("evaluate.py", "--checkpoint", path, "--data-dir", data_dir, check=False)
     assert_one_line_error(result, str(path))
 
@@ -198,7 +237,124 @@ def test_weights_only_checkpoint_continues_at_the_scheduled_lr(data_dir, tmp_pat
     first = train_in_process(data_dir, tmp_path / "first", "--epochs", 1)
     export_weights(first, tmp_path / "shipped.pt")
     assert "optimizer" not in load_checkpoint(tmp_path / "shipped.pt")
-    continued = train_in_process(data_dir, tmp_path / "second", "--epochs", 2, "--resume", tmp_path / "shipped.pt")
+    continued = train_in_process(
+        data_dir, tmp_path / "second", "--epochs", 2, "--resume", tmp_path / "shipped.pt"
+    )
     assert continued["epoch"] == 2
     assert [record["epoch"] for record in continued["metrics"]] == [1, 2]
     assert continued["metrics"][1]["lr"] == pytest.approx(0.9e-3)
+
+
+def snapshot(folder) -> dict:
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
+
+
+def test_resumed_dry_run_trains_nothing_real_and_saves_nothing(trained_run, data_dir):
+    folder, _ = trained_run
+    before = snapshot(folder)
+    result = run(
+        "train.py",
+        "--data-dir",
+        data_dir,
+        "--checkpoint-dir",
+        folder,
+        "--resume",
+        "--epochs",
+        3,
+        "--dry-run",
+        "--quiet",
+    )
+    assert "dry run: nothing saved" in result.stdout and "epoch 3/3" in result.stdout
+    assert snapshot(folder) == before
+
+
+@pytest.mark.parametrize(
+    "flags, named",
+    [
+        (["--train-subset", "256"], "--train-subset"),
+        (["--lr", "0.01"], "--lr"),
+        (["--routing-iterations", "1"], "--routing-iterations"),
+    ],
+)
+def test_resume_refuses_flags_it_cannot_honour(trained_run, data_dir, flags, named):
+    folder, _ = trained_run
+    before = snapshot(folder)
+    result = run(
+        "train.py",
+        "--data-dir",
+        data_dir,
+        "--checkpoint-dir",
+        folder,
+        "--resume",
+        *flags,
+        check=False,
+    )
+    assert_one_line_error(result, named, "cannot change")
+    assert snapshot(folder) == before
+
+
+def test_resume_accepts_a_flag_repeated_with_its_saved_value(data_dir, tmp_path):
+    train_in_process(data_dir, tmp_path, "--epochs", 1)
+    resumed = train_in_process(data_dir, tmp_path, "--epochs", 2, "--resume", "--lr", "0.001")
+    assert resumed["epoch"] == 2
+
+
+def test_resume_into_a_folder_of_another_run_is_refused(trained_run, data_dir, tmp_path):
+    folder, _ = trained_run
+    other = tmp_path / "other"
+    train_in_process(data_dir, other, "--epochs", 1)
+    before = snapshot(other)
+    result = run(
+        "train.py",
+        "--data-dir",
+        data_dir,
+        "--checkpoint-dir",
+        other,
+        "--resume",
+        folder / "last.pt",
+        check=False,
+    )
+    assert_one_line_error(result, "holds another run")
+    assert snapshot(other) == before
+
+
+def test_resume_help_names_every_flag_a_resume_may_change():
+    text = " ".join(train.build_parser().format_help().split())
+    resume_help = text[text.index("--resume [PATH]") : text.index("--dry-run run")]
+    for flag in [
+        "--epochs",
+        "--bf16",
+        "--compile",
+        "--device",
+        "--threads",
+        "--data-dir",
+        "--checkpoint-dir",
+        "--quiet",
+        "--dry-run",
+    ]:
+        assert flag in resume_help, flag
+    assert {f"--{name.replace('_', '-')}" for name in train.RESUMABLE} <= set(resume_help.split())
+
+
+def test_checkpoint_of_the_previous_layout_still_resumes(data_dir, tmp_path):
+    """Files written before train_config/batches_done: flags under "args", "step", "partial"."""
+    first = train_in_process(data_dir, tmp_path / "old", "--epochs", 1)
+    old = {
+        key: value
+        for key, value in first.items()
+        if key not in ("train_config", "batches_done", "totals")
+    }
+    old["args"] = {
+        **first["train_config"],
+        "routing_iterations": 3,
+        "detach_early_routing": False,
+        "resume": None,
+        "dry_run": False,
+        "quiet": True,
+        "device": "auto",
+    }
+    old["step"], old["partial"] = first["batches_done"], first["totals"]
+    torch.save(old, tmp_path / "old" / "last.pt")
+    resumed = train_in_process(data_dir, tmp_path / "old", "--epochs", 2, "--resume")
+    straight = train_in_process(data_dir, tmp_path / "straight", "--epochs", 2)
+    assert_same_state(straight, resumed)

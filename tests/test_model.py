@@ -3,7 +3,6 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import SMALL
 
 from CapsNet import (
     CPU_ROUTING_PIECE,
@@ -19,6 +18,8 @@ from CapsNet import (
     squash,
 )
 
+from conftest import SMALL
+
 
 def reference_routing(u_hat: torch.Tensor, iterations: int, detach_early: bool = False):
     """Procedure 1 written as plainly as the paper, one loop per index, for parity checks.
@@ -28,7 +29,9 @@ def reference_routing(u_hat: torch.Tensor, iterations: int, detach_early: bool =
     batch, num_out, num_in, _ = u_hat.shape
     v_all, c_all = [], []
     for b in range(batch):  # b_ij belongs to one example
-        logits = [[torch.zeros((), dtype=u_hat.dtype) for _ in range(num_out)] for _ in range(num_in)]
+        logits = [
+            [torch.zeros((), dtype=u_hat.dtype) for _ in range(num_out)] for _ in range(num_in)
+        ]
         for r in range(iterations):
             votes = u_hat[b] if r == iterations - 1 or not detach_early else u_hat[b].detach()
             c = [torch.softmax(torch.stack(logits[i]), dim=0) for i in range(num_in)]  # over j
@@ -44,6 +47,7 @@ def reference_routing(u_hat: torch.Tensor, iterations: int, detach_early: bool =
 
 
 # --- squash and lengths --------------------------------------------------------------
+
 
 def test_squash_is_finite_with_finite_gradient_at_zero():
     s = torch.zeros(3, 16, requires_grad=True)
@@ -88,6 +92,7 @@ def test_capsule_length_has_finite_gradient_at_zero():
 
 # --- shapes and layout ---------------------------------------------------------------
 
+
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("iterations", [1, 3])
 def test_output_shapes(batch, iterations):
@@ -127,6 +132,7 @@ def test_primary_capsule_is_eight_channels_at_one_position():
 
 # --- routing -------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("iterations", [1, 2, 3, 5])
 @pytest.mark.parametrize("detach_early", [False, True])
 def test_routing_matches_plain_procedure_1(iterations, detach_early):
@@ -144,7 +150,9 @@ def test_routing_matches_plain_procedure_1(iterations, detach_early):
 @pytest.mark.parametrize("iterations", [1, 3])
 def test_routing_passes_gradcheck(iterations):
     u_hat = (0.5 * torch.randn(2, 3, 4, 3, dtype=torch.float64)).requires_grad_()
-    assert torch.autograd.gradcheck(lambda x: DynamicRouting.apply(x, iterations, False)[0], (u_hat,))
+    assert torch.autograd.gradcheck(
+        lambda x: DynamicRouting.apply(x, iterations, False)[0], (u_hat,)
+    )
 
 
 def test_digit_caps_matches_reference_in_the_full_model():
@@ -157,10 +165,12 @@ def test_digit_caps_matches_reference_in_the_full_model():
 
 
 def test_routing_in_cpu_pieces_matches_one_pass():
-    # On a CPU, DigitCaps routes CPU_ROUTING_PIECE images at a time: no value or gradient may change.
+    # On a CPU, DigitCaps routes CPU_ROUTING_PIECE images at a time: no value or gradient changes.
     torch.manual_seed(0)
     layer = DigitCaps(CapsNetConfig(primary_channels=2)).double()
-    u = torch.randn(2 * CPU_ROUTING_PIECE + 3, layer.W.shape[0], 8, dtype=torch.float64, requires_grad=True)
+    u = torch.randn(
+        2 * CPU_ROUTING_PIECE + 3, layer.W.shape[0], 8, dtype=torch.float64, requires_grad=True
+    )
     v, c = layer(u)
     v_ref, c_ref = DynamicRouting.apply(layer.votes(u), 3, False)
     assert torch.allclose(v, v_ref, atol=1e-12) and torch.allclose(c, c_ref, atol=1e-12)
@@ -209,6 +219,7 @@ def test_routing_is_stateless_between_calls(small_model):
 
 # --- decoder masking -----------------------------------------------------------------
 
+
 def test_decoder_uses_the_true_label_in_training_and_the_prediction_at_test(small_model):
     x = torch.rand(3, 1, 28, 28)
     lengths, recon_predicted, v = small_model(x)
@@ -230,6 +241,7 @@ def test_decoder_sees_only_the_masked_capsule(small_model):
 
 # --- loss ----------------------------------------------------------------------------
 
+
 def test_margin_loss_hand_computed():
     lengths = torch.tensor([[0.5, 0.3, 0.05], [0.95, 0.0, 0.1]])
     target = torch.tensor([0, 0])
@@ -241,7 +253,9 @@ def test_margin_loss_hand_computed():
 def test_reconstruction_term_is_0_0005_times_summed_squared_error():
     images = torch.zeros(2, 1, 28, 28)
     reconstructions = torch.full((2, 1, 28, 28), 0.5)
-    assert torch.allclose(reconstruction_loss(reconstructions, images), torch.full((2,), 784 * 0.25))
+    assert torch.allclose(
+        reconstruction_loss(reconstructions, images), torch.full((2,), 784 * 0.25)
+    )
     lengths = torch.tensor([[0.9, 0.1], [0.1, 0.9]])  # margin loss exactly 0
     loss = capsule_loss(lengths, reconstructions, images, torch.tensor([0, 1]))
     assert torch.isclose(loss, torch.tensor(0.0005 * 784 * 0.25))
@@ -265,6 +279,7 @@ def test_initial_loss_is_what_theory_says(mnist_test):
 
 
 # --- learning ------------------------------------------------------------------------
+
 
 def test_gradients_reach_every_parameter(small_model):
     x, y = torch.rand(4, 1, 28, 28), torch.tensor([0, 1, 2, 3])
@@ -292,3 +307,38 @@ def test_overfits_a_small_batch(mnist_train):
     lengths, _, _ = model(x)
     assert (lengths.argmax(dim=1) == y).all()
     assert losses[-1] < 0.1 * losses[0]
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("routing_iterations", 0),
+        ("routing_iterations", "3"),
+        ("routing_iterations", 2.5),
+        ("digit_dim", -1),
+        ("decoder_hidden", (512,)),
+        ("weight_std", 0),
+        ("detach_early_routing", 1),
+        ("image_size", 12),
+    ],
+)
+def test_config_refuses_what_the_model_cannot_be_built_from(field, value):
+    with pytest.raises(ValueError, match=field.split("_")[0]):
+        CapsNetConfig(**{field: value})
+    with pytest.raises(ValueError):
+        CapsNet(**{field: value})
+
+
+def test_scoring_with_another_r_leaves_the_module_alone(small_model):
+    x = torch.rand(2, 1, 28, 28)
+    small_model.eval()
+    with torch.no_grad():
+        at_one = small_model(x, routing_iterations=1)[0]
+        default = small_model(x)[0]
+        expected_one = CapsNet(SMALL, routing_iterations=1).eval()
+        expected_one.load_state_dict(small_model.state_dict())
+        torch.testing.assert_close(at_one, expected_one(x)[0])
+    assert small_model.digit_caps.iterations == 3 and small_model.config.routing_iterations == 3
+    assert not torch.equal(at_one, default)
+    with pytest.raises(ValueError, match="iterations"):
+        small_model(x, routing_iterations=0)

@@ -19,26 +19,47 @@ from nbclient import NotebookClient
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "inference.ipynb"
 SAMPLES = sorted(path for path in (REPO / "samples").iterdir() if path.suffix in {".jpg", ".png"})
-LINE = re.compile(r"(\S+): predicted (\S+)  \(confidence ([01]\.\d{3}) = length of the winning capsule\)")
+LINE = re.compile(
+    r"(\S+): predicted (\S+)  \(confidence ([01]\.\d{3}) = length of the winning capsule\)"
+)
 CHROMIUM = Path("/usr/bin/chromium")  # Debian's package; `playwright install` is not used
 SETTINGS = {  # JupyterLab settings for the browser test, by plugin
     # Render every cell: with JupyterLab's default windowing, cells out of view may be hidden.
     "notebook-extension/tracker.jupyterlab-settings": {"windowingMode": "none"},
     # No news or update pop-ups: they would reach the internet and cover the page.
-    "apputils-extension/notification.jupyterlab-settings": {"fetchNews": "false", "checkForUpdates": False},
+    "apputils-extension/notification.jupyterlab-settings": {
+        "fetchNews": "false",
+        "checkForUpdates": False,
+    },
 }
 CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-    "--no-first-run", "--disable-sync", "--disable-quic", "--disable-dev-shm-usage",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-sync",
+    "--disable-quic",
+    "--disable-dev-shm-usage",
 ]
 
 
 def execute_notebook(checkpoint: Path, monkeypatch) -> list[str]:
     """Run every cell in the repository root as "Run All" does; return the printed lines."""
-    monkeypatch.setenv("CAPSNET_CHECKPOINT", str(checkpoint))  # the kernel inherits this environment
+    monkeypatch.setenv(
+        "CAPSNET_CHECKPOINT", str(checkpoint)
+    )  # the kernel inherits this environment
     notebook = nbformat.read(NOTEBOOK, as_version=4)
-    NotebookClient(notebook, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}).execute()
-    streams = [output for cell in notebook.cells for output in cell.get("outputs", []) if output["output_type"] == "stream"]
+    NotebookClient(
+        notebook, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}
+    ).execute()
+    streams = [
+        output
+        for cell in notebook.cells
+        for output in cell.get("outputs", [])
+        if output["output_type"] == "stream"
+    ]
     assert all(output["name"] == "stdout" for output in streams), "the notebook wrote to stderr"
     return "".join(output["text"] for output in streams).splitlines()
 
@@ -53,14 +74,18 @@ def test_notebook_is_committed_without_outputs():
 def test_notebook_runs_headless(tiny_checkpoint, monkeypatch):
     lines = execute_notebook(tiny_checkpoint, monkeypatch)
     assert lines[0].startswith(f"checkpoint {tiny_checkpoint}")
-    assert [LINE.fullmatch(line)[1] for line in lines[1 : 1 + len(SAMPLES)]] == [path.name for path in SAMPLES]
+    assert [LINE.fullmatch(line)[1] for line in lines[1 : 1 + len(SAMPLES)]] == [
+        path.name for path in SAMPLES
+    ]
     assert lines[-1].startswith(f"perturbing the capsule of {SAMPLES[0].name}")
 
 
 def test_notebook_predicts_the_samples(trained_checkpoint, monkeypatch):
     lines = execute_notebook(trained_checkpoint, monkeypatch)
     predictions = {match[1]: match[2] for match in map(LINE.fullmatch, lines) if match}
-    assert predictions == {path.name: path.name[0] for path in SAMPLES}  # names start with the digit
+    assert predictions == {
+        path.name: path.name[0] for path in SAMPLES
+    }  # names start with the digit
 
 
 # The browser test
@@ -89,16 +114,24 @@ def playwright_api():
     """Playwright's sync API, or skip: it drives Debian's chromium, never a downloaded browser."""
     if not CHROMIUM.is_file():
         pytest.skip(f"{CHROMIUM} is missing: apt-get install chromium")
-    return pytest.importorskip("playwright.sync_api", reason="playwright is not installed: pip install playwright")
+    return pytest.importorskip(
+        "playwright.sync_api", reason="playwright is not installed: pip install playwright"
+    )
 
 
 def jupyter_env(tmp_path: Path, checkpoint: Path) -> dict:
-    """Environment for a JupyterLab whose config, runtime, settings and workspaces live in tmp_path."""
+    """Environment for a JupyterLab whose config, runtime, settings, workspaces are in tmp_path."""
     settings = tmp_path / "jupyterlab_settings_dir" / "@jupyterlab"
     for plugin, values in SETTINGS.items():
         (settings / plugin).parent.mkdir(parents=True, exist_ok=True)
         (settings / plugin).write_text(json.dumps(values))
-    folders = ("JUPYTER_CONFIG_DIR", "JUPYTER_RUNTIME_DIR", "JUPYTERLAB_SETTINGS_DIR", "JUPYTERLAB_WORKSPACES_DIR", "IPYTHONDIR")
+    folders = (
+        "JUPYTER_CONFIG_DIR",
+        "JUPYTER_RUNTIME_DIR",
+        "JUPYTERLAB_SETTINGS_DIR",
+        "JUPYTERLAB_WORKSPACES_DIR",
+        "IPYTHONDIR",
+    )
     return {
         **os.environ,
         **{name: str(tmp_path / name.lower()) for name in folders},
@@ -118,12 +151,24 @@ def jupyterlab(playwright_api, tmp_path, tiny_checkpoint, request):
     (work / "samples").symlink_to(REPO / "samples")
     port, token = free_port(), secrets.token_hex(16)
     command = [
-        sys.executable, "-m", "jupyter", "lab", "--no-browser", "--allow-root", "--ip=127.0.0.1", f"--port={port}",
-        "--ServerApp.port_retries=0", f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={work}",
-        "--LabApp.news_url=None", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+        sys.executable,
+        "-m",
+        "jupyter",
+        "lab",
+        "--no-browser",
+        "--allow-root",
+        "--ip=127.0.0.1",
+        f"--port={port}",
+        "--ServerApp.port_retries=0",
+        f"--IdentityProvider.token={token}",
+        f"--ServerApp.root_dir={work}",
+        "--LabApp.news_url=None",
+        "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
     ]
     with open(tmp_path / "jupyterlab.log", "w") as log:
-        server = subprocess.Popen(command, env=jupyter_env(tmp_path, checkpoint), stdout=subprocess.DEVNULL, stderr=log)
+        server = subprocess.Popen(
+            command, env=jupyter_env(tmp_path, checkpoint), stdout=subprocess.DEVNULL, stderr=log
+        )
         try:
             wait_for_server(f"http://127.0.0.1:{port}/api/status?token={token}", server)
             yield f"http://127.0.0.1:{port}/lab/tree/{NOTEBOOK.name}?token={token}", checkpoint
@@ -169,17 +214,24 @@ def run_all_and_upload(page, url: str, uploads: list[Path]) -> tuple[list[str], 
     with page.expect_file_chooser() as chooser:
         page.locator("button.widget-upload").click()
     chooser.value.set_files([str(path) for path in uploads])
-    lines = [page.get_by_text(re.compile(rf"{re.escape(path.name)}: predicted")).first for path in uploads]
+    lines = [
+        page.get_by_text(re.compile(rf"{re.escape(path.name)}: predicted")).first
+        for path in uploads
+    ]
     for line in lines:
         line.wait_for()
     page.locator(".widget-output img").nth(len(uploads) - 1).wait_for()
     return [LINE.search(line.inner_text())[0] for line in lines], page.evaluate(FIGURE_INK)
 
 
+@pytest.mark.slow
 @pytest.mark.browser
 def test_notebook_in_jupyterlab_with_upload(playwright_api, jupyterlab, tiny_checkpoint, tmp_path):
     url, checkpoint = jupyterlab
-    uploads = [tmp_path / "upload_test_7.jpg", tmp_path / "upload_test_2.png"]  # names no sample has
+    uploads = [
+        tmp_path / "upload_test_7.jpg",
+        tmp_path / "upload_test_2.png",
+    ]  # names no sample has
     shutil.copy(REPO / "samples" / "7_blue_ballpoint.jpg", uploads[0])
     shutil.copy(REPO / "samples" / "2_scan_16bit.png", uploads[1])
     with playwright_api.sync_playwright() as playwright:

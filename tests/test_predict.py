@@ -1,4 +1,4 @@
-"""predict.py: preprocessing of photos into MNIST format, its errors, and the command line."""
+"""preprocess.py and predict.py: photos into MNIST format, the errors, and the command line."""
 
 import io
 import json
@@ -14,10 +14,13 @@ from PIL import Image, ImageDraw, ImageFilter
 
 import predict
 from baseline import BaselineCNN, BaselineConfig
-from common import UserError, exit_on_user_error, load_model, save_checkpoint
-from predict import PERTURBATIONS, classify, perturbed_reconstructions, preprocess
+from checkpoint import load_model, save_checkpoint
+from errors import UserError, exit_on_user_error
+from inference import PERTURBATIONS, classify, perturbed_reconstructions
+from preprocess import preprocess
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO
+
 SAMPLES = sorted(path for path in (REPO / "samples").iterdir() if path.suffix in {".jpg", ".png"})
 PHOTO_DIGITS = range(10)  # the first ten MNIST test digits (classes 7 2 1 0 4 1 4 9 5 9)
 
@@ -28,7 +31,9 @@ def photograph(digit28: np.ndarray, seed: int) -> bytes:
     rng = np.random.default_rng(seed)
     ink = Image.fromarray(digit28).resize((280, 280), Image.BICUBIC)
     page = Image.new("L", (800, 600), 225)
-    page.paste(Image.new("L", ink.size, 40), (int(rng.integers(20, 500)), int(rng.integers(20, 300))), ink)
+    page.paste(
+        Image.new("L", ink.size, 40), (int(rng.integers(20, 500)), int(rng.integers(20, 300))), ink
+    )
     page = page.filter(ImageFilter.GaussianBlur(3))
     pixels = np.asarray(page, dtype=np.float32) + rng.normal(0, 10, (600, 800))
     out = io.BytesIO()
@@ -39,10 +44,14 @@ def photograph(digit28: np.ndarray, seed: int) -> bytes:
 def aligned_correlation(a: np.ndarray, b: np.ndarray) -> float:
     """Pearson correlation, best over shifts of up to 1 px: MNIST rounded its centring to
     whole pixels, so a faithful re-centring may land one pixel away."""
+
     def correlation(x, y):
         x, y = x.ravel() - x.mean(), y.ravel() - y.mean()
         return float(x @ y / np.sqrt((x @ x) * (y @ y)))
-    return max(correlation(np.roll(a, (dy, dx), axis=(0, 1)), b) for dy in (-1, 0, 1) for dx in (-1, 0, 1))
+
+    return max(
+        correlation(np.roll(a, (dy, dx), axis=(0, 1)), b) for dy in (-1, 0, 1) for dx in (-1, 0, 1)
+    )
 
 
 def png_bytes(image: Image.Image, **save_args) -> bytes:
@@ -57,7 +66,8 @@ def drawn_seven(size=(300, 400), ink=0, paper=255, mode="L") -> Image.Image:
     width, height = size
     ImageDraw.Draw(image).line(
         [(0.3 * width, 0.3 * height), (0.7 * width, 0.3 * height), (0.45 * width, 0.7 * height)],
-        fill=ink, width=max(1, min(size) // 12),
+        fill=ink,
+        width=max(1, min(size) // 12),
     )
     return image
 
@@ -66,16 +76,26 @@ def assert_mnist_format(image28: torch.Tensor) -> None:
     assert image28.shape == (28, 28) and image28.dtype == torch.float32
     assert image28.min() >= 0 and image28.max() <= 1 and image28.max() > 0.5
     rows, cols = torch.nonzero(image28 > 0, as_tuple=True)
-    assert max(rows.max() - rows.min(), cols.max() - cols.min()) + 1 <= 22  # the 20 px box, plus blur
+    assert (
+        max(rows.max() - rows.min(), cols.max() - cols.min()) + 1 <= 22
+    )  # the 20 px box, plus blur
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     """predict.py in its own process, as a user runs it (4 s, mostly importing torch)."""
-    return subprocess.run([sys.executable, str(REPO / "predict.py"), *args], capture_output=True, text=True, cwd=REPO, timeout=120)
+    return subprocess.run(
+        [sys.executable, str(REPO / "predict.py"), *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
 
 
 def run_main(capsys, *args: str) -> tuple[int, str, str]:
-    """predict.py's main in this process, as `python predict.py` runs it: (exit status, stdout, stderr)."""
+    """predict.py's main in this process, as `python predict.py` runs it.
+
+    Returns (exit status, stdout, stderr)."""
     try:
         exit_on_user_error(lambda: predict.main(list(args)))
         status = 0
@@ -92,7 +112,12 @@ def test_clean_mnist_digit_is_left_as_it_is(mnist_test):
     """An MNIST image is already in MNIST format, so preprocessing must reproduce it."""
     for index in PHOTO_DIGITS:
         digit = mnist_test.images[index].numpy()
-        assert aligned_correlation(preprocess(png_bytes(Image.fromarray(digit))).numpy(), digit / 255.0) > 0.99
+        assert (
+            aligned_correlation(
+                preprocess(png_bytes(Image.fromarray(digit))).numpy(), digit / 255.0
+            )
+            > 0.99
+        )
 
 
 def test_photo_of_mnist_digit_comes_back_as_the_digit(mnist_test):
@@ -113,7 +138,9 @@ def test_photo_of_mnist_digit_keeps_its_prediction(mnist_test, trained_checkpoin
         digit = mnist_test.images[index].numpy()
         original = classify(model, torch.from_numpy(digit / np.float32(255)))
         photo = classify(model, preprocess(photograph(digit, seed=index)))
-        assert photo["class_index"] == original["class_index"] == int(mnist_test.labels[index]), index
+        assert photo["class_index"] == original["class_index"] == int(mnist_test.labels[index]), (
+            index
+        )
 
 
 # Odd images
@@ -122,14 +149,21 @@ def test_photo_of_mnist_digit_keeps_its_prediction(mnist_test, trained_checkpoin
 @pytest.mark.parametrize(
     "make",
     [
-        pytest.param(lambda: drawn_seven(mode="RGB", ink=(20, 30, 120), paper=(240, 235, 220)), id="rgb"),
-        pytest.param(lambda: drawn_seven(mode="RGBA", ink=(0, 0, 0, 255), paper=(0, 0, 0, 0)), id="rgba-transparent-black"),
+        pytest.param(
+            lambda: drawn_seven(mode="RGB", ink=(20, 30, 120), paper=(240, 235, 220)), id="rgb"
+        ),
+        pytest.param(
+            lambda: drawn_seven(mode="RGBA", ink=(0, 0, 0, 255), paper=(0, 0, 0, 0)),
+            id="rgba-transparent-black",
+        ),
         pytest.param(lambda: drawn_seven(mode="LA", ink=(0, 255), paper=(0, 0)), id="la"),
         pytest.param(lambda: drawn_seven(mode="I;16", ink=3000, paper=60000), id="16-bit"),
         pytest.param(lambda: drawn_seven(mode="I", ink=1000, paper=50000), id="32-bit-int"),
         pytest.param(lambda: drawn_seven(mode="RGB", ink=(0, 0, 0)).quantize(4), id="palette"),
         pytest.param(lambda: drawn_seven(mode="1", ink=0, paper=1), id="bilevel"),
-        pytest.param(lambda: drawn_seven(mode="CMYK", ink=(0, 0, 0, 255), paper=(0, 0, 0, 0)), id="cmyk"),
+        pytest.param(
+            lambda: drawn_seven(mode="CMYK", ink=(0, 0, 0, 255), paper=(0, 0, 0, 0)), id="cmyk"
+        ),
         pytest.param(lambda: drawn_seven(size=(4000, 3000)), id="huge-4000x3000"),
         pytest.param(lambda: drawn_seven(size=(12, 9)), id="tiny-12x9"),
         pytest.param(lambda: drawn_seven(ink=255, paper=0), id="white-on-black"),
@@ -183,8 +217,14 @@ def test_specks_and_paper_edges_are_ignored():
         (lambda tmp: tmp / "missing.png", "does not exist"),
         (lambda tmp: write(tmp / "empty.png", b""), "is empty"),
         (lambda tmp: write(tmp / "notes.png", b"this is not a picture\n"), "not a readable image"),
-        (lambda tmp: write(tmp / "cut.png", png_bytes(drawn_seven())[:300]), "not a readable image"),
-        (lambda tmp: write(tmp / "white.png", png_bytes(Image.new("L", (300, 200), 255))), "no digit found"),
+        (
+            lambda tmp: write(tmp / "cut.png", png_bytes(drawn_seven())[:300]),
+            "not a readable image",
+        ),
+        (
+            lambda tmp: write(tmp / "white.png", png_bytes(Image.new("L", (300, 200), 255))),
+            "no digit found",
+        ),
         (lambda tmp: write(tmp / "noise.png", png_bytes(noisy_paper())), "no digit found"),
     ],
     ids=["directory", "missing", "empty", "text", "truncated", "blank", "blank-noisy-paper"],
@@ -231,11 +271,22 @@ def test_classify_and_figure_4_shapes(tiny_checkpoint):
     grid = perturbed_reconstructions(model, result["capsule"], result["class_index"])
     assert grid.shape == (16, len(PERTURBATIONS), 28, 28)
     # The zero column decodes the capsule itself: the plain reconstruction.
-    torch.testing.assert_close(grid[:, PERTURBATIONS.index(0.0)], result["reconstruction"].expand(16, 28, 28))
+    torch.testing.assert_close(
+        grid[:, PERTURBATIONS.index(0.0)], result["reconstruction"].expand(16, 28, 28)
+    )
 
 
 def test_cli_json_and_show(tiny_checkpoint, tmp_path, capsys):
-    status, out, err = run_main(capsys, str(SAMPLES[0]), str(SAMPLES[1]), "--checkpoint", str(tiny_checkpoint), "--json", "--show", str(tmp_path))
+    status, out, err = run_main(
+        capsys,
+        str(SAMPLES[0]),
+        str(SAMPLES[1]),
+        "--checkpoint",
+        str(tiny_checkpoint),
+        "--json",
+        "--show",
+        str(tmp_path),
+    )
     assert status == 0, err
     records = json.loads(out)
     assert [record["file"] for record in records] == [str(SAMPLES[0]), str(SAMPLES[1])]
@@ -252,14 +303,28 @@ def test_cli_missing_checkpoint_is_a_one_line_error(tmp_path, capsys):
 
 def test_cli_show_into_a_file_is_an_error(capsys):
     status, out, err = run_main(capsys, str(SAMPLES[0]), "--show", str(REPO / "predict.py"))
-    assert status == 2 and out == "" and err == f"error: --show {REPO / 'predict.py'} is a file, not a folder\n"
+    assert (
+        status == 2
+        and out == ""
+        and err == f"error: --show {REPO / 'predict.py'} is a file, not a folder\n"
+    )
 
 
 def test_cli_refuses_a_model_without_capsules(tmp_path, capsys):
     path = tmp_path / "cnn.pt"
-    save_checkpoint({"model": BaselineCNN(BaselineConfig()).state_dict(), "model_kind": "cnn", "config": BaselineConfig().to_dict()}, path)
+    save_checkpoint(
+        {
+            "model": BaselineCNN(BaselineConfig()).state_dict(),
+            "model_kind": "cnn",
+            "config": BaselineConfig().to_dict(),
+        },
+        path,
+    )
     status, _, err = run_main(capsys, str(SAMPLES[0]), "--checkpoint", str(path))
-    assert status == 2 and err == f"error: {path} holds a 'cnn' model; predict.py needs a CapsNet checkpoint\n"
+    assert (
+        status == 2
+        and err == f"error: {path} holds a 'cnn' model; this needs a CapsNet checkpoint\n"
+    )
 
 
 def test_cli_predicts_the_bundled_samples(trained_checkpoint):
@@ -268,6 +333,32 @@ def test_cli_predicts_the_bundled_samples(trained_checkpoint):
     lines = result.stdout.splitlines()[1:]  # after the header line
     assert len(lines) == len(SAMPLES)
     for sample, line in zip(SAMPLES, lines):
-        match = re.fullmatch(r"(.+): (\d)  confidence ([01]\.\d{3}) \(length of the winning capsule\)", line)
+        match = re.fullmatch(
+            r"(.+): (\d)  confidence ([01]\.\d{3}) \(length of the winning capsule\)", line
+        )
         assert match and match[1] == str(sample), line
         assert match[2] == sample.name[0], line  # file names start with the true digit
+
+
+def test_the_background_plane_is_fitted_once(monkeypatch):
+    import preprocess as module
+
+    calls = []
+    fit_plane = module.fit_plane
+    monkeypatch.setattr(
+        module, "fit_plane", lambda gray: calls.append(gray.shape) or fit_plane(gray)
+    )
+    preprocess(drawn_seven())
+    assert len(calls) == 1
+
+
+def test_every_caller_gets_the_same_model_input(mnist_test):
+    """A uint8 batch, a float batch and one float (28, 28) image become the same float input."""
+    from data import to_model_input
+
+    digits = mnist_test.images[:3]  # (3, 28, 28) uint8
+    from_uint8 = to_model_input(digits, "cpu")
+    assert from_uint8.shape == (3, 1, 28, 28) and from_uint8.dtype == torch.float32
+    assert from_uint8.max() == 1 and from_uint8.min() == 0
+    torch.testing.assert_close(to_model_input(digits.float() / 255, "cpu"), from_uint8)
+    torch.testing.assert_close(to_model_input(digits[0].float() / 255, "cpu"), from_uint8[:1])

@@ -3,10 +3,12 @@
 import pytest
 import torch
 
-from common import SHIPPED_CHECKPOINT, load_model
-from evaluate import predict_lengths
+from checkpoint import SHIPPED_CHECKPOINT, load_model
+from scoring import class_scores
 
-pytestmark = pytest.mark.skipif(not SHIPPED_CHECKPOINT.is_file(), reason="no shipped checkpoint yet")
+pytestmark = pytest.mark.skipif(
+    not SHIPPED_CHECKPOINT.is_file(), reason="no shipped checkpoint yet"
+)
 
 
 def test_shipped_checkpoint_is_weights_only_and_small():
@@ -18,6 +20,6 @@ def test_shipped_checkpoint_is_weights_only_and_small():
 def test_shipped_checkpoint_reads_the_first_test_digits(mnist_test):
     model, checkpoint = load_model(SHIPPED_CHECKPOINT, torch.device("cpu"))
     first = mnist_test.subset(torch.arange(100))
-    predictions = predict_lengths(model, first, torch.device("cpu")).argmax(dim=1)
+    predictions = class_scores(model, first, torch.device("cpu")).argmax(dim=1)
     assert (predictions == first.labels).sum() >= 99
     assert checkpoint["dataset"] == "mnist" and checkpoint["config"]["routing_iterations"] == 3

@@ -4,14 +4,15 @@ import math
 
 import pytest
 import torch
-from conftest import SMALL
 
-import common
-import train
+import checkpoint
+import training
 from CapsNet import CapsNet, DynamicRouting, capsule_loss
-from common import UserError, load_checkpoint, save_checkpoint
+from checkpoint import load_checkpoint, save_checkpoint
 from data import train_val_split
-from test_cli import SMALL_RUN, train_in_process
+from errors import UserError
+
+from conftest import make_trainer, train_in_process
 
 
 @pytest.fixture(scope="module")
@@ -50,16 +51,18 @@ def test_routing_stays_float32_under_autocast(paper_model):
     assert v.dtype == torch.float32 and lengths.dtype == torch.float32
 
 
-def test_bf16_training_step_runs_convolutions_in_bf16_and_keeps_float32_weights(mnist_train, tmp_path):
+def test_bf16_training_step_runs_convolutions_in_bf16_and_keeps_float32_weights(
+    mnist_train, tmp_path
+):
     batch = train_val_split(mnist_train, 0, 32, seed=0)[0]
     losses, conv_dtypes = {}, []
-    for flags in ([], ["--bf16"]):
-        args = train.parse_args(["--checkpoint-dir", str(tmp_path), "--quiet", *flags])
-        torch.manual_seed(0)
-        trainer = train.Trainer(args, torch.device("cpu"), batch, None, batch, config=SMALL)
-        trainer.shift_generator = train.epoch_generator(0, 0)
-        trainer.model.conv1.conv.register_forward_hook(lambda module, inputs, out: conv_dtypes.append(out.dtype))
-        losses[bool(flags)], grad_norm = trainer.train_step(batch.images, batch.labels)
+    for bf16 in (False, True):
+        trainer = make_trainer(tmp_path, bf16=bf16)
+        trainer.model.conv1.conv.register_forward_hook(
+            lambda module, inputs, out: conv_dtypes.append(out.dtype)
+        )
+        generator = training.epoch_generator(0, 0)
+        losses[bf16], grad_norm = trainer.train_step(batch.images, batch.labels, generator)
         assert math.isfinite(grad_norm)
         assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
     assert conv_dtypes == [torch.float32, torch.bfloat16]
@@ -78,9 +81,11 @@ def nan_on_call(n: int):
     return loss
 
 
-def test_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
+def test_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
+    data_dir, tmp_path, monkeypatch
+):
     steps_per_epoch = 96 // 32
-    monkeypatch.setattr(train, "capsule_loss", nan_on_call(steps_per_epoch + 2))
+    monkeypatch.setattr(training, "capsule_loss", nan_on_call(steps_per_epoch + 2))
     with pytest.raises(UserError, match="non-finite loss or gradient at epoch 2 step 2"):
         train_in_process(data_dir, tmp_path, "--epochs", 3)
     last = load_checkpoint(tmp_path / "last.pt")
@@ -89,15 +94,37 @@ def test_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(data_di
 
 
 def test_skip_mode_counts_skipped_batches(data_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(train, "capsule_loss", nan_on_call(2))
+    monkeypatch.setattr(training, "capsule_loss", nan_on_call(2))
     last = train_in_process(data_dir, tmp_path, "--epochs", 1, "--on-nonfinite", "skip")
     assert last["skipped"] == 1 and last["metrics"][-1]["skipped"] == 1
     assert math.isfinite(last["metrics"][-1]["train_loss"])
 
 
-def test_gradient_clipping_and_norm_logging(data_dir, tmp_path):
+@pytest.mark.parametrize("max_grad_norm", [None, 0.001])
+def test_gradient_clipping_bounds_the_gradient_adam_steps_with(
+    mnist_train, tmp_path, max_grad_norm
+):
+    batch = train_val_split(mnist_train, 0, 32, seed=0)[0]
+    trainer = make_trainer(tmp_path, max_grad_norm=max_grad_norm)
+    stepped_with = []
+    trainer.optimizer.register_step_pre_hook(
+        lambda optimizer, args, kwargs: stepped_with.append(
+            torch.nn.utils.get_total_norm([p.grad for p in trainer.model.parameters()]).item()
+        )
+    )
+    _, logged = trainer.train_step(batch.images, batch.labels, training.epoch_generator(0, 0))
+    assert logged > 0.001  # the norm is logged before clipping
+    if max_grad_norm is None:
+        assert stepped_with == [pytest.approx(logged)]
+    else:
+        assert stepped_with == [
+            pytest.approx(max_grad_norm, rel=1e-3)
+        ]  # clip divides by norm + 1e-6
+
+
+def test_mean_gradient_norm_is_logged(data_dir, tmp_path):
     last = train_in_process(data_dir, tmp_path, "--epochs", 1, "--max-grad-norm", "0.01")
-    assert last["metrics"][-1]["grad_norm"] > 0.01  # logged before clipping
+    assert last["metrics"][-1]["grad_norm"] > 0.01
 
 
 def test_interrupted_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -109,7 +136,7 @@ def test_interrupted_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
             file.write(b"half a checkpoint")
         raise OSError("disk full")
 
-    monkeypatch.setattr(common.torch, "save", crash_mid_write)
+    monkeypatch.setattr(checkpoint.torch, "save", crash_mid_write)
     with pytest.raises(OSError):
         save_checkpoint({"model": {"w": torch.zeros(3)}, "config": {}}, path)
     monkeypatch.undo()
@@ -128,8 +155,7 @@ def test_best_is_never_replaced_by_a_worse_model(data_dir, tmp_path):
 
 
 def test_broken_weights_are_never_saved(data_dir, tmp_path):
-    args = train.parse_args(["--checkpoint-dir", str(tmp_path), *SMALL_RUN])
-    trainer = train.Trainer(args, torch.device("cpu"), None, None, None, config=SMALL)
+    trainer = make_trainer(tmp_path)
     with torch.no_grad():
         trainer.model.decoder.layers[0].weight[0, 0] = float("inf")
     with pytest.raises(UserError, match="not finite"):
@@ -137,18 +163,17 @@ def test_broken_weights_are_never_saved(data_dir, tmp_path):
     assert not (tmp_path / "last.pt").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lr", [1e-3, 1e-2])
 def test_stress_hundreds_of_steps_never_nan_never_collapse(mnist_train, lr, tmp_path):
     """480 steps of the real training step on 512 digits, at the default lr and 10x it."""
     subset, _ = train_val_split(mnist_train, 0, 512, seed=0)
-    args = train.parse_args(["--lr", str(lr), "--batch-size", "32", "--epochs", "30",
-                             "--checkpoint-dir", str(tmp_path), "--quiet"])
-    torch.manual_seed(0)
-    trainer = train.Trainer(args, torch.device("cpu"), subset, None, subset, config=SMALL)
+    trainer = make_trainer(tmp_path, steps_per_epoch=512 // 32, lr=lr, batch_size=32, epochs=30)
     history = []
-    for _ in range(args.epochs):
-        assert trainer.train_epoch(stop=type("NoStop", (), {"requested": False})())
-        record = trainer.finish_epoch()
+    for _ in range(trainer.config.epochs):
+        assert trainer.train_epoch(subset, stop=type("NoStop", (), {"requested": False})())
+        record = trainer.score_epoch(None, subset)
+        trainer.close_epoch(record)
         assert math.isfinite(record["train_loss"]) and math.isfinite(record["grad_norm"])
         history.append(record["test_acc"])  # the test split here is the training subset
     best_so_far = [max(history[: k + 1]) for k in range(len(history))]

@@ -1,0 +1,157 @@
+"""Checkpoints: the one place that knows their layout. Save, load, rebuild, export, resume.
+
+A training checkpoint (`last.pt`, `best.pt`) is one dict of tensors and plain types, so
+`torch.load(..., weights_only=True)` reads it:
+
+    model, ema        raw weights, and their moving average (None without --ema-decay)
+    chosen            "raw" or "ema": the weights validation chose at the last epoch
+    model_kind        "capsnet" or "cnn"; config, the model's config as a dict
+    train_config      the training settings (training.TrainConfig as a dict)
+    dataset           "mnist" or "fashion-mnist"
+    optimizer, scheduler, ema_updates
+    epoch, batches_done, totals, shift_rng, metrics, best_val, skipped, wall_seconds
+                      where the run stands (training.Progress)
+
+A shipped checkpoint keeps only the chosen weights, the config and the metrics. Files from
+before this layout ("args" instead of "train_config", "step" instead of "batches_done") load.
+"""
+
+import os
+import pickle
+from pathlib import Path
+
+import torch
+
+from baseline import BaselineCNN, BaselineConfig
+from CapsNet import CapsNet, CapsNetConfig
+from errors import UserError
+
+SHIPPED_CHECKPOINT = Path(__file__).parent / "checkpoints" / "capsnet_mnist.pt"
+# A checkpoint's "model_kind" names its class; checkpoints without one are CapsNets.
+MODEL_KINDS = {"capsnet": (CapsNet, CapsNetConfig), "cnn": (BaselineCNN, BaselineConfig)}
+SHIPPED_KEYS = ("model_kind", "config", "dataset", "epoch", "metrics", "train_config")
+RENAMED_KEYS = {"step": "batches_done", "partial": "totals", "args": "train_config"}  # old -> new
+
+
+def save_checkpoint(checkpoint: dict, path: str | Path) -> None:
+    """Write atomically: a crash mid-write leaves the previous file intact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    try:
+        torch.save(checkpoint, temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dict:
+    """Load a checkpoint safely (weights_only=True); any problem becomes one UserError line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise UserError(
+            f"{path} is not a readable checkpoint: it is corrupt, or holds objects beyond tensors "
+            "and plain types, which the safe loader (weights_only=True) refuses"
+        ) from error
+    except Exception as error:  # a truncated or foreign file fails anywhere inside the unpickler
+        raise UserError(
+            f"{path} is not a readable checkpoint ({type(error).__name__}: it is empty, "
+            "truncated or not a torch file)"
+        ) from error
+    if not isinstance(checkpoint, dict) or "model" not in checkpoint or "config" not in checkpoint:
+        raise UserError(f"{path} is not a CapsNet checkpoint (it lacks 'model' and 'config')")
+    for old, new in RENAMED_KEYS.items():
+        if old in checkpoint and new not in checkpoint:
+            checkpoint[new] = checkpoint.pop(old)
+    return checkpoint
+
+
+def chosen_weights(checkpoint: dict) -> dict:
+    """The weights validation chose: the raw ones, or their moving average (--ema-decay)."""
+    return checkpoint["ema"] if checkpoint.get("chosen") == "ema" else checkpoint["model"]
+
+
+def config_from_checkpoint(checkpoint: dict, path: str | Path = "checkpoint"):
+    """The model config saved in the checkpoint, validated: (model class, config)."""
+    kind = checkpoint.get("model_kind", "capsnet")
+    if kind not in MODEL_KINDS:
+        raise UserError(
+            f"{path} holds an unknown model kind {kind!r}: choose {', '.join(MODEL_KINDS)}"
+        )
+    model_class, config_class = MODEL_KINDS[kind]
+    try:
+        return model_class, config_class.from_dict(checkpoint["config"])
+    except (TypeError, KeyError, ValueError) as error:
+        raise UserError(f"{path} has an invalid model config ({first_line(error)})") from error
+
+
+def model_from_checkpoint(checkpoint: dict, path: str | Path = "checkpoint") -> torch.nn.Module:
+    """Rebuild the model from the checkpoint's own kind and config; load its weights strictly."""
+    model_class, config = config_from_checkpoint(checkpoint, path)
+    model = model_class(config)
+    try:
+        model.load_state_dict(chosen_weights(checkpoint))
+    except (TypeError, KeyError, RuntimeError, ValueError) as error:
+        raise UserError(f"{path} does not match the model ({first_line(error)})") from error
+    return model
+
+
+def first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+def load_model(path: str | Path, device: torch.device) -> tuple[torch.nn.Module, dict]:
+    """Checkpoint file -> model in eval mode on `device`, plus the checkpoint dict."""
+    checkpoint = load_checkpoint(path, device)
+    model = model_from_checkpoint(checkpoint, path).to(device).eval()
+    return model, checkpoint
+
+
+def load_capsnet(path: str | Path, device: torch.device) -> tuple[CapsNet, dict]:
+    """load_model, refusing other kinds of model: only a CapsNet has capsules and a decoder."""
+    model, checkpoint = load_model(path, device)
+    if not isinstance(model, CapsNet):
+        kind = checkpoint.get("model_kind")
+        raise UserError(f"{path} holds a {kind!r} model; this needs a CapsNet checkpoint")
+    return model, checkpoint
+
+
+def export_weights(checkpoint: dict, path: str | Path) -> None:
+    """Write the shippable part of a training checkpoint: chosen weights, config, metrics."""
+    shipped = {key: checkpoint[key] for key in SHIPPED_KEYS if key in checkpoint}
+    save_checkpoint({**shipped, "model": chosen_weights(checkpoint)}, path)
+
+
+def training_checkpoint(
+    model,
+    ema,
+    optimizer,
+    scheduler,
+    model_kind: str,
+    dataset: str,
+    train_config: dict,
+    progress: dict,
+) -> dict:
+    """Everything a run needs to continue exactly: see the module docstring for the layout."""
+    return {
+        "model": model.state_dict(),
+        "ema": ema.module.state_dict() if ema is not None else None,
+        "ema_updates": int(ema.n_averaged) if ema is not None else 0,
+        "chosen": progress["metrics"][-1].get("chosen", "raw") if progress["metrics"] else "raw",
+        "model_kind": model_kind,
+        "config": model.config.to_dict(),
+        "train_config": train_config,
+        "dataset": dataset,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        **progress,
+    }
+
+
+def saved_progress(checkpoint: dict, fields: tuple[str, ...]) -> dict:
+    """The `fields` of training.Progress that the checkpoint holds (older files lack some)."""
+    return {name: checkpoint[name] for name in fields if name in checkpoint}

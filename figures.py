@@ -1,0 +1,136 @@
+"""Figures: the training curve, the confusion matrix, reconstructions and misclassified digits.
+
+matplotlib is imported inside each function with the Agg backend, so training and scoring
+never need a display.
+"""
+
+from pathlib import Path
+
+import torch
+
+from CapsNet import CapsNet
+from data import Split, to_model_input
+
+
+def pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save(figure, path: Path) -> Path:
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    pyplot().close(figure)
+    return path
+
+
+def plot_curve(records: list[dict], path: Path) -> Path:
+    """Training loss and validation/test accuracy per epoch, from metrics.jsonl records."""
+    from matplotlib.ticker import MaxNLocator
+
+    figure, (loss_axis, accuracy_axis) = pyplot().subplots(1, 2, figsize=(10, 3.8))
+    epochs = [record["epoch"] for record in records]
+    loss_axis.semilogy(epochs, [record["train_loss"] for record in records], color="black")
+    loss_axis.set(xlabel="epoch", ylabel="training loss (log scale)", title="loss")
+    for key, label in (("val_acc", "validation"), ("test_acc", "test")):
+        points = [(record["epoch"], record[key]) for record in records if key in record]
+        if points:
+            accuracy_axis.plot(*zip(*points), marker=".", label=label)
+    accuracy_axis.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
+    accuracy_axis.grid(alpha=0.3)
+    for axis in (loss_axis, accuracy_axis):
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if accuracy_axis.get_lines():  # no accuracy yet when --test-every skips the first epochs
+        accuracy_axis.legend()
+    return save(figure, path)
+
+
+def save_figures(
+    model, split: Split, predictions: torch.Tensor, result: dict, class_names, device, folder: Path
+) -> list[Path]:
+    """Confusion matrix, 16 test digits beside their reconstructions, and up to 32 mistakes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [
+        plot_confusion(
+            torch.tensor(result["confusion_matrix"]),
+            result["accuracy"],
+            class_names,
+            folder / "confusion_matrix.png",
+        )
+    ]
+    if isinstance(model, CapsNet):  # the baseline CNN has no decoder
+        paths.append(save_reconstructions(model, split, device, folder / "reconstructions.png"))
+    wrong = (predictions != split.labels).nonzero().flatten()[:32]
+    if len(wrong):
+        paths.append(
+            plot_mistakes(split, predictions, wrong, class_names, folder / "misclassified.png")
+        )
+    return paths
+
+
+def plot_confusion(matrix: torch.Tensor, accuracy: float, class_names, path: Path) -> Path:
+    """(K, K) counts on a log colour scale, each non-zero cell labelled with its count."""
+    figure, axis = pyplot().subplots(figsize=(6, 5))
+    image = axis.imshow(torch.log1p(matrix.float()), cmap="Blues")
+    size = len(class_names)
+    for row in range(size):
+        for col in range(size):
+            if matrix[row, col]:
+                axis.text(
+                    col,
+                    row,
+                    str(int(matrix[row, col])),
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if row == col else "black",
+                )
+    axis.set(
+        xlabel="predicted",
+        ylabel="true",
+        xticks=range(size),
+        yticks=range(size),
+        title=f"test accuracy {accuracy:.2f}%",
+    )
+    figure.colorbar(image, ax=axis, label="log(1 + count)")
+    return save(figure, path)
+
+
+def plot_mistakes(
+    split: Split, predictions: torch.Tensor, wrong: torch.Tensor, class_names, path: Path
+) -> Path:
+    columns = 8
+    rows = -(-len(wrong) // columns)
+    figure, axes = pyplot().subplots(
+        rows, columns, figsize=(columns * 1.3, rows * 1.5), squeeze=False
+    )
+    for axis in axes.flat:
+        axis.axis("off")
+    for axis, index in zip(axes.flat, wrong.tolist()):
+        axis.imshow(split.images[index], cmap="gray")
+        axis.set_title(
+            f"{class_names[split.labels[index]]}→{class_names[predictions[index]]}", fontsize=8
+        )
+    figure.suptitle("misclassified test images (true → predicted)")
+    return save(figure, path)
+
+
+def save_reconstructions(model: CapsNet, split: Split, device, path: Path) -> Path:
+    """16 test digits beside their reconstructions from the predicted capsule."""
+    x = to_model_input(split.images[:16], device)  # (16, 1, 28, 28)
+    with torch.inference_mode():
+        _, reconstructions, _ = model(x)  # masked by the prediction
+    figure, axes = pyplot().subplots(2, 16, figsize=(16, 2.4))
+    for column in range(16):
+        axes[0, column].imshow(x[column, 0].cpu(), cmap="gray")
+        axes[1, column].imshow(reconstructions[column, 0].float().cpu(), cmap="gray")
+    for axis in axes.flat:
+        axis.axis("off")
+    figure.suptitle(
+        "test digits (top) and their reconstructions from the predicted capsule (bottom)"
+    )
+    return save(figure, path)

@@ -1,0 +1,141 @@
+"""Scoring a trained model: accuracy, per-class report, routing statistics, affine robustness.
+
+train.py and evaluate.py both score through `class_scores`, with the same batches, so
+evaluate.py prints the accuracy that training logged for the same checkpoint.
+"""
+
+import math
+
+import torch
+from tqdm import tqdm
+
+from CapsNet import CapsNet, capsule_length
+from data import AFFINE_FAMILIES, AffineParams, Split, batches, random_affine, to_model_input
+
+EVAL_BATCH_SIZE = 500
+ROUTING_ITERATIONS = (1, 2, 3, 5)  # scored by routing_stats, plus the model's own r
+ACTIVE_THRESHOLD = 0.01  # a primary capsule shorter than this counts as inactive
+
+
+def eval_batches(split: Split, progress: bool, desc: str):
+    return tqdm(
+        batches(split, EVAL_BATCH_SIZE),
+        total=-(-len(split) // EVAL_BATCH_SIZE),
+        desc=desc,
+        leave=False,
+        disable=not progress,
+    )
+
+
+def class_scores(model, split: Split, device: torch.device, progress: bool = False) -> torch.Tensor:
+    """Class scores (N, J) on the CPU: capsule lengths for a CapsNet, logits for the baseline
+    CNN; both models return them first."""
+    model.eval()
+    outputs = []
+    with torch.inference_mode():
+        for images, _ in eval_batches(split, progress, "test"):
+            scores = model(to_model_input(images, device))[0]  # (b, J)
+            outputs.append(scores.float().cpu())
+    return torch.cat(outputs)  # (N, J)
+
+
+def count_correct(model, split: Split, device: torch.device) -> int:
+    return int((class_scores(model, split, device).argmax(dim=1) == split.labels).sum())
+
+
+def routing_stats(
+    model: CapsNet, split: Split, device: torch.device, progress: bool = False
+) -> tuple[dict, torch.Tensor]:
+    """One pass over `split`: coupling statistics at the model's own r, the share of primary
+    capsules that never fire, and the accuracy at each r of ROUTING_ITERATIONS from the same
+    weights. Returns the statistics and the predictions (N,) at the model's own r."""
+    trained_r = model.config.routing_iterations
+    all_r = sorted({*ROUTING_ITERATIONS, trained_r})
+    num_out, num_in = model.config.num_classes, model.config.num_primary_caps
+    c_sum = torch.zeros(num_out, num_in, dtype=torch.float64)  # sum over examples of c_ij
+    c_sq_sum = torch.zeros(num_out, num_in, dtype=torch.float64)  # ... of c_ij^2
+    entropy_sum, inactive_sum = 0.0, 0.0
+    ever_active = torch.zeros(num_in, dtype=torch.bool)
+    correct = dict.fromkeys(all_r, 0)
+    predictions = []
+    model.eval()
+    with torch.inference_mode():
+        for images, labels in eval_batches(split, progress, "routing"):
+            u = model.primary_caps(model.conv1(to_model_input(images, device)))  # (b, I, 8)
+            active = torch.linalg.vector_norm(u.float(), dim=-1).cpu() >= ACTIVE_THRESHOLD  # (b, I)
+            ever_active |= active.any(dim=0)
+            inactive_sum += (~active).float().mean(dim=1).sum().item()
+            for r in all_r:
+                v, c = model.digit_caps(u, iterations=r)  # (b, J, 16), (b, J, I)
+                predicted = capsule_length(v).argmax(dim=1).cpu()  # (b,)
+                correct[r] += (predicted == labels).sum().item()
+                if r != trained_r:
+                    continue
+                predictions.append(predicted)
+                c = c.cpu().double()  # MPS has no float64
+                entropy_sum += (
+                    -torch.special.xlogy(c, c).sum(dim=1).mean(dim=1).sum().item()
+                )  # H over j
+                c_sum += c.sum(dim=0)
+                c_sq_sum += (c * c).sum(dim=0)
+    count = len(split)
+    c_std = (
+        (c_sq_sum / count - (c_sum / count) ** 2).clamp(min=0).sqrt()
+    )  # (J, I), std over examples
+    stats = {
+        "iterations": trained_r,
+        "coupling_entropy": entropy_sum / count,
+        "coupling_entropy_uniform": math.log(num_out),  # the maximum: c_ij = 1/J (r = 1)
+        "coupling_std": c_std.mean().item(),
+        # The largest possible mean std, for c_i one-hot on a uniformly random j: sqrt(J - 1) / J.
+        "coupling_std_max": math.sqrt(num_out - 1) / num_out,
+        "active_threshold": ACTIVE_THRESHOLD,
+        "never_active_fraction": 1 - ever_active.float().mean().item(),
+        "inactive_fraction_per_image": inactive_sum / count,
+        "accuracy_by_iterations": {str(r): 100 * correct[r] / count for r in all_r},
+    }
+    return stats, torch.cat(predictions)
+
+
+def affine_accuracy(
+    model, split: Split, device: torch.device, seed: int, progress: bool = False
+) -> dict:
+    """Accuracy (%) under seeded affNIST-like transforms, per family and combined. Every family
+    uses the same draws (rotation-only rotates by the combined run's angles), in one pass."""
+    params = AffineParams.draw(
+        len(split), torch.Generator().manual_seed(seed), split.images.shape[-1]
+    )
+    correct = dict.fromkeys(AFFINE_FAMILIES, 0)
+    start = 0
+    model.eval()
+    with torch.inference_mode():
+        for images, labels in eval_batches(split, progress, "affine"):
+            batch_params = params.subset(slice(start, start + len(labels)))
+            x = to_model_input(images, device)  # (b, 1, 28, 28)
+            for family in AFFINE_FAMILIES:
+                moved = random_affine(x, batch_params.only(family))  # (b, 1, 28, 28)
+                correct[family] += (model(moved)[0].argmax(dim=1).cpu() == labels).sum().item()
+            start += len(labels)
+    return {family: 100 * count / len(split) for family, count in correct.items()}
+
+
+def confusion_matrix(
+    labels: torch.Tensor, predictions: torch.Tensor, num_classes: int
+) -> torch.Tensor:
+    """(N,), (N,) -> (K, K) counts, rows the true class, columns the prediction."""
+    flat = labels * num_classes + predictions
+    return torch.bincount(flat, minlength=num_classes**2).view(num_classes, num_classes)
+
+
+def report(labels: torch.Tensor, predictions: torch.Tensor, class_names: list[str]) -> dict:
+    matrix = confusion_matrix(labels, predictions, len(class_names))
+    correct, total = int(matrix.trace()), len(labels)
+    per_class = (matrix.diag().float() / matrix.sum(dim=1).clamp(min=1) * 100).tolist()
+    return {
+        "correct": correct,
+        "total": total,
+        "accuracy": 100 * correct / total,
+        "error": 100 * (total - correct) / total,
+        "per_class_accuracy": dict(zip(class_names, per_class)),
+        "confusion_matrix": matrix.tolist(),
+    }

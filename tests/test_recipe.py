@@ -1,0 +1,126 @@
+"""The training recipe: learning-rate schedules, the weight average, the run's wall clock, and
+the time-to-accuracy report."""
+
+import json
+
+import pytest
+import torch
+
+import time_to_accuracy
+from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from training import TrainConfig, build_scheduler, ema_update
+
+from conftest import evaluate_json, make_trainer, train_in_process
+
+
+def learning_rates(config: TrainConfig, steps_per_epoch: int) -> list[float]:
+    """The lr of every step of the budget, stepping the scheduler as training.py does."""
+    optimizer = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=config.lr)
+    scheduler = build_scheduler(optimizer, config, steps_per_epoch)
+    rates = []
+    for step in range(config.epochs * steps_per_epoch):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        if config.schedule == "onecycle" or (step + 1) % steps_per_epoch == 0:
+            scheduler.step()
+    return rates
+
+
+def test_exponential_schedule_decays_once_per_epoch():
+    rates = learning_rates(TrainConfig(epochs=3, lr=1e-3, lr_decay=0.9), steps_per_epoch=4)
+    assert rates == pytest.approx([1e-3] * 4 + [0.9e-3] * 4 + [0.81e-3] * 4)
+
+
+def test_onecycle_warms_up_for_30_percent_then_anneals_to_about_zero():
+    rates = learning_rates(TrainConfig(epochs=4, lr=3e-3, schedule="onecycle"), steps_per_epoch=25)
+    assert rates[0] == pytest.approx(3e-3 / 25)  # OneCycleLR's initial lr: max_lr / div_factor
+    peak = rates.index(max(rates))
+    assert max(rates) == pytest.approx(3e-3) and peak == pytest.approx(0.3 * 99, abs=1)
+    assert all(a <= b for a, b in zip(rates[:peak], rates[1 : peak + 1]))  # rising
+    assert all(a >= b for a, b in zip(rates[peak:], rates[peak + 1 :]))  # then falling
+    assert rates[-1] < 3e-3 / 1000  # about zero at the end of the budget
+
+
+def test_ema_update_with_warm_up_on_a_toy_model():
+    model = torch.nn.Linear(1, 1, bias=False)
+    average = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=ema_update(0.9))
+    values = [2.0, 4.0, 8.0, 16.0]
+    expected = None
+    for n, value in enumerate(values):
+        with torch.no_grad():
+            model.weight.fill_(value)
+        average.update_parameters(model)
+        if expected is None:  # the first update copies the weights
+            expected = value
+        else:  # the decay warms up as (1 + n) / (10 + n), capped at 0.9; n updates so far
+            decay = min(0.9, (1 + n) / (10 + n))
+            expected = decay * expected + (1 - decay) * value
+        assert average.module.weight.item() == pytest.approx(expected)
+
+
+def test_training_with_ema_scores_both_and_saves_both(data_dir, tmp_path):
+    last = train_in_process(data_dir, tmp_path, "--epochs", 2, "--ema-decay", "0.9")
+    for record in last["metrics"]:
+        assert {"raw_val_acc", "ema_val_acc", "chosen", "val_acc", "test_acc"} <= record.keys()
+        assert record["val_acc"] == record[f"{record['chosen']}_val_acc"]
+    assert {"raw_test_acc", "ema_test_acc"} <= last["metrics"][-1].keys()  # both at the end
+    assert last["ema"].keys() == last["model"].keys() and last["ema_updates"] == 2 * 3
+    assert not torch.equal(last["ema"]["digit_caps.W"], last["model"]["digit_caps.W"])
+
+
+def test_evaluate_uses_the_averaged_weights_when_validation_chose_them(data_dir, tmp_path, capsys):
+    last = train_in_process(data_dir, tmp_path / "run", "--epochs", 1, "--ema-decay", "0.9")
+    chosen = {
+        **last,
+        "chosen": "ema",
+        "model": {k: torch.zeros_like(v) for k, v in last["model"].items()},
+    }
+    save_checkpoint(chosen, tmp_path / "ema.pt")
+    model = model_from_checkpoint(load_checkpoint(tmp_path / "ema.pt"))
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, last["ema"][name]), name
+    scored = evaluate_json(
+        capsys, "--checkpoint", tmp_path / "ema.pt", "--data-dir", data_dir, "--test-subset", 100
+    )
+    assert scored["accuracy"] == pytest.approx(last["metrics"][-1]["ema_test_acc"])
+
+
+def test_wall_clock_continues_across_a_resume(data_dir, tmp_path):
+    first = train_in_process(data_dir, tmp_path, "--epochs", 1)
+    clock_at_1 = first["metrics"][0]["wall_seconds"]
+    assert clock_at_1 >= first["metrics"][0]["seconds"] > 0
+    resumed = train_in_process(data_dir, tmp_path, "--epochs", 2, "--resume")
+    assert resumed["metrics"][0]["wall_seconds"] == clock_at_1
+    assert resumed["metrics"][1]["wall_seconds"] >= clock_at_1 + resumed["metrics"][1]["seconds"]
+
+
+def test_time_to_accuracy_reports_the_first_epoch_at_each_threshold(tmp_path, capsys):
+    records = [
+        {"epoch": 1, "test_acc": 99.1, "wall_seconds": 100.0},
+        {"epoch": 2, "test_acc": 99.55, "wall_seconds": 200.0},
+        {"epoch": 3, "test_acc": 99.52, "wall_seconds": 300.0},
+        {"epoch": 4, "test_acc": 99.61, "wall_seconds": 425.0},
+    ]
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    time_to_accuracy.main([str(tmp_path / "run"), "--json"])
+    row = json.loads(capsys.readouterr().out)
+    assert row["reached"] == {
+        "99.0": {"epoch": 1, "seconds": 100.0},
+        "99.5": {"epoch": 2, "seconds": 200.0},
+        "99.6": {"epoch": 4, "seconds": 425.0},
+        "99.7": None,
+    }
+    assert row["final_test_acc"] == 99.61
+    time_to_accuracy.main([str(tmp_path / "run")])
+    assert "ep 4 7:05" in capsys.readouterr().out
+
+
+def test_scheduler_steps_with_the_trainer(mnist_train, tmp_path):
+    """A onecycle Trainer steps its schedule every batch; an exponential one does not."""
+    batch = mnist_train.subset(torch.arange(32))
+    for schedule, moved in (("onecycle", True), ("exponential", False)):
+        trainer = make_trainer(tmp_path, steps_per_epoch=10, schedule=schedule, epochs=1)
+        before = trainer.optimizer.param_groups[0]["lr"]
+        trainer.train_step(batch.images, batch.labels, torch.Generator().manual_seed(0))
+        assert (trainer.optimizer.param_groups[0]["lr"] != before) == moved

@@ -1,0 +1,100 @@
+"""When did a run first reach each accuracy? Epoch and wall-clock time, from metrics.jsonl.
+
+    python time_to_accuracy.py runs/sweep/*/              # one row per run folder
+    python time_to_accuracy.py runs/a/metrics.jsonl --thresholds 99.0 99.5 --json
+
+The time is the run's wall clock (`wall_seconds`: training and evaluation, counted from
+launch and continued across resumes). Logs written before that clock existed show the
+epoch only. The accuracy is the test accuracy of the weights validation chose that epoch.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+from errors import UserError, exit_on_user_error
+
+THRESHOLDS = (99.0, 99.5, 99.6, 99.7)
+
+
+def read_log(path: Path) -> list[dict]:
+    """A run folder or its metrics.jsonl -> the epoch records."""
+    log = path / "metrics.jsonl" if path.is_dir() else path
+    try:
+        return [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    except (OSError, json.JSONDecodeError) as error:
+        raise UserError(f"{log} is not a readable metrics log ({error})") from error
+
+
+def first_reached(records: list[dict], threshold: float) -> dict | None:
+    """The first record whose test accuracy is at least `threshold`, or None."""
+    return next((r for r in records if r.get("test_acc", -1) >= threshold), None)
+
+
+def summarize(name: str, records: list[dict], thresholds) -> dict:
+    tested = [r for r in records if "test_acc" in r]
+    reached = {}
+    for threshold in thresholds:
+        record = first_reached(records, threshold)
+        reached[str(threshold)] = record and {
+            "epoch": record["epoch"],
+            "seconds": record.get("wall_seconds"),
+        }
+    return {
+        "run": name,
+        "epochs": len(records),
+        "final_test_acc": tested[-1]["test_acc"] if tested else None,
+        "wall_seconds": records[-1].get("wall_seconds") if records else None,
+        "reached": reached,
+    }
+
+
+def cell(reached: dict | None) -> str:
+    if reached is None:
+        return "-"
+    if reached["seconds"] is None:
+        return f"ep {reached['epoch']}"
+    minutes, seconds = divmod(round(reached["seconds"]), 60)
+    return f"ep {reached['epoch']} {minutes}:{seconds:02d}"
+
+
+def print_table(rows: list[dict], thresholds) -> None:
+    width = max(len("run"), *(len(row["run"]) for row in rows))
+    header = (
+        f"{'run':<{width}}  " + "".join(f"{f'{t:.1f}%':>14}" for t in thresholds) + "     final"
+    )
+    print(header)
+    for row in rows:
+        final = f"{row['final_test_acc']:.2f}%" if row["final_test_acc"] is not None else "-"
+        cells = "".join(f"{cell(row['reached'][str(t)]):>14}" for t in thresholds)
+        print(f"{row['run']:<{width}}  {cells}{final:>10}")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("runs", nargs="+", type=Path, help="run folders or metrics.jsonl files")
+    parser.add_argument(
+        "--thresholds",
+        type=float,
+        nargs="+",
+        default=THRESHOLDS,
+        help="test accuracies in %% (default: 99.0 99.5 99.6 99.7)",
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="one JSON object per run (default: a table)"
+    )
+    args = parser.parse_args(argv)
+    rows = []
+    for path in args.runs:
+        name = path.name if path.is_dir() else f"{path.parent.name}/{path.name}"
+        rows.append(summarize(name, read_log(path), args.thresholds))
+    if args.json:
+        print("\n".join(json.dumps(row) for row in rows))
+    else:
+        print_table(rows, args.thresholds)
+
+
+if __name__ == "__main__":
+    exit_on_user_error(main)

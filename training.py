@@ -1,0 +1,516 @@
+"""The training loop, shared by train.py (the CLI) and bench.py: settings, optimizer and
+schedule, the weight average, one step, one epoch, scoring and checkpoints.
+
+Under torchrun (WORLD_SIZE > 1) every process trains a DistributedDataParallel replica (gloo
+on CPU, nccl on CUDA). The batch size stays the global batch: all ranks draw the same epoch
+order and shifts and each takes its own batch_size / world_size slice of every batch, so the
+run matches a single-process run up to float rounding. Only rank 0 prints and writes.
+"""
+
+import json
+import math
+import os
+import random
+import signal
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from CapsNet import capsule_loss
+from checkpoint import save_checkpoint, saved_progress, training_checkpoint
+from data import DATASETS, Split, batches, random_shift, to_model_input
+from errors import UserError
+from figures import plot_curve
+from hardware import pick_device
+from scoring import count_correct
+
+SCHEDULES = ("exponential", "onecycle")
+MODEL_KINDS = ("capsnet", "cnn")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every setting of a training run; train.py's flags take their defaults from here."""
+
+    dataset: str = "mnist"  # or fashion-mnist
+    model: str = "capsnet"  # or cnn, the small baseline in baseline.py
+    epochs: int = 30  # the budget; onecycle anneals over all of it
+    batch_size: int = 128  # the authors' released code trains at 128; the paper gives none
+    lr: float = 1e-3  # Adam's learning rate; onecycle's peak
+    lr_decay: float = 0.9  # per epoch, exponential only (XifengGuo's choice; the paper gives none)
+    schedule: str = "exponential"  # the paper: "exponentially decaying", rate not given
+    adam_betas: tuple[float, float] = (0.9, 0.999)  # PyTorch's and TensorFlow's defaults
+    ema_decay: float | None = None  # average the weights per step with this decay; None: off
+    max_shift: int = 2  # paper: shifts of up to 2 px, the only augmentation
+    seed: int = 0  # init, validation split, order and shifts
+    train_subset: int | None = None  # the first N training images; None: all
+    val_size: int = 5000  # held-out training images that choose best.pt; 0: none
+    test_subset: int | None = None  # the first N test images; None: all
+    test_every: int = 1  # score the test set every N epochs (and at the end)
+    max_grad_norm: float | None = None  # clip the gradient norm; None: no clipping
+    on_nonfinite: str = "stop"  # a NaN/inf loss or gradient stops the run, or "skip"s the batch
+    bf16: bool = False  # bfloat16 autocast for the training step; routing stays float32
+    compile: bool = False  # torch.compile the model
+
+    def __post_init__(self):
+        """Refuse settings a run cannot use, naming the setting (train.py shows it as a flag)."""
+        for name in ("epochs", "batch_size", "test_every"):
+            require(
+                isinstance(getattr(self, name), int) and getattr(self, name) >= 1,
+                name,
+                "a whole number >= 1",
+            )
+        for name in ("train_subset", "test_subset"):
+            value = getattr(self, name)
+            require(
+                value is None or isinstance(value, int) and value >= 1, name, "a whole number >= 1"
+            )
+        require(self.dataset in DATASETS, "dataset", f"one of {', '.join(DATASETS)}")
+        require(self.model in MODEL_KINDS, "model", f"one of {', '.join(MODEL_KINDS)}")
+        require(self.schedule in SCHEDULES, "schedule", f"one of {', '.join(SCHEDULES)}")
+        require(self.on_nonfinite in ("stop", "skip"), "on_nonfinite", "stop or skip")
+        require(self.lr > 0 and math.isfinite(self.lr), "lr", "a positive number")
+        require(0 < self.lr_decay <= 1, "lr_decay", "in (0, 1]")
+        require(
+            len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas),
+            "adam_betas",
+            "two numbers in [0, 1)",
+        )
+        require(self.ema_decay is None or 0 < self.ema_decay < 1, "ema_decay", "in (0, 1)")
+        require(
+            isinstance(self.max_shift, int) and 0 <= self.max_shift <= 8,
+            "max_shift",
+            "between 0 and 8",
+        )
+        require(
+            isinstance(self.val_size, int) and self.val_size >= 0, "val_size", "a whole number >= 0"
+        )
+        require(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm", "positive")
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "adam_betas": list(self.adam_betas)}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        """Settings saved by any version: names this version does not know are dropped."""
+        known = {f.name for f in fields(cls)}
+        values = {key: value for key, value in values.items() if key in known}
+        if "adam_betas" in values:
+            values["adam_betas"] = tuple(values["adam_betas"])
+        return cls(**values)
+
+
+def require(condition: bool, name: str, expected: str) -> None:
+    if not condition:
+        raise ValueError(f"{name} must be {expected}")
+
+
+@dataclass
+class Progress:
+    """Where a run stands; saved in every checkpoint under these names."""
+
+    epoch: int = 0  # completed epochs
+    batches_done: int = 0  # batches of the epoch in progress
+    totals: dict = field(default_factory=dict)  # sums over the epoch in progress, for its record
+    shift_rng: torch.Tensor | None = None  # the shift generator's state mid-epoch
+    metrics: list = field(default_factory=list)  # one record per completed epoch
+    best_val: float = -1.0  # the best validation accuracy so far, which best.pt holds
+    skipped: int = 0  # batches skipped for a non-finite loss (--on-nonfinite skip)
+    wall_seconds: float = 0.0  # the run's wall clock when saved, evaluation included
+
+    FIELDS = (
+        "epoch",
+        "batches_done",
+        "totals",
+        "shift_rng",
+        "metrics",
+        "best_val",
+        "skipped",
+        "wall_seconds",
+    )
+
+
+def empty_totals() -> dict:
+    return {"loss_sum": 0.0, "seen": 0, "grad_norm_sum": 0.0, "steps": 0, "seconds": 0.0}
+
+
+class NonFiniteError(UserError):
+    pass
+
+
+class StopRequest:
+    """Ctrl-C or SIGTERM asks the loop to stop after the current batch; a second one aborts."""
+
+    def __init__(self):
+        self.requested = False
+        signal.signal(signal.SIGINT, self.handle)
+        signal.signal(signal.SIGTERM, self.handle)
+
+    def handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        log(
+            f"\n{signal.Signals(signum).name}: stopping after this batch "
+            "(again to abort without saving)"
+        )
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """The generator of one epoch's order and shifts: a resumed epoch replays it exactly."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+
+
+def init_distributed(requested_device: str, batch_size: int) -> torch.device:
+    """Join torchrun's process group when WORLD_SIZE > 1; return this process's device."""
+    device = pick_device(requested_device)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return device
+    if batch_size % world_size:
+        raise UserError(
+            f"--batch-size {batch_size} must be divisible by the {world_size} torchrun processes"
+        )
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    elif device.type != "cpu":
+        raise UserError(f"data-parallel training runs on cuda or cpu, not {device.type}")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0  # torchrun sets RANK; a plain run is rank 0
+
+
+def log(*args, **kwargs) -> None:
+    """print, on rank 0 only."""
+    if is_main_process():
+        print(*args, **kwargs)
+
+
+def build_scheduler(optimizer, config: TrainConfig, steps_per_epoch: int):
+    """exponential: stepped per epoch. onecycle: stepped per batch, warming up to config.lr over
+    the first 30% of the budget, then cosine-annealing to lr / 25e4 (not in the paper)."""
+    if config.schedule == "exponential":
+        return torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=config.lr_decay)
+    # Momentum cycling off: Adam's betas are their own setting.
+    return torch.optim.lr_scheduler.OneCycleLR(
+        optimizer,
+        max_lr=config.lr,
+        total_steps=config.epochs * steps_per_epoch,
+        cycle_momentum=False,
+    )
+
+
+def ema_update(decay: float):
+    """AveragedModel's update with warm-up: the decay grows as (1 + n) / (10 + n) up to `decay`,
+    so the average soon forgets the random initial weights."""
+
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged) -> None:
+        weight = 1 - min(decay, (1 + float(num_averaged)) / (10 + float(num_averaged)))
+        torch._foreach_lerp_(averaged, current, weight)
+
+    return update
+
+
+class Trainer:
+    """The model, its optimizer, schedule and weight average, and the run's Progress.
+
+    Each method does one thing: `train_epoch` runs the batches left in an epoch, `train_step`
+    one batch, `score_epoch` makes the epoch's record, `close_epoch` moves on to the next,
+    `save_epoch` writes the checkpoints and the log.
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        model: torch.nn.Module,
+        device: torch.device,
+        steps_per_epoch: int,
+        checkpoint_dir: Path,
+        dry_run: bool = False,
+        quiet: bool = False,
+        started: float | None = None,
+    ):
+        self.config, self.device, self.checkpoint_dir = config, device, Path(checkpoint_dir)
+        self.dry_run, self.quiet = dry_run, quiet
+        self.rank, self.world_size = (
+            (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        )
+        self.model = model.to(device)
+        replica = self.model
+        if self.world_size > 1:  # all-reduces (averages) the gradients inside backward()
+            replica = DistributedDataParallel(
+                self.model, device_ids=[device.index] if device.type == "cuda" else None
+            )
+        self.step_model = torch.compile(replica) if config.compile else replica
+        # One fused kernel for all 8.2M parameters (results/README.md has the timing).
+        self.optimizer = torch.optim.Adam(
+            self.model.parameters(), lr=config.lr, betas=config.adam_betas, fused=True
+        )
+        self.scheduler = build_scheduler(self.optimizer, config, steps_per_epoch)
+        self.ema = None
+        if config.ema_decay is not None:
+            self.ema = torch.optim.swa_utils.AveragedModel(
+                self.model, multi_avg_fn=ema_update(config.ema_decay)
+            )
+        self.progress = Progress(totals=empty_totals())
+        self.started = time.perf_counter() if started is None else started  # this process's clock
+        self.clock_offset = 0.0  # what the run's clock read when this process resumed it
+
+    # --- checkpoints -------------------------------------------------------------------
+    def checkpoint(self) -> dict:
+        self.progress.wall_seconds = self.wall_seconds()
+        progress = {name: getattr(self.progress, name) for name in Progress.FIELDS}
+        return training_checkpoint(
+            self.model,
+            self.ema,
+            self.optimizer,
+            self.scheduler,
+            self.config.model,
+            self.config.dataset,
+            self.config.to_dict(),
+            progress,
+        )
+
+    def restore(self, checkpoint: dict) -> None:
+        """Continue a training checkpoint exactly, or a weights-only one at the scheduled lr."""
+        self.model.load_state_dict(checkpoint["model"])
+        self.progress = Progress(
+            **{"totals": empty_totals(), **saved_progress(checkpoint, Progress.FIELDS)}
+        )
+        self.clock_offset = self.progress.wall_seconds
+        if self.ema is not None and checkpoint.get("ema") is not None:
+            self.ema.module.load_state_dict(checkpoint["ema"])
+            self.ema.n_averaged.fill_(checkpoint["ema_updates"])
+        if "optimizer" in checkpoint:
+            self.optimizer.load_state_dict(checkpoint["optimizer"])
+            self.scheduler.load_state_dict(checkpoint["scheduler"])
+        else:
+            self.warm_restart()
+
+    def warm_restart(self) -> None:
+        """Weights only: the scheduled lr of the next epoch; Adam's moments start from zero."""
+        if self.config.schedule != "exponential":
+            raise UserError(
+                "a weights-only checkpoint can only be continued with --schedule exponential"
+            )
+        epoch = self.progress.epoch
+        self.scheduler.last_epoch = epoch
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.config.lr * self.config.lr_decay**epoch
+        recorded = [record["val_acc"] for record in self.progress.metrics if "val_acc" in record]
+        self.progress.best_val = max(recorded, default=-1.0)
+        self.progress.batches_done, self.progress.totals = 0, empty_totals()
+
+    def save(self, name: str) -> Path:
+        if not all(torch.isfinite(p).all() for p in self.model.parameters()):
+            raise NonFiniteError(
+                f"the weights are not finite at epoch {self.progress.epoch + 1}; "
+                f"{name} was not written"
+            )
+        path = self.checkpoint_dir / name
+        if not self.dry_run and self.rank == 0:
+            save_checkpoint(self.checkpoint(), path)
+        return path
+
+    def wall_seconds(self) -> float:
+        """Seconds since the run was launched, evaluation included, continued across resumes."""
+        return self.clock_offset + time.perf_counter() - self.started
+
+    # --- across torchrun processes (no-ops in a single process) -------------------------
+    def local_indices(self, batch_size: int) -> torch.Tensor:
+        """This rank's contiguous share of a global batch: all of it in a single process."""
+        return torch.tensor_split(torch.arange(batch_size), self.world_size)[self.rank]
+
+    def sum_over_ranks(self, value: torch.Tensor) -> float:
+        if self.world_size > 1:
+            value = value.to(self.device)  # nccl reduces on the GPU
+            dist.all_reduce(value)
+        return value.item()
+
+    # --- one training epoch ------------------------------------------------------------
+    def train_epoch(self, train_split: Split, stop: StopRequest) -> bool:
+        """Train the batches left in the current epoch; False if a stop was requested."""
+        self.model.train()
+        progress, epoch = self.progress, self.progress.epoch
+        generator = epoch_generator(self.config.seed, epoch)
+        order = torch.randperm(len(train_split), generator=generator)
+        if progress.batches_done:  # resumed mid-epoch: the shifts continue where they stopped
+            generator.set_state(progress.shift_rng)
+        all_batches = list(batches(train_split, self.config.batch_size, order))
+        if self.dry_run:
+            all_batches = all_batches[:2]
+        bar = tqdm(
+            all_batches[progress.batches_done :],
+            desc=f"epoch {epoch + 1}/{self.config.epochs}",
+            initial=progress.batches_done,
+            total=len(all_batches),
+            leave=False,
+            disable=self.quiet or self.rank > 0,
+        )
+        started = time.perf_counter()
+        for images, labels in bar:
+            loss, grad_norm = self.train_step(images, labels, generator)
+            self.count_batch(loss, grad_norm, len(labels))
+            bar.set_postfix(loss=f"{loss if loss is not None else float('nan'):.4f}")
+            # Every rank must stop after the same batch, or the others wait in all-reduce forever.
+            if self.sum_over_ranks(torch.tensor(float(stop.requested))) > 0:
+                progress.totals["seconds"] += time.perf_counter() - started
+                progress.shift_rng = generator.get_state()
+                return False
+        progress.totals["seconds"] += time.perf_counter() - started
+        return True
+
+    def count_batch(self, loss: float | None, grad_norm: float, size: int) -> None:
+        totals = self.progress.totals
+        self.progress.batches_done += 1
+        totals["seen"] += size
+        if loss is not None:
+            totals["loss_sum"] += loss * size
+            totals["grad_norm_sum"] += grad_norm
+            totals["steps"] += 1
+
+    def train_step(
+        self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator
+    ) -> tuple[float | None, float]:
+        """One Adam step on a batch (uint8 (B, 28, 28), (B,)), shifted with `generator`.
+        Returns (loss, grad norm), or (None, nan) for a skipped batch."""
+        # Every rank shifts the whole global batch with the same generator, then takes its share.
+        shifted = random_shift(images, self.config.max_shift, generator)  # (B, 28, 28)
+        mine = self.local_indices(len(labels))
+        x = to_model_input(shifted[mine], self.device)  # (b, 1, 28, 28) in [0, 1]
+        y = labels[mine].to(self.device)
+        self.optimizer.zero_grad(set_to_none=True)
+        # DDP averages gradients over ranks; weighting by the local share makes that the
+        # gradient of the global batch mean even when the last batch splits unevenly.
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16):
+            loss = self.loss(x, y) * (len(y) * self.world_size / len(labels))
+        loss.backward()
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        grad_norm = torch.nn.utils.get_total_norm(
+            [p.grad for p in params]
+        ).item()  # same on every rank
+        loss_value = self.sum_over_ranks(loss.detach()) / self.world_size
+        if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+            return self.nonfinite(loss_value, grad_norm)
+        if self.config.max_grad_norm is not None:
+            torch.nn.utils.clip_grads_with_norm_(
+                params, self.config.max_grad_norm, torch.tensor(grad_norm)
+            )
+        self.optimizer.step()
+        if self.config.schedule == "onecycle":
+            self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
+        return loss_value, grad_norm
+
+    def nonfinite(self, loss_value: float, grad_norm: float) -> tuple[None, float]:
+        """--on-nonfinite stop: raise, keeping the last good checkpoint; skip: count the batch."""
+        where = f"epoch {self.progress.epoch + 1} step {self.progress.batches_done + 1}"
+        if self.config.on_nonfinite == "stop":
+            raise NonFiniteError(
+                f"non-finite loss or gradient at {where} "
+                f"(loss {loss_value}, grad norm {grad_norm}); "
+                f"stopped, the last good checkpoint is {self.checkpoint_dir / 'last.pt'}"
+            )
+        self.progress.skipped += 1
+        return None, float("nan")
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Batch-mean loss: margin + reconstruction for CapsNet, cross-entropy for the CNN."""
+        if self.config.model == "cnn":
+            (logits,) = self.step_model(x)  # (b, K)
+            return F.cross_entropy(logits, y)
+        lengths, reconstructions, _ = self.step_model(x, y)  # decoder masked by the true label
+        return capsule_loss(lengths, reconstructions, x, y)  # reconstructs the shifted input
+
+    # --- end of an epoch ---------------------------------------------------------------
+    def score_epoch(self, val_split: Split | None, test_split: Split) -> dict:
+        """The finished epoch's record: training totals, then validation and test accuracy.
+
+        With a weight average, validation scores both and chooses one ("chosen"); the test
+        set scores the choice, and both at the last epoch. val_acc and test_acc are the choice's.
+        """
+        epoch, totals = self.progress.epoch + 1, self.progress.totals
+        record = {
+            "epoch": epoch,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "train_loss": totals["loss_sum"] / max(totals["seen"], 1),
+            "grad_norm": totals["grad_norm_sum"] / max(totals["steps"], 1),
+            "seconds": totals["seconds"],
+            "img_per_s": totals["seen"] / totals["seconds"] if totals["seconds"] else 0.0,
+            "skipped": self.progress.skipped,
+        }
+        candidates = {"raw": self.model} | ({"ema": self.ema.module} if self.ema else {})
+        if val_split is not None:
+            for name, model in candidates.items():
+                record[f"{name}_val_acc"] = self.accuracy(model, val_split)
+        record["chosen"] = max(candidates, key=lambda name: record.get(f"{name}_val_acc", 0.0))
+        last_epoch = epoch == self.config.epochs
+        if epoch % self.config.test_every == 0 or last_epoch:
+            for name, model in candidates.items():
+                if name == record["chosen"] or last_epoch:
+                    record[f"{name}_test_acc"] = self.accuracy(model, test_split)
+        for key in ("val_acc", "test_acc"):
+            if f"{record['chosen']}_{key}" in record:
+                record[key] = record[f"{record['chosen']}_{key}"]
+        record["wall_seconds"] = self.wall_seconds()
+        return record
+
+    def accuracy(self, model: torch.nn.Module, split: Split) -> float:
+        """Accuracy (%) on `split` (its first 1,000 in a dry run); each rank scores every
+        world_size-th example."""
+        count = min(len(split), 2 * 500) if self.dry_run else len(split)
+        mine = split.subset(torch.arange(self.rank, count, self.world_size))
+        correct = torch.tensor(count_correct(model, mine, self.device) if len(mine) else 0)
+        return 100 * self.sum_over_ranks(correct) / count
+
+    def close_epoch(self, record: dict) -> None:
+        """Log the record and move on: the per-epoch schedule steps, the totals start afresh."""
+        if self.config.schedule == "exponential":
+            self.scheduler.step()
+        self.progress.metrics.append(record)
+        self.progress.epoch += 1
+        self.progress.batches_done, self.progress.totals, self.progress.shift_rng = (
+            0,
+            empty_totals(),
+            None,
+        )
+
+    def save_epoch(self, record: dict) -> None:
+        """best.pt first, then last.pt, then the log rewritten from last.pt's metrics: a crash
+        at any point leaves last.pt no newer than best.pt and the log no newer than last.pt."""
+        improved = record.get("val_acc", -1.0) > self.progress.best_val
+        if improved:
+            self.progress.best_val = record[
+                "val_acc"
+            ]  # saved in last.pt, so a resume compares against it
+            self.save("best.pt")
+        self.save("last.pt")
+        if not self.dry_run and self.rank == 0:
+            write_log(self.progress.metrics, self.checkpoint_dir)
+
+
+def write_log(metrics: list[dict], folder: Path) -> None:
+    """metrics.jsonl (one record per epoch) and curve.png, rewritten whole and atomically."""
+    temporary = folder / ".metrics.jsonl.tmp"
+    temporary.write_text("".join(json.dumps(record) + "\n" for record in metrics))
+    os.replace(temporary, folder / "metrics.jsonl")
+    plot_curve(metrics, folder / "curve.png")
