@@ -16,14 +16,17 @@ A shipped checkpoint keeps only the chosen weights, the config and the metrics. 
 before this layout ("args" instead of "train_config", "step" instead of "batches_done") load.
 """
 
+import errno
 import os
 import pickle
 from pathlib import Path
 
 import torch
+from filelock import FileLock, Timeout
 
 from baseline import BaselineCNN, BaselineConfig
 from CapsNet import CapsNet, CapsNetConfig
+from data import DATASETS
 from errors import UserError
 
 SHIPPED_CHECKPOINT = Path(__file__).parent / "checkpoints" / "capsnet_mnist.pt"
@@ -34,15 +37,60 @@ RENAMED_KEYS = {"step": "batches_done", "partial": "totals", "args": "train_conf
 
 
 def save_checkpoint(checkpoint: dict, path: str | Path) -> None:
-    """Write atomically: a crash mid-write leaves the previous file intact."""
+    """Write atomically: a crash or a full disk mid-write leaves the previous file intact."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
+    temporary = temporary_path(path)
     try:
         torch.save(checkpoint, temporary)
         os.replace(temporary, path)
+    except (OSError, RuntimeError) as error:  # torch's writer reports a full disk as RuntimeError
+        kept = (
+            f"the previous {path.name} is unchanged"
+            if path.exists()
+            else f"{path.name} was not written"
+        )
+        if is_disk_full(error):
+            raise UserError(f"the disk is full: could not write {path}; {kept}") from error
+        raise UserError(f"could not write {path} ({first_line(error)}); {kept}") from error
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def temporary_path(path: Path) -> Path:
+    """Where `path` is written before it is renamed into place: one name per file, so no pile-up."""
+    return path.with_name(f".{path.name}.tmp")
+
+
+def is_disk_full(error: Exception) -> bool:
+    # torch's zip writer says "unexpected pos" when a write came up short.
+    return getattr(error, "errno", None) == errno.ENOSPC or "unexpected pos" in str(error)
+
+
+def claim_run_folder(folder: Path) -> FileLock:
+    """Check that `folder` takes checkpoints, and hold it for this process until it exits.
+
+    The lock is an OS file lock, so it is released on any exit, a crash or kill -9 included.
+    Temporary files that a killed run left behind are removed.
+    """
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise UserError(f"cannot write checkpoints to {folder} ({first_line(error)})") from error
+    lock = FileLock(folder / ".lock", timeout=0)
+    try:
+        lock.acquire()
+    except Timeout as error:
+        raise UserError(
+            f"another train.py is writing to {folder}: wait for it to finish, "
+            "or pass another --checkpoint-dir"
+        ) from error
+    for stale in folder.glob(".*.tmp"):
+        stale.unlink(missing_ok=True)
+    return lock
 
 
 def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dict:
@@ -67,6 +115,11 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dic
     for old, new in RENAMED_KEYS.items():
         if old in checkpoint and new not in checkpoint:
             checkpoint[new] = checkpoint.pop(old)
+    if checkpoint.get("dataset", "mnist") not in DATASETS:
+        raise UserError(
+            f"{path} was trained on an unknown dataset {checkpoint['dataset']!r}: "
+            f"this code knows {', '.join(DATASETS)}"
+        )
     return checkpoint
 
 
@@ -93,11 +146,33 @@ def model_from_checkpoint(checkpoint: dict, path: str | Path = "checkpoint") -> 
     """Rebuild the model from the checkpoint's own kind and config; load its weights strictly."""
     model_class, config = config_from_checkpoint(checkpoint, path)
     model = model_class(config)
-    try:
-        model.load_state_dict(chosen_weights(checkpoint))
-    except (TypeError, KeyError, RuntimeError, ValueError) as error:
-        raise UserError(f"{path} does not match the model ({first_line(error)})") from error
+    load_weights(model, chosen_weights(checkpoint), path)
     return model
+
+
+def load_weights(model: torch.nn.Module, weights, path: str | Path) -> None:
+    """Load a state dict strictly, after checking that it fits the model and is finite."""
+    problem = weights_problem(model, weights)
+    if problem:
+        raise UserError(f"{path} does not match the model: {problem}")
+    model.load_state_dict(weights)
+
+
+def weights_problem(model: torch.nn.Module, weights) -> str | None:
+    """What is wrong with `weights` for `model`, in one line; None if nothing is."""
+    if not isinstance(weights, dict):
+        return f"its weights are a {type(weights).__name__}, not a state dict"
+    expected = model.state_dict()
+    missing, unexpected = expected.keys() - weights.keys(), weights.keys() - expected.keys()
+    if missing or unexpected:
+        return f"missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}"
+    for name, value in weights.items():
+        if not isinstance(value, torch.Tensor) or value.shape != expected[name].shape:
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            return f"{name} has shape {shape}, the model needs {tuple(expected[name].shape)}"
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            return f"{name} holds NaN or infinite values"
+    return None
 
 
 def first_line(error: Exception) -> str:

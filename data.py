@@ -66,13 +66,25 @@ class Split:
 
 
 def read_idx(path: Path) -> torch.Tensor:
-    """Read an IDX file of unsigned bytes (optionally gzipped) into a uint8 tensor."""
+    """Read an IDX file of unsigned bytes (optionally gzipped) into a uint8 tensor, checking that
+    it holds as many bytes as its header promises."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as file:
-        content = file.read()
+    try:
+        with opener(path, "rb") as file:
+            content = file.read()
+    except (OSError, EOFError) as error:  # a cut-off gzip stream fails while decompressing
+        raise UserError(f"{path} is corrupt or truncated ({error})") from error
+    if len(content) < 4 or content[:3] != b"\x00\x00\x08":
+        raise UserError(f"{path} is corrupt or not an IDX file of bytes (bad header)")
     num_dims = content[3]
+    header = 4 + 4 * num_dims
     shape = [int.from_bytes(content[4 + 4 * k : 8 + 4 * k], "big") for k in range(num_dims)]
-    values = np.frombuffer(content, dtype=np.uint8, offset=4 + 4 * num_dims)
+    if len(content) != header + math.prod(shape):
+        raise UserError(
+            f"{path} is corrupt or truncated: {len(content):,} bytes where its header "
+            f"promises {header + math.prod(shape):,}"
+        )
+    values = np.frombuffer(content, dtype=np.uint8, offset=header)
     return torch.from_numpy(values.copy()).view(*shape)
 
 
@@ -84,7 +96,9 @@ def load_split(dataset: str, data_dir: str | Path, train: bool) -> Split:
     folder = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}[dataset]
     local_raw = data_dir / folder / "raw"
     if dataset == "fashion-mnist" and not local_raw.is_dir() and DEBIAN_FASHION_DIR.is_dir():
-        return read_debian_fashion(train)
+        return read_raw(DEBIAN_FASHION_DIR, train, suffix=".gz")
+    if all((local_raw / name).is_file() for name in RAW_FILES):
+        return read_raw(local_raw, train)
     dataset_class = {
         "mnist": torchvision.datasets.MNIST,
         "fashion-mnist": torchvision.datasets.FashionMNIST,
@@ -100,10 +114,13 @@ def load_split(dataset: str, data_dir: str | Path, train: bool) -> Split:
     return Split(loaded.data.clone(), loaded.targets.clone())
 
 
-def read_debian_fashion(train: bool) -> Split:
+def read_raw(folder: Path, train: bool, suffix: str = "") -> Split:
+    """One split from the four IDX files in `folder` (MNIST's raw layout)."""
     prefix = "train" if train else "t10k"
-    images = read_idx(DEBIAN_FASHION_DIR / f"{prefix}-images-idx3-ubyte.gz")
-    labels = read_idx(DEBIAN_FASHION_DIR / f"{prefix}-labels-idx1-ubyte.gz")
+    images = read_idx(folder / f"{prefix}-images-idx3-ubyte{suffix}")  # (N, 28, 28)
+    labels = read_idx(folder / f"{prefix}-labels-idx1-ubyte{suffix}")  # (N,)
+    if len(images) != len(labels):
+        raise UserError(f"{folder} holds {len(images)} {prefix} images but {len(labels)} labels")
     return Split(images, labels.long())
 
 

@@ -25,7 +25,7 @@ import torch.distributed as dist  # noqa: E402
 
 from baseline import BaselineCNN, BaselineConfig  # noqa: E402
 from CapsNet import CapsNet, CapsNetConfig  # noqa: E402
-from checkpoint import config_from_checkpoint, load_checkpoint  # noqa: E402
+from checkpoint import claim_run_folder, config_from_checkpoint, load_checkpoint  # noqa: E402
 from data import DATASETS, load_split, train_val_split  # noqa: E402
 from errors import UserError, exit_on_user_error  # noqa: E402
 from hardware import keep_freed_memory  # noqa: E402
@@ -36,6 +36,7 @@ from training import (  # noqa: E402
     TrainConfig,
     Trainer,
     init_distributed,
+    is_main_process,
     log,
     seed_everything,
 )
@@ -312,10 +313,16 @@ def main(argv=None) -> None:
     if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads must be at least 1, got {args.threads}")
     device = init_distributed(args.device, config.batch_size)
+    # An unwritable folder or a second run on it is found now, not after the first epoch.
+    lock = None
+    if not args.dry_run and is_main_process():
+        lock = claim_run_folder(Path(args.checkpoint_dir))
     keep_freed_memory()
     try:
         run(args, config, model_class, model_config, device, checkpoint, path)
     finally:
+        if lock is not None:
+            lock.release()
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -350,6 +357,11 @@ def run(
         quiet=args.quiet,
         started=LAUNCHED,
     )
+    if config.batch_size > len(train_split):
+        raise UserError(
+            f"--batch-size {config.batch_size} is larger than the "
+            f"{len(train_split)} training images"
+        )
     if 0 < len(train_split) % config.batch_size < trainer.world_size:
         raise UserError(
             f"the last batch of {len(train_split) % config.batch_size} images cannot feed "
@@ -360,7 +372,7 @@ def run(
             log(
                 f"{path} holds weights only: continuing at the scheduled lr with fresh Adam moments"
             )
-        trainer.restore(checkpoint)
+        trainer.restore(checkpoint, path)
         log(f"resumed at epoch {trainer.progress.epoch + 1}, batch {trainer.progress.batches_done}")
     num_params = sum(p.numel() for p in trainer.model.parameters())
     log(
@@ -369,7 +381,22 @@ def run(
         f"val {len(val_split) if val_split else 0}  "
         f"test {len(test_split)}"
     )
-    train_loop(trainer, train_split, val_split, test_split)
+    try:
+        train_loop(trainer, train_split, val_split, test_split)
+    except torch.OutOfMemoryError as error:
+        raise out_of_memory(config, device, trainer) from error
+    except RuntimeError as error:
+        if "can't allocate memory" not in str(error) and "out of memory" not in str(error):
+            raise
+        raise out_of_memory(config, device, trainer) from error
+
+
+def out_of_memory(config: TrainConfig, device, trainer: Trainer) -> UserError:
+    last = trainer.checkpoint_dir / "last.pt"
+    kept = f"{last} is unchanged" if last.exists() else "nothing was saved"
+    return UserError(
+        f"out of memory on {device} at --batch-size {config.batch_size}: lower --batch-size; {kept}"
+    )
 
 
 def train_loop(trainer: Trainer, train_split, val_split, test_split) -> None:

@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from CapsNet import capsule_loss
-from checkpoint import save_checkpoint, saved_progress, training_checkpoint
+from checkpoint import load_weights, save_checkpoint, saved_progress, training_checkpoint
 from data import DATASETS, Split, batches, random_shift, to_model_input
 from errors import UserError
 from figures import plot_curve
@@ -289,21 +289,25 @@ class Trainer:
             progress,
         )
 
-    def restore(self, checkpoint: dict) -> None:
+    def restore(self, checkpoint: dict, path: Path) -> None:
         """Continue a training checkpoint exactly, or a weights-only one at the scheduled lr."""
-        self.model.load_state_dict(checkpoint["model"])
-        self.progress = Progress(
-            **{"totals": empty_totals(), **saved_progress(checkpoint, Progress.FIELDS)}
-        )
+        load_weights(self.model, checkpoint["model"], path)
+        saved = saved_progress(checkpoint, Progress.FIELDS)
+        self.progress = Progress(**{"totals": empty_totals(), **saved})
         self.clock_offset = self.progress.wall_seconds
         if self.ema is not None and checkpoint.get("ema") is not None:
-            self.ema.module.load_state_dict(checkpoint["ema"])
+            load_weights(self.ema.module, checkpoint["ema"], path)
             self.ema.n_averaged.fill_(checkpoint["ema_updates"])
-        if "optimizer" in checkpoint:
+        if "optimizer" not in checkpoint:
+            self.warm_restart()
+            return
+        try:
             self.optimizer.load_state_dict(checkpoint["optimizer"])
             self.scheduler.load_state_dict(checkpoint["scheduler"])
-        else:
-            self.warm_restart()
+        except (KeyError, ValueError, TypeError, RuntimeError) as error:
+            raise UserError(
+                f"{path} holds an optimizer or schedule state this run cannot use ({error})"
+            ) from error
 
     def warm_restart(self) -> None:
         """Weights only: the scheduled lr of the next epoch; Adam's moments start from zero."""

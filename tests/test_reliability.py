@@ -1,0 +1,238 @@
+"""Nothing lost, nothing silent: concurrent runs, signals, crash points, full disks, broken data
+and broken checkpoints. The CLI tests run the real process."""
+
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import checkpoint
+import training
+from checkpoint import load_checkpoint, save_checkpoint
+from errors import UserError
+
+from conftest import REPO, SMALL_RUN, assert_one_line_error, run, train_in_process
+
+RAW = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+
+
+def start_training(data_dir, folder, *extra) -> subprocess.Popen:
+    command = [
+        sys.executable,
+        str(REPO / "train.py"),
+        "--data-dir",
+        str(data_dir),
+        "--checkpoint-dir",
+        str(folder),
+        *SMALL_RUN,
+        *map(str, extra),
+    ]
+    return subprocess.Popen(
+        command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def wait_for_first_epoch(folder, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not (folder / "metrics.jsonl").exists():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "no epoch finished in time"
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_second_run_is_refused_and_sigterm_saves_a_resumable_checkpoint(data_dir, tmp_path):
+    first = start_training(data_dir, tmp_path, "--epochs", 1000)
+    try:
+        wait_for_first_epoch(tmp_path, first)
+        second = run(
+            "train.py",
+            "--data-dir",
+            data_dir,
+            "--checkpoint-dir",
+            tmp_path,
+            "--resume",
+            check=False,
+        )
+        assert_one_line_error(second, "another train.py is writing to")
+        first.send_signal(signal.SIGTERM)
+        out, err = first.communicate(timeout=120)
+    finally:
+        first.kill()
+    assert first.returncode == 0, err
+    assert "SIGTERM: stopping after this batch" in out and "interrupted: saved" in out
+    saved = load_checkpoint(tmp_path / "last.pt")
+    assert saved["epoch"] >= 1 and len(saved["metrics"]) == saved["epoch"]
+    # The lock went with the process: the run continues from where SIGTERM stopped it.
+    resumed = train_in_process(data_dir, tmp_path, "--epochs", saved["epoch"] + 1, "--resume")
+    assert resumed["epoch"] == saved["epoch"] + 1
+
+
+@pytest.mark.slow
+def test_kill_9_leaves_a_consistent_set_and_no_lock(data_dir, tmp_path):
+    victim = start_training(data_dir, tmp_path, "--epochs", 1000)
+    try:
+        wait_for_first_epoch(tmp_path, victim)
+        time.sleep(1.5)  # somewhere in a later epoch, or inside a checkpoint write
+    finally:
+        victim.kill()
+        victim.communicate()
+    last, best = load_checkpoint(tmp_path / "last.pt"), load_checkpoint(tmp_path / "best.pt")
+    logged = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(logged) <= last["epoch"] and best["epoch"] >= 1
+    assert max(r["val_acc"] for r in last["metrics"]) == last["best_val"]  # best.pt holds it
+    resumed = train_in_process(data_dir, tmp_path, "--epochs", last["epoch"] + 1, "--resume")
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == resumed["epoch"]
+
+
+def test_a_crash_between_checkpoint_writes_never_leaves_last_ahead_of_best(
+    data_dir, tmp_path, monkeypatch
+):
+    train_in_process(data_dir, tmp_path, "--epochs", 1)
+    real_save = training.save_checkpoint
+
+    def die_on_last(state, path):
+        if path.name == "last.pt":
+            raise KeyboardInterrupt  # stands in for kill -9 right after best.pt was written
+        real_save(state, path)
+
+    monkeypatch.setattr(training, "save_checkpoint", die_on_last)
+    with pytest.raises(KeyboardInterrupt):
+        train_in_process(data_dir, tmp_path, "--epochs", 2, "--resume", "--max-shift", "2")
+    last = load_checkpoint(tmp_path / "last.pt")
+    assert last["epoch"] == 1 and len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
+    assert load_checkpoint(tmp_path / "best.pt")["epoch"] >= last["epoch"]
+
+
+def test_stale_temporary_files_are_removed_at_start(data_dir, tmp_path):
+    tmp_path.mkdir(exist_ok=True)
+    stale = tmp_path / ".last.pt.tmp"
+    stale.write_bytes(b"x" * 1000)
+    train_in_process(data_dir, tmp_path, "--epochs", 1)
+    assert not stale.exists() and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_an_unwritable_checkpoint_dir_is_refused_before_training(data_dir, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    result = run(
+        "train.py", "--data-dir", data_dir, "--checkpoint-dir", blocker, *SMALL_RUN, check=False
+    )
+    assert_one_line_error(result, "cannot write checkpoints to", str(blocker))
+    assert "epoch" not in result.stdout
+
+
+def test_a_full_disk_says_so_and_keeps_the_previous_file(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_checkpoint({"model": {"w": torch.ones(2)}, "config": {}}, path)
+
+    def short_write(obj, target):
+        raise RuntimeError(
+            "[enforce fail at inline_container.cc:664] . unexpected pos 4160 vs 4054"
+        )
+
+    monkeypatch.setattr(checkpoint.torch, "save", short_write)
+    with pytest.raises(UserError, match="the disk is full.*the previous last.pt is unchanged"):
+        save_checkpoint({"model": {"w": torch.zeros(2)}, "config": {}}, path)
+    monkeypatch.undo()
+    assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(2))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "bad_header"])
+def test_a_damaged_mnist_file_is_named(data_dir, tmp_path, damage):
+    raw = tmp_path / "data" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in RAW:
+        shutil.copy(data_dir / "MNIST" / "raw" / name, raw / name)
+    broken = raw / "train-labels-idx1-ubyte"
+    content = broken.read_bytes()
+    broken.write_bytes(content[:5000] if damage == "truncated" else b"GIF89a" + content[6:])
+    result = run(
+        "train.py",
+        "--data-dir",
+        tmp_path / "data",
+        "--checkpoint-dir",
+        tmp_path / "run",
+        *SMALL_RUN,
+        check=False,
+    )
+    assert_one_line_error(result, str(broken), "corrupt")
+
+
+def test_batch_size_beyond_the_data_is_a_clear_error(data_dir, tmp_path):
+    result = run(
+        "train.py",
+        "--data-dir",
+        data_dir,
+        "--checkpoint-dir",
+        tmp_path,
+        *SMALL_RUN,
+        "--batch-size",
+        100000,
+        check=False,
+    )
+    assert_one_line_error(result, "--batch-size 100000", "96 training images")
+
+
+def test_out_of_memory_is_one_line_and_keeps_last(data_dir, tmp_path, monkeypatch):
+    def exhausted(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(training.Trainer, "train_step", exhausted)
+    with pytest.raises(
+        UserError, match="out of memory on cpu at --batch-size 32: lower --batch-size"
+    ):
+        train_in_process(data_dir, tmp_path, "--epochs", 1)
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory, data_dir):
+    folder = tmp_path_factory.mktemp("saved")
+    train_in_process(data_dir, folder, "--epochs", 1)
+    return load_checkpoint(folder / "last.pt")
+
+
+@pytest.mark.parametrize(
+    "break_it, fragment",
+    [
+        (lambda c: c["train_config"].update(lr=-1), "invalid training settings"),
+        (lambda c: c["train_config"].update(batch_size="32"), "invalid training settings"),
+        (lambda c: c["config"].update(routing_iterations=0), "invalid model config"),
+        (lambda c: c["config"].update(routing_iterations="3"), "invalid model config"),
+        (
+            lambda c: c["model"].update({"digit_caps.W": torch.zeros(3)}),
+            "digit_caps.W has shape (3,)",
+        ),
+        (lambda c: c["model"]["conv1.conv.bias"].fill_(float("nan")), "conv1.conv.bias holds NaN"),
+        (lambda c: c.update(dataset="emnist"), "unknown dataset 'emnist'"),
+    ],
+)
+def test_a_broken_checkpoint_is_refused_in_one_line(
+    saved_run, data_dir, tmp_path, break_it, fragment
+):
+    broken = {
+        **saved_run,
+        "config": dict(saved_run["config"]),
+        "train_config": dict(saved_run["train_config"]),
+        "model": {k: v.clone() for k, v in saved_run["model"].items()},
+    }
+    break_it(broken)
+    torch.save(broken, tmp_path / "last.pt")
+    resumed = run(
+        "train.py", "--data-dir", data_dir, "--checkpoint-dir", tmp_path, "--resume", check=False
+    )
+    assert_one_line_error(resumed, str(tmp_path / "last.pt"), fragment)
+    if "train_config" not in fragment and "training settings" not in fragment:
+        scored = run(
+            "evaluate.py", "--checkpoint", tmp_path / "last.pt", "--data-dir", data_dir, check=False
+        )
+        assert_one_line_error(scored, str(tmp_path / "last.pt"), fragment)
