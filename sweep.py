@@ -2,11 +2,14 @@
 
     python sweep.py results/grids/recipe.json --data-dir ../shared/data
     python sweep.py results/grids/recipe.json --list        # what is done, running, to do
+    python sweep.py results/grids/recipe.json --table       # the finished runs as a Markdown table
 
 A grid file is a JSON list of {"name": ..., "flags": [...]} for train.py. Each run trains in
 runs/sweep/NAME (or --runs-dir); a finished run is skipped, an interrupted one resumed. When a
 run ends, its final and best epochs go as one line to the results file named in the grid file
-beside it (GRID.results.jsonl). Ctrl-C stops the current run resumably and ends the sweep.
+beside it (GRID.results.jsonl). The grid file is read again before each run, so runs can be
+added or reordered while a sweep is going. Ctrl-C stops the current run resumably and ends
+the sweep.
 """
 
 import argparse
@@ -68,6 +71,37 @@ def summary(run: dict, folder: Path) -> dict:
     }
 
 
+def table_rows(results: Path) -> list[str]:
+    """One Markdown row per finished run: the final epoch's scores and the run's wall clock."""
+    rows = [
+        "| run | val | test | test, raw weights | test, averaged | wall |",
+        "|---|---|---|---|---|---|",
+    ]
+    for line in results.read_text().splitlines() if results.exists() else []:
+        run = json.loads(line)
+        final = run["final"]
+        scores = [final.get(key) for key in ("val_acc", "test_acc", "raw_test_acc", "ema_test_acc")]
+        cells = [f"{value:.2f}%" if value is not None else "-" for value in scores]
+        wall = final.get("wall_seconds")
+        rows.append(
+            f"| {run['name']} | {' | '.join(cells)} | {f'{wall / 60:.1f} min' if wall else '-'} |"
+        )
+    return rows
+
+
+def next_run(grid_path: Path, results: Path, runs_dir: Path, listing: bool) -> dict | None:
+    """The first run of the grid that has no result yet (printing each one's state)."""
+    done = finished_names(results)
+    for run in read_grid(grid_path):
+        if run["name"] in done:
+            print(f"[{run['name']}] done")
+        elif listing:
+            print(f"[{run['name']}] {len(records(runs_dir / run['name']))} epochs logged")
+        else:
+            return run
+    return None
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -83,17 +117,16 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--list", action="store_true", help="print each run's state and stop (default: off)"
     )
+    parser.add_argument(
+        "--table", action="store_true", help="print the finished runs as a Markdown table"
+    )
     args = parser.parse_args(argv)
-    grid = read_grid(args.grid)
     results = args.grid.with_suffix(".results.jsonl")
-    for run in grid:
+    if args.table:
+        print("\n".join(table_rows(results)))
+        return
+    while (run := next_run(args.grid, results, args.runs_dir, args.list)) is not None:
         folder = args.runs_dir / run["name"]
-        if run["name"] in finished_names(results):
-            print(f"[{run['name']}] done")
-            continue
-        if args.list:
-            print(f"[{run['name']}] {len(records(folder))} epochs logged")
-            continue
         code = train(run, folder, args.data_dir)
         if code != 0:
             raise UserError(

@@ -124,3 +124,32 @@ def test_scheduler_steps_with_the_trainer(mnist_train, tmp_path):
         before = trainer.optimizer.param_groups[0]["lr"]
         trainer.train_step(batch.images, batch.labels, torch.Generator().manual_seed(0))
         assert (trainer.optimizer.param_groups[0]["lr"] != before) == moved
+
+
+def test_sweep_trains_each_run_once_and_tabulates_them(data_dir, tmp_path, capsys):
+    import sweep
+
+    tiny = ["--train-subset", "64", "--val-size", "32", "--test-subset", "50", "--batch-size", "32"]
+    grid = [
+        {"name": f"seed{seed}", "flags": [*tiny, "--epochs", "1", "--seed", str(seed)]}
+        for seed in (0, 1)
+    ]
+    path = tmp_path / "grid.json"
+    path.write_text(json.dumps(grid))
+    flags = [str(path), "--data-dir", str(data_dir), "--runs-dir", str(tmp_path / "runs")]
+    sweep.main(flags)
+    results = [
+        json.loads(line) for line in (tmp_path / "grid.results.jsonl").read_text().splitlines()
+    ]
+    assert [r["name"] for r in results] == ["seed0", "seed1"]
+    assert results[0]["final"]["epoch"] == 1 and "test_acc" in results[0]["final"]
+    before = (tmp_path / "runs" / "seed0" / "last.pt").read_bytes()
+    sweep.main(flags)  # everything is done: nothing trains again
+    assert (tmp_path / "runs" / "seed0" / "last.pt").read_bytes() == before
+    assert len((tmp_path / "grid.results.jsonl").read_text().splitlines()) == 2
+    capsys.readouterr()
+    sweep.main([str(path), "--table"])
+    table = capsys.readouterr().out.splitlines()
+    assert (
+        len(table) == 4 and table[2].startswith("| seed0 | ") and table[3].startswith("| seed1 | ")
+    )
