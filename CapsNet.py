@@ -100,15 +100,32 @@ def check_positive_int(name: str, value) -> None:
 
 
 def squash(s: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """Eq. 1: v = |s|^2 / (1 + |s|^2) * s / |s|, with EPS inside the root (a departure)."""
-    norm_sq = (s * s).sum(dim=dim, keepdim=True)
-    # Divide the ratio by the norm instead of multiplying out, so huge s cannot overflow.
-    return s * (norm_sq / (1.0 + norm_sq) / torch.sqrt(norm_sq + EPS))
+    """Eq. 1: v = |s|^2 / (1 + |s|^2) * s / |s|, with EPS inside the root (a departure).
+
+    Finite, with finite gradients, for every finite input: |s|^2 overflows float32 once
+    |s| > 1.8e19, so a vector whose largest component exceeds 1 is first divided by that
+    component (t = s / m), and Eq. 1 is written in t and m. Below 1 nothing is scaled, so
+    ordinary inputs give the unscaled formula's very numbers.
+    """
+    inv_scale = 1.0 / s.detach().abs().amax(dim=dim, keepdim=True).clamp(min=1.0)  # 1 / m
+    t = s * inv_scale  # |t| <= 1; m is a constant to autograd, as it cancels out
+    t_sq = (t * t).sum(dim=dim, keepdim=True)  # |s|^2 / m^2, at most the capsule's dimension
+    inv_sq = inv_scale * inv_scale  # 1 / m^2, 0 where m^2 overflows
+    # |s|^2 / (1 + |s|^2) / sqrt(|s|^2 + EPS) * s, each |s|^2 divided through by m^2.
+    return t * (t_sq / (inv_sq + t_sq) / torch.sqrt(t_sq + EPS * inv_sq))
 
 
 def capsule_length(v: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """|v| with EPS inside the root: sqrt has an infinite gradient at 0."""
-    return torch.sqrt((v * v).sum(dim=dim) + EPS)
+    """|v| with EPS inside the root: sqrt has an infinite gradient at 0.
+
+    Computed as m sqrt(|v / m|^2 + EPS / m^2), m the largest component (at least 1), so the
+    squares cannot overflow; a length beyond the largest float saturates at it.
+    """
+    scale = v.detach().abs().amax(dim=dim, keepdim=True).clamp(min=1.0)  # m, (..., 1)
+    t_sq = ((v / scale) ** 2).sum(dim=dim)  # |v|^2 / m^2
+    scale = scale.squeeze(dim)
+    length = scale * torch.sqrt(t_sq + EPS / (scale * scale))
+    return torch.where(length.isinf(), torch.finfo(length.dtype).max, length)
 
 
 class ConvLayer(nn.Module):
