@@ -27,7 +27,7 @@ from filelock import FileLock, Timeout
 from baseline import BaselineCNN, BaselineConfig
 from CapsNet import CapsNet, CapsNetConfig
 from data import DATASETS
-from errors import UserError
+from errors import UserError, first_line
 
 SHIPPED_CHECKPOINT = Path(__file__).parent / "checkpoints" / "capsnet_mnist.pt"
 # A checkpoint's "model_kind" names its class; checkpoints without one are CapsNets.
@@ -173,10 +173,6 @@ def weights_problem(model: torch.nn.Module, weights) -> str | None:
         if value.is_floating_point() and not torch.isfinite(value).all():
             return f"{name} holds NaN or infinite values"
     return None
-
-
-def first_line(error: Exception) -> str:
-    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
 def load_model(path: str | Path, device: torch.device) -> tuple[torch.nn.Module, dict]:

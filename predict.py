@@ -5,11 +5,15 @@
     python predict.py photo.jpg --show out/              # also save input and reconstruction
 
 Each image goes through preprocess.preprocess, which makes a photo look like an MNIST digit
-(see that module for what it does and expects).
+(see that module for what it does and expects). Files are read, classified and reported one
+at a time, in the order given. A file that is no image or holds no digit gets an error in
+its place (`NAME: error: ...`, or a JSON entry with "file" and "error"), the others their
+prediction, and the exit status is 2. A bad checkpoint or flag stops before any file.
 """
 
 import argparse
 import json
+import textwrap
 from pathlib import Path
 
 import torch
@@ -28,15 +32,38 @@ def save_png(image28: torch.Tensor, path: Path) -> None:
     Image.fromarray(pixels).save(path)
 
 
-def show(folder: Path, name: str, image28: torch.Tensor, result: dict) -> None:
-    """Save what the model saw and what its decoder drew, NAME_input.png and _reconstruction.png."""
-    save_png(image28, folder / f"{Path(name).stem}_input.png")
-    save_png(result["reconstruction"], folder / f"{Path(name).stem}_reconstruction.png")
+def show(folder: Path, stem: str, image28: torch.Tensor, result: dict) -> None:
+    """Save what the model saw and what its decoder drew, STEM_input.png and _reconstruction.png."""
+    save_png(image28, folder / f"{stem}_input.png")
+    save_png(result["reconstruction"], folder / f"{stem}_reconstruction.png")
 
 
-def result_line(name: str, result: dict) -> str:
-    confidence = f"confidence {result['confidence']:.3f} (length of the winning capsule)"
-    return f"{name}: {result['label']}  {confidence}"
+def output_stems(names: list[str]) -> list[str]:
+    """Each file's name without folder and suffix, made unique in the order given: a name
+    already taken (ignoring case, as some file systems do) gets -2, -3, ... added."""
+    taken, stems = set(), []
+    for name in names:
+        stem = candidate = Path(name).stem
+        count = 1
+        while candidate.casefold() in taken:
+            count += 1
+            candidate = f"{stem}-{count}"
+        taken.add(candidate.casefold())
+        stems.append(candidate)
+    return stems
+
+
+def text_line(record: dict) -> str:
+    if "error" in record:
+        return f"{record['file']}: error: {record['error']}"
+    confidence = f"confidence {record['confidence']:.3f} (length of the winning capsule)"
+    return f"{record['file']}: {record['prediction']}  {confidence}"
+
+
+def json_entry(record: dict, last: bool) -> str:
+    """One entry of the list json.dumps(records, indent=2) would print, so that printed one at
+    a time the entries still make that very text."""
+    return textwrap.indent(json.dumps(record, indent=2), "  ") + ("" if last else ",")
 
 
 def json_record(name: str, result: dict, class_names) -> dict:
@@ -49,7 +76,40 @@ def json_record(name: str, result: dict, class_names) -> dict:
     }
 
 
-def main(argv=None) -> None:
+def predict_file(model, name: str, class_names, show_dir: Path | None, stem: str) -> dict:
+    """One file -> its JSON record: the prediction, or {"file", "error"} if it has no digit."""
+    try:
+        image28 = preprocess(name)
+    except UserError as error:
+        return {"file": name, "error": str(error)}
+    result = classify(model, image28, class_names)
+    if show_dir:
+        show(show_dir, stem, image28, result)
+    return json_record(name, result, class_names)
+
+
+def print_records(records, count: int, as_json: bool) -> int:
+    """Print each record as soon as it is made, flushed: a text line, or the next entry of one
+    JSON list. Returns how many records are errors."""
+    failed = 0
+    if as_json:
+        print("[", flush=True)
+    for index, record in enumerate(records):
+        failed += "error" in record
+        print(json_entry(record, index == count - 1) if as_json else text_line(record), flush=True)
+    if as_json:
+        print("]", flush=True)
+    return failed
+
+
+def make_show_folder(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"--show {folder} cannot be created ({error.strerror})") from error
+
+
+def parse_args(argv) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Classify photos of handwritten digits with a CapsNet."
     )
@@ -68,36 +128,39 @@ def main(argv=None) -> None:
     add(
         "--json",
         action="store_true",
-        help="print one JSON list instead of text lines (default: off)",
+        help="print one JSON list, an entry per file as it is done, instead of text lines "
+        "(default: off)",
     )
     add(
         "--show",
         metavar="DIR",
         type=Path,
-        help="save each 28x28 input and its reconstruction as PNGs here (default: none)",
+        help="save each 28x28 input and its reconstruction here as NAME_input.png and "
+        "NAME_reconstruction.png; a NAME given twice gets -2, -3, ... (default: none)",
     )
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     if args.show and args.show.exists() and not args.show.is_dir():
         raise UserError(f"--show {args.show} is a file, not a folder")
-    images = [preprocess(path) for path in args.images]  # every file is checked before any guess
     device = pick_device(args.device)
-    model, checkpoint = load_capsnet(args.checkpoint, device)
+    model, checkpoint = load_capsnet(args.checkpoint, device)  # once, before any file
     class_names = CLASS_NAMES[checkpoint.get("dataset", "mnist")]
+    if args.show:
+        make_show_folder(args.show)
     if not args.json:
         parameters = sum(parameter.numel() for parameter in model.parameters())
-        print(f"checkpoint {args.checkpoint}  device {device}  parameters {parameters:,}")
-    records = []
-    for name, image28 in zip(args.images, images):
-        result = classify(model, image28, class_names)
-        records.append(json_record(name, result, class_names))
-        if not args.json:
-            print(result_line(name, result))
-        if args.show:
-            args.show.mkdir(parents=True, exist_ok=True)
-            show(args.show, name, image28, result)
-    if args.json:
-        print(json.dumps(records, indent=2))
+        header = f"checkpoint {args.checkpoint}  device {device}  parameters {parameters:,}"
+        print(header, flush=True)
+    records = (  # lazy: each file is read and classified when its turn to be printed comes
+        predict_file(model, name, class_names, args.show, stem)
+        for name, stem in zip(args.images, output_stems(args.images))
+    )
+    failed = print_records(records, len(args.images), args.json)
+    if failed:
+        raise UserError(f"{failed} of {len(args.images)} images could not be classified")
 
 
 if __name__ == "__main__":

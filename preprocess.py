@@ -8,9 +8,13 @@ use it, so they feed the model the same pixels.
 It expects one digit per image, covering less than half of it. Ruled lines that cross the
 digit join it; a stroke touching the image edge is dropped when the rest of the digit does
 not touch it (crop with a margin, or tightly all round).
+
+Large images are decoded reduced: a JPEG at 1/2 to 1/8 scale, anything else averaged down by a
+whole factor as soon as it is decoded, so memory holds the decoded file and little more.
 """
 
 import io
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +22,11 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from scipy import ndimage
 
-from errors import UserError
+from errors import UserError, first_line
 
 MAX_SIDE = 1000  # work at most at this size: a 20 px digit needs no 4000 px photo
+REDUCE_BAND = 64  # rows of the reduced image made at a time from a large one
+AVERAGEABLE_MODES = {"L", "LA", "RGB", "RGBA", "I", "F"}  # Image.reduce averages these right
 MNIST_SIDE = 28  # the model's input field
 MNIST_BOX = 20  # MNIST scaled each digit's longer side to 20 px ...
 MNIST_CENTRE = 14.0  # ... and shifted it by whole pixels to put its centre of mass here
@@ -34,11 +40,17 @@ THIN_STROKE = 1.5  # MNIST's strokes are 1.6 to 3.9 px wide at 20 px (5th to 95t
 MNIST_STROKE = 2.2  # ... so thinner pens, which fade away when shrunk, are thickened to this
 
 
+def source_name(source) -> str:
+    """How errors name the image: its path, else "the input" (bytes, file objects, images)."""
+    return str(source) if isinstance(source, (str, Path)) else "the input"
+
+
 def open_image(source) -> Image.Image:
-    """Path, bytes, file object or PIL image -> decoded, upright PIL image (UserError if not)."""
-    name = str(source) if isinstance(source, (str, Path)) else "the input"
+    """Path, bytes, file object or PIL image -> decoded, upright PIL image whose longer side is
+    under 2 MAX_SIDE (see `reduced`), or a UserError naming the file."""
+    name = source_name(source)
     if isinstance(source, Image.Image):
-        return ImageOps.exif_transpose(source)
+        return reduced(ImageOps.exif_transpose(source))  # a copy: the caller's image stays
     if isinstance(source, (str, Path)):
         check_file(Path(source))
     elif isinstance(source, (bytes, bytearray, memoryview)):
@@ -46,15 +58,60 @@ def open_image(source) -> Image.Image:
             raise UserError(f"{name} is empty (0 bytes), not an image")
         source = io.BytesIO(source)
     try:
-        image = Image.open(source)
-        image.draft(image.mode, (MAX_SIDE, MAX_SIDE))  # JPEG only: decode at 1/2 to 1/8 scale, fast
-        image.load()  # decode now, so truncated files fail here
-        return ImageOps.exif_transpose(image)  # phones store "rotate 90" in EXIF, not in pixels
+        return reduced(decode(source))
+    except Image.DecompressionBombError as error:
+        raise UserError(f"{name} is too large to decode safely ({first_line(error)})") from error
     except UnidentifiedImageError as error:
         raise UserError(f"{name} is not a readable image (not a format Pillow knows)") from error
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"{name} is not a readable image ({reason})") from error
+    except (OSError, SyntaxError, ValueError) as error:
+        raise UserError(f"{name} is not a readable image ({first_line(error)})") from error
+
+
+def decode(file) -> Image.Image:
+    """Path or file object -> decoded, upright PIL image; a JPEG at 1/2 to 1/8 scale if large.
+
+    Pillow warns of a decompression bomb above 89 million pixels, and refuses above twice that.
+    Below the refusal, the size is safe here (a JPEG decodes reduced, `reduced` averages the
+    rest down at once), so the warning is silenced rather than printed.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        image = Image.open(file)
+        image.draft(image.mode, (MAX_SIDE, MAX_SIDE))  # JPEG only: decode at 1/2 to 1/8 scale
+        image.load()  # decode now, so truncated files fail here
+    ImageOps.exif_transpose(image, in_place=True)  # phones store "rotate 90" in EXIF, not pixels
+    return image
+
+
+def reduced(image: Image.Image) -> Image.Image:
+    """A decoded image of 2 MAX_SIDE or more -> averaged down by a whole factor, its longer
+    side still at least MAX_SIDE for `shrink` to finish; smaller images as they are.
+
+    A band of rows at a time is converted to a mode whose pixels can be averaged (see
+    `averageable_mode`) and reduced, so no full-size copy is made.
+    """
+    factor = max(image.size) // MAX_SIDE
+    if factor < 2:
+        return image
+    mode = averageable_mode(image)
+    width, height = image.size
+    small = Image.new(mode, (-(-width // factor), -(-height // factor)))  # sides rounded up
+    band = REDUCE_BAND * factor
+    for top in range(0, height, band):
+        rows = image.crop((0, top, width, min(height, top + band)))
+        small.paste(rows.convert(mode).reduce(factor), (0, top // factor))
+    return small
+
+
+def averageable_mode(image: Image.Image) -> str:
+    """The image's mode where averaging its pixels means something, else the mode `to_gray`
+    would convert it to: bilevel and palette images become gray (RGBA where transparent),
+    16-bit ones 32-bit."""
+    if image.mode in AVERAGEABLE_MODES:
+        return image.mode
+    if image.mode.startswith("I"):  # I;16 and its byte orders, which Image.reduce refuses
+        return "I"
+    return "RGBA" if image.has_transparency_data else "L"
 
 
 def check_file(path: Path) -> None:
@@ -110,9 +167,7 @@ def ink_map(gray: np.ndarray) -> np.ndarray:
     ink = top_hat(gray, plane, dark_ink)
     contrast = ink.max()
     if contrast < max(MIN_CONTRAST, NOISE_MARGIN * noise):
-        raise UserError(
-            "no digit found: the image is blank (nothing stands out from the background)"
-        )
+        raise UserError("the image is blank (nothing stands out from the background)")
     return np.clip(ink / contrast, 0, 1)
 
 
@@ -176,7 +231,7 @@ def digit_mask(ink: np.ndarray) -> np.ndarray:
     )
     largest = areas[candidates].max(initial=0)
     if largest < min_area:
-        raise UserError("no digit found: the image holds only specks of ink")
+        raise UserError("the image holds only specks of ink")
     strong = np.isin(labels, candidates[areas[candidates] >= MIN_PART * largest])
     faint, _ = ndimage.label(ink >= FAINT_LEVEL, structure=np.ones((3, 3)))
     return np.isin(faint, np.unique(faint[strong]))
@@ -225,9 +280,14 @@ def to_mnist(crop: np.ndarray) -> np.ndarray:
 def preprocess(source) -> torch.Tensor:
     """A photo or scan of one handwritten digit -> (28, 28) float tensor in [0, 1], MNIST style.
 
-    `source` is a path, bytes, a file object or a PIL image. Raises UserError (one line) for
-    anything that is not a readable image or holds no digit: it never returns a guess.
+    `source` is a path, bytes, a file object or a PIL image. Raises UserError (one line, which
+    names the file) for anything that is not a readable image or holds no digit: it never
+    returns a guess.
     """
     gray = shrink(to_gray(open_image(source)))  # (H, W), H and W <= MAX_SIDE
-    ink = ink_map(gray)  # (H, W), white ink on black
-    return torch.from_numpy(to_mnist(crop_digit(ink, digit_mask(ink))))  # (28, 28)
+    try:
+        ink = ink_map(gray)  # (H, W), white ink on black
+        mask = digit_mask(ink)  # (H, W)
+    except UserError as error:
+        raise UserError(f"no digit found in {source_name(source)}: {error}") from error
+    return torch.from_numpy(to_mnist(crop_digit(ink, mask)))  # (28, 28)

@@ -3,8 +3,11 @@
 import io
 import json
 import re
+import struct
 import subprocess
 import sys
+import zlib
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +20,7 @@ from baseline import BaselineCNN, BaselineConfig
 from checkpoint import load_model, save_checkpoint
 from errors import UserError, exit_on_user_error
 from inference import PERTURBATIONS, classify, perturbed_reconstructions
-from preprocess import preprocess
+from preprocess import open_image, preprocess
 
 from conftest import REPO
 
@@ -207,6 +210,90 @@ def test_specks_and_paper_edges_are_ignored():
     assert aligned_correlation(preprocess(Image.fromarray(page)).numpy(), clean.numpy()) > 0.98
 
 
+# Large images
+
+HUGE_SIDE = 13000  # 169 million pixels: over Pillow's 89 M warning, under its 179 M refusal
+MEASURE_PREPROCESS = """
+import json, resource, sys, warnings
+from PIL import Image
+from preprocess import preprocess
+warnings.simplefilter("error", Image.DecompressionBombWarning)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+images = [preprocess(path).tolist() for path in sys.argv[1:]]
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"images": images, "peak_above_imports_mb": (peak - before) / 1024}))
+"""
+
+
+@pytest.fixture(scope="module")
+def huge_sevens(tmp_path_factory) -> list[Path]:
+    """A 7 on a 13000x13000 page, as a 1-bit PNG (75 KB) and as a JPEG (2 MB)."""
+    folder = tmp_path_factory.mktemp("huge")
+    seven = drawn_seven(size=(HUGE_SIDE, HUGE_SIDE), mode="1", ink=0, paper=1)
+    seven.save(folder / "seven.png")
+    seven.convert("L").save(folder / "seven.jpg", quality=50)
+    return [folder / "seven.png", folder / "seven.jpg"]
+
+
+def test_huge_images_are_decoded_reduced_in_bounded_memory(huge_sevens):
+    """Decoded whole and turned into floats, such an image took 2.7 GB and printed Pillow's
+    DecompressionBombWarning. Reduced as it is decoded, the PNG needs its 169 MB of pixels
+    and little more, the JPEG less (it decodes at 1/8 scale), and no warning comes out."""
+    result = subprocess.run(
+        [sys.executable, "-c", MEASURE_PREPROCESS, *map(str, huge_sevens)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    measured = json.loads(result.stdout)
+    assert measured["peak_above_imports_mb"] < 400
+    small = preprocess(drawn_seven(size=(1300, 1300), mode="1", ink=0, paper=1)).numpy()
+    for image in measured["images"]:
+        assert aligned_correlation(np.array(image), small) > 0.95
+
+
+def test_cli_reads_a_huge_image_quietly_and_refuses_a_bomb(huge_sevens, tmp_path, tiny_checkpoint):
+    bomb = write(tmp_path / "bomb.png", png_header_only(20000, 20000))  # 400 M pixels
+    result = run_cli(str(huge_sevens[0]), str(bomb), "--checkpoint", str(tiny_checkpoint))
+    assert result.returncode == 2
+    assert result.stderr == "error: 1 of 2 images could not be classified\n"  # and no warning
+    _, huge, refused = result.stdout.splitlines()
+    assert re.fullmatch(rf"{re.escape(str(huge_sevens[0]))}: \d  confidence .*", huge)
+    assert refused.startswith(f"{bomb}: error: {bomb} is too large to decode safely (Image size")
+
+
+@pytest.mark.parametrize(
+    "make, averaged_as",
+    [
+        (lambda: drawn_seven(size=(2345, 2101), mode="1", ink=0, paper=1), "L"),
+        (lambda: drawn_seven(size=(2345, 2101), mode="I;16", ink=3000, paper=60000), "I"),
+        (lambda: transparent_palette_seven(size=(2345, 2101)), "RGBA"),
+        (
+            lambda: drawn_seven(size=(2345, 2101), mode="RGBA", ink=(0, 0, 0, 255), paper=(0,) * 4),
+            "RGBA",
+        ),
+    ],
+    ids=["bilevel", "16-bit", "palette-transparent", "rgba"],
+)
+def test_large_images_are_averaged_down_seamlessly(make, averaged_as):
+    """Reduced a band of rows at a time: the same pixels as the whole image converted to a
+    mode whose pixels can be averaged, then reduced (2345x2101 -> 1173x1051)."""
+    image = make()
+    opened = open_image(png_bytes(image, **image.info))
+    expected = image.convert(averaged_as).reduce(2)
+    assert opened.mode == averaged_as and opened.size == (1173, 1051)
+    assert np.array_equal(np.asarray(opened), np.asarray(expected))
+    assert_mnist_format(preprocess(image))
+
+
+def transparent_palette_seven(size) -> Image.Image:
+    image = drawn_seven(size, mode="RGBA", ink=(0, 0, 0, 255), paper=(0, 0, 0, 0)).convert("P")
+    image.info["transparency"] = image.getpixel((0, 0))
+    return image
+
+
 # Errors
 
 
@@ -221,27 +308,112 @@ def test_specks_and_paper_edges_are_ignored():
             lambda tmp: write(tmp / "cut.png", png_bytes(drawn_seven())[:300]),
             "not a readable image",
         ),
+        (lambda tmp: write(tmp / "bomb.png", png_header_only(20000, 20000)), "too large"),
         (
             lambda tmp: write(tmp / "white.png", png_bytes(Image.new("L", (300, 200), 255))),
-            "no digit found",
+            "no digit found in",
         ),
-        (lambda tmp: write(tmp / "noise.png", png_bytes(noisy_paper())), "no digit found"),
+        (lambda tmp: write(tmp / "noise.png", png_bytes(noisy_paper())), "no digit found in"),
+        (lambda tmp: write(tmp / "dust.png", png_bytes(dust())), "no digit found in"),
     ],
-    ids=["directory", "missing", "empty", "text", "truncated", "blank", "blank-noisy-paper"],
+    ids=[
+        "directory",
+        "missing",
+        "empty",
+        "text",
+        "truncated",
+        "decompression-bomb",
+        "blank",
+        "blank-noisy-paper",
+        "specks",
+    ],
 )
-def test_bad_input_is_a_one_line_error(tmp_path, capsys, make_input, message):
+def test_bad_input_is_a_one_line_error_in_its_place(
+    tmp_path, capsys, tiny_checkpoint, make_input, message
+):
+    """Each preprocessing error names the file; the CLI prints it where the file's result
+    would be, still classifies the others, and exits with 2."""
     path = make_input(tmp_path)
-    with pytest.raises(UserError, match=message):
+    with pytest.raises(UserError, match=message) as error:
         preprocess(path)
-    status, out, err = run_main(capsys, str(SAMPLES[0]), str(path), "--checkpoint", "unused.pt")
-    assert status == 2 and out == ""  # no guess for the good file either
-    assert re.fullmatch(r"error: .+\n", err) and message in err
+    assert str(path) in str(error.value) and "\n" not in str(error.value)
+    files = [str(SAMPLES[0]), str(path), str(SAMPLES[1])]
+    status, out, err = run_main(capsys, *files, "--checkpoint", str(tiny_checkpoint))
+    assert status == 2 and err == "error: 1 of 3 images could not be classified\n"
+    _, first, failed, last = out.splitlines()  # after the header line
+    assert failed == f"{path}: error: {error.value}"
+    assert first.startswith(f"{SAMPLES[0]}: ") and last.startswith(f"{SAMPLES[1]}: ")
 
 
-def test_cli_process_reports_bad_input_without_traceback(tmp_path):
-    result = run_cli(str(tmp_path))
-    assert result.returncode == 2 and result.stdout == ""
-    assert result.stderr == f"error: {tmp_path} is a directory, not an image\n"
+def test_cli_process_reports_every_file_without_traceback(tmp_path, tiny_checkpoint):
+    result = run_cli(str(SAMPLES[0]), str(tmp_path), "--checkpoint", str(tiny_checkpoint))
+    assert result.returncode == 2
+    header, good, bad = result.stdout.splitlines()
+    assert header.startswith("checkpoint ") and good.startswith(f"{SAMPLES[0]}: ")
+    assert bad == f"{tmp_path}: error: {tmp_path} is a directory, not an image"
+    assert result.stderr == "error: 1 of 2 images could not be classified\n"
+
+
+def test_cli_json_has_an_entry_for_every_file(tmp_path, tiny_checkpoint):
+    blank = write(tmp_path / "blank.png", png_bytes(Image.new("L", (300, 200), 255)))
+    files = [str(SAMPLES[0]), str(tmp_path / "missing.png"), str(blank), str(SAMPLES[1])]
+    result = run_cli(*files, "--checkpoint", str(tiny_checkpoint), "--json")
+    assert result.returncode == 2
+    assert result.stderr == "error: 2 of 4 images could not be classified\n"
+    records = json.loads(result.stdout)
+    assert result.stdout == json.dumps(records, indent=2) + "\n"  # as one json.dumps prints it
+    assert [record["file"] for record in records] == files
+    assert records[1] == {"file": files[1], "error": f"{files[1]} does not exist"}
+    assert records[2] == {
+        "file": files[2],
+        "error": f"no digit found in {blank}: the image is blank "
+        "(nothing stands out from the background)",
+    }
+    for record in records[0], records[3]:
+        assert set(record) == {"file", "prediction", "class_index", "confidence", "capsule_lengths"}
+
+
+@pytest.mark.parametrize("flags", [["--json"], []], ids=["json", "text"])
+def test_each_file_is_printed_before_the_next_is_read(
+    monkeypatch, tiny_checkpoint, tmp_path, flags
+):
+    """Streaming: the model loads once, first; then each file is read, classified and its
+    result flushed to stdout before the next file is opened, a failed one too."""
+    events = []
+    monkeypatch.setattr(sys, "stdout", FlushLog(events))
+    for name in "load_capsnet", "preprocess":
+        monkeypatch.setattr(predict, name, partial(logged, events, name, getattr(predict, name)))
+    files = [str(SAMPLES[0]), str(tmp_path / "missing.png"), str(SAMPLES[1])]
+    with pytest.raises(UserError, match="1 of 3"):
+        predict.main([*files, "--checkpoint", str(tiny_checkpoint), *flags])
+    assert [event for event in events if event.startswith("load_capsnet")] == [events[0]]
+    for name in files:
+        after_read = events[events.index(f"preprocess {name}") + 1]
+        assert after_read.startswith("flushed ") and name in after_read, events
+    flushed = [event.removeprefix("flushed ") for event in events if event.startswith("flushed ")]
+    printed = "".join(flushed)
+    if flags:
+        assert len(json.loads(printed)) == len(files)  # valid JSON, written a piece at a time
+    else:
+        assert len(printed.splitlines()) == 1 + len(files)  # the header, a line per file
+
+
+class FlushLog(io.StringIO):
+    """stdout that logs "flushed TEXT" for each flush, TEXT being all written since the last."""
+
+    def __init__(self, events: list):
+        super().__init__()
+        self.events = events
+
+    def flush(self):
+        self.events.append(f"flushed {self.getvalue()}")
+        self.seek(0)
+        self.truncate()
+
+
+def logged(events: list, name: str, function, first, *rest):
+    events.append(f"{name} {first}")
+    return function(first, *rest)
 
 
 def test_empty_bytes_are_an_error():
@@ -257,6 +429,30 @@ def write(path: Path, content: bytes) -> Path:
 def noisy_paper() -> Image.Image:
     rng = np.random.default_rng(0)
     return Image.fromarray(rng.normal(200, 12, (400, 500)).clip(0, 255).astype(np.uint8))
+
+
+def dust() -> Image.Image:
+    page = Image.new("L", (1000, 800), 255)
+    page.paste(0, (500, 400, 503, 403))
+    return page
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A 1-bit PNG that claims width x height pixels but holds none (65 bytes)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # 1 bit, gray, no interlace
+    signature = b"\x89PNG\r\n\x1a\n"
+    return (
+        signature
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b""))
+        + chunk(b"IEND", b"")
+    )
 
 
 # The model helpers and the command line
@@ -296,6 +492,24 @@ def test_cli_json_and_show(tiny_checkpoint, tmp_path, capsys):
             assert Image.open(tmp_path / f"{sample.stem}_{kind}.png").size == (28, 28)
 
 
+def test_cli_show_gives_inputs_of_the_same_name_their_own_files(tiny_checkpoint, tmp_path):
+    """a/digit, b/digit and c/DIGIT: the later ones get -2 and -3, in the order given."""
+    inputs = []
+    for folder, name, sample in zip("abc", ["digit", "digit", "DIGIT"], SAMPLES):
+        (tmp_path / folder).mkdir()
+        inputs.append(write(tmp_path / folder / f"{name}{sample.suffix}", sample.read_bytes()))
+    out = tmp_path / "out"
+    result = run_cli(*map(str, inputs), "--checkpoint", str(tiny_checkpoint), "--show", str(out))
+    assert result.returncode == 0, result.stderr
+    stems = ["digit", "digit-2", "DIGIT-3"]
+    assert sorted(path.name for path in out.iterdir()) == sorted(
+        f"{stem}_{kind}.png" for stem in stems for kind in ("input", "reconstruction")
+    )
+    for path, stem in zip(inputs, stems):
+        expected = (preprocess(path) * 255).round().to(torch.uint8).numpy()
+        assert np.array_equal(np.asarray(Image.open(out / f"{stem}_input.png")), expected), stem
+
+
 def test_cli_missing_checkpoint_is_a_one_line_error(tmp_path, capsys):
     status, _, err = run_main(capsys, str(SAMPLES[0]), "--checkpoint", str(tmp_path / "none.pt"))
     assert status == 2 and re.fullmatch(r"error: checkpoint .* does not exist\n", err)
@@ -308,6 +522,17 @@ def test_cli_show_into_a_file_is_an_error(capsys):
         and out == ""
         and err == f"error: --show {REPO / 'predict.py'} is a file, not a folder\n"
     )
+
+
+def test_cli_show_folder_that_cannot_be_made_is_an_error_before_any_file(
+    tmp_path, capsys, tiny_checkpoint
+):
+    folder = write(tmp_path / "a-file", b"") / "out"
+    status, out, err = run_main(
+        capsys, str(SAMPLES[0]), "--checkpoint", str(tiny_checkpoint), "--show", str(folder)
+    )
+    assert status == 2 and out == ""
+    assert err == f"error: --show {folder} cannot be created (Not a directory)\n"
 
 
 def test_cli_refuses_a_model_without_capsules(tmp_path, capsys):

@@ -134,10 +134,12 @@ def test_interrupted_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     def crash_mid_write(obj, target):
         with open(target, "wb") as file:
             file.write(b"half a checkpoint")
-        raise OSError("disk full")
+        raise OSError("Input/output error")
 
     monkeypatch.setattr(checkpoint.torch, "save", crash_mid_write)
-    with pytest.raises(OSError):
+    with pytest.raises(
+        UserError, match="could not write .*best.pt.*the previous best.pt is unchanged"
+    ):
         save_checkpoint({"model": {"w": torch.zeros(3)}, "config": {}}, path)
     monkeypatch.undo()
     assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(3))
