@@ -1,6 +1,10 @@
-"""inference.ipynb: executed headless with nbclient, and driven in JupyterLab by a real browser."""
+"""inference.ipynb: executed headless with nbclient, and driven in JupyterLab by a real browser;
+the functions its widgets use (inference.py), and the torch.hub entry point (hubconf.py)."""
 
+import base64
+import io
 import json
+import math
 import os
 import re
 import secrets
@@ -13,8 +17,28 @@ import urllib.request
 from pathlib import Path
 
 import nbformat
+import numpy as np
 import pytest
+import torch
 from nbclient import NotebookClient
+from PIL import Image, ImageDraw
+
+from canvas import DrawingCanvas, to_png
+from CapsNet import CapsNet, CapsNetConfig
+from checkpoint import SHIPPED_CHECKPOINT, load_capsnet, load_checkpoint
+from inference import (
+    PERTURBATIONS,
+    classify,
+    decode_capsule,
+    dimension_effects,
+    evidence_map,
+    grid_extent,
+    perturbed_reconstructions,
+    receptive_field,
+    routing_maps,
+    spread_across_inputs,
+)
+from preprocess import preprocess
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "inference.ipynb"
@@ -22,6 +46,11 @@ SAMPLES = sorted(path for path in (REPO / "samples").iterdir() if path.suffix in
 LINE = re.compile(
     r"(\S+): predicted (\S+)  \(confidence ([01]\.\d{3}) = length of the winning capsule\)"
 )
+EVIDENCE = re.compile(
+    r"evidence maps of (\d+) samples: c_ij varies (\d+\.\d)% from input to input, "
+    r"the agreement (\d+\.\d)%"
+)
+STRONGEST = re.compile(r"(\S+), capsule (\S+): dimension (\d+) changes the reconstruction most")
 CHROMIUM = Path("/usr/bin/chromium")  # Debian's package; `playwright install` is not used
 SETTINGS = {  # JupyterLab settings for the browser test, by plugin
     # Render every cell: with JupyterLab's default windowing, cells out of view may be hidden.
@@ -45,8 +74,9 @@ CHROMIUM_ARGS = [
 ]
 
 
-def execute_notebook(checkpoint: Path, monkeypatch) -> list[str]:
-    """Run every cell in the repository root as "Run All" does; return the printed lines."""
+def execute_notebook(checkpoint: Path, monkeypatch) -> tuple[list[str], dict]:
+    """Run every cell in the repository root as "Run All" does; return the printed lines and
+    the widgets the notebook left, by model name (each a list of states)."""
     monkeypatch.setenv(
         "CAPSNET_CHECKPOINT", str(checkpoint)
     )  # the kernel inherits this environment
@@ -61,7 +91,20 @@ def execute_notebook(checkpoint: Path, monkeypatch) -> list[str]:
         if output["output_type"] == "stream"
     ]
     assert all(output["name"] == "stdout" for output in streams), "the notebook wrote to stderr"
-    return "".join(output["text"] for output in streams).splitlines()
+    lines = "".join(output["text"] for output in streams).splitlines()
+    return lines, widgets_by_model(notebook)
+
+
+def widgets_by_model(notebook) -> dict:
+    """The widget state nbclient saved: model name -> states, binary values decoded to bytes."""
+    saved = notebook.metadata["widgets"]["application/vnd.jupyter.widget-state+json"]["state"]
+    widgets = {}
+    for model in saved.values():
+        state = dict(model["state"])
+        for buffer in model.get("buffers", []):
+            state[buffer["path"][0]] = base64.b64decode(buffer["data"])
+        widgets.setdefault(model["model_name"], []).append(state)
+    return widgets
 
 
 def test_notebook_is_committed_without_outputs():
@@ -69,23 +112,188 @@ def test_notebook_is_committed_without_outputs():
     code = [cell for cell in notebook.cells if cell.cell_type == "code"]
     assert all(not cell.outputs and cell.execution_count is None for cell in code)
     assert not any("class CapsNet" in cell.source for cell in code)  # it imports the model
+    assert "widgets" not in notebook.metadata  # no saved widget state either
 
 
 def test_notebook_runs_headless(tiny_checkpoint, monkeypatch):
-    lines = execute_notebook(tiny_checkpoint, monkeypatch)
+    lines, widgets = execute_notebook(tiny_checkpoint, monkeypatch)
     assert lines[0].startswith(f"checkpoint {tiny_checkpoint}")
     assert [LINE.fullmatch(line)[1] for line in lines[1 : 1 + len(SAMPLES)]] == [
         path.name for path in SAMPLES
     ]
+    assert EVIDENCE.fullmatch(lines[1 + len(SAMPLES)])[1] == str(len(SAMPLES))
     assert lines[-1].startswith(f"perturbing the capsule of {SAMPLES[0].name}")
+    # The canvas, waiting for a stroke.
+    (canvas,) = widgets["AnyModel"]
+    assert (canvas["size"], canvas["pen_width"], canvas["png"]) == (280, 18, b"")
+    assert "pointerup" in canvas["_esm"]
+    # 16 sliders at the first sample's winning capsule, and its reconstruction drawn.
+    expected = classify(load_capsnet(tiny_checkpoint, "cpu")[0], preprocess(SAMPLES[0]))
+    sliders = sorted(widgets["FloatSliderModel"], key=lambda state: int(state["description"][4:]))
+    assert [state["description"] for state in sliders] == [f"dim {d}" for d in range(16)]
+    assert [state["value"] for state in sliders] == pytest.approx(expected["capsule"].tolist())
+    (dragged,) = widgets["ImageModel"]
+    assert (
+        png_pixels(dragged["value"]) - png_pixels(to_png(expected["reconstruction"]))
+    ).abs().max() <= 1
+    (strongest,) = (state["value"] for state in widgets["HTMLModel"])
+    assert STRONGEST.match(strongest).group(1, 2) == (SAMPLES[0].name, expected["label"])
 
 
 def test_notebook_predicts_the_samples(trained_checkpoint, monkeypatch):
-    lines = execute_notebook(trained_checkpoint, monkeypatch)
+    lines, _ = execute_notebook(trained_checkpoint, monkeypatch)
     predictions = {match[1]: match[2] for match in map(LINE.fullmatch, lines) if match}
     assert predictions == {
         path.name: path.name[0] for path in SAMPLES
     }  # names start with the digit
+    # What the notebook says: the coupling coefficients barely vary, the agreement does.
+    (measured,) = filter(None, map(EVIDENCE.fullmatch, lines))
+    coupling, agreement = float(measured[2]), float(measured[3])
+    assert coupling < 10 and agreement > 10 * coupling, measured[0]
+
+
+# What the widgets use
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_checkpoint) -> CapsNet:
+    return load_capsnet(tiny_checkpoint, torch.device("cpu"))[0]
+
+
+@pytest.fixture(scope="module")
+def trained_model(trained_checkpoint) -> CapsNet:
+    return load_capsnet(trained_checkpoint, torch.device("cpu"))[0]
+
+
+def test_decode_capsule_is_the_reconstruction_and_follows_the_sliders(tiny_model):
+    result = classify(tiny_model, preprocess(SAMPLES[0]))
+    capsule, winner = result["capsule"], result["class_index"]
+    image = decode_capsule(tiny_model, capsule, winner)  # (28, 28)
+    torch.testing.assert_close(image, result["reconstruction"])
+    moved = capsule + 0.25 * torch.eye(16)[3]  # dimension 3 dragged by +0.25
+    grid = perturbed_reconstructions(tiny_model, capsule, winner)  # (16, D, 28, 28)
+    torch.testing.assert_close(decode_capsule(tiny_model, moved, winner), grid[3, -1])
+
+
+def test_dimension_effects_are_figure_4s_largest_changes(tiny_model):
+    result = classify(tiny_model, preprocess(SAMPLES[1]))
+    effects = dimension_effects(tiny_model, result["capsule"], result["class_index"])  # (16,)
+    grid = perturbed_reconstructions(tiny_model, result["capsule"], result["class_index"])
+    middle = PERTURBATIONS.index(0.0)
+    for dim in range(16):
+        changes = [float((grid[dim, end] - grid[dim, middle]).norm()) for end in (0, -1)]
+        assert float(effects[dim]) == pytest.approx(max(changes), rel=1e-5)
+
+
+def test_routing_maps_sum_each_grid_position_over_the_capsule_types(tiny_model):
+    image28 = preprocess(SAMPLES[2])
+    maps = routing_maps(tiny_model, image28)
+    config = tiny_model.config
+    grid = config.primary_grid
+    # The same quantities for all 1,152 (here 72) capsules, from the model's own forward pass.
+    x = image28[None, None]  # (1, 1, 28, 28)
+    u = tiny_model.primary_caps(tiny_model.conv1(x))  # (1, I, 8)
+    lengths, _, v = tiny_model(x)  # (1, J), _, (1, J, 16)
+    winner = int(lengths.argmax())
+    agreement = tiny_model.digit_caps.votes(u)[0, winner] @ v[0, winner]  # (I,)
+    coupling = tiny_model.digit_caps(u)[1][0, winner]  # (I,)
+    position = torch.arange(config.num_primary_caps) % grid**2  # i = (type, row, col)
+    for name, per_capsule in (("agreement", agreement), ("coupling", coupling)):
+        expected = torch.zeros(grid**2).index_add_(0, position, per_capsule.detach())
+        torch.testing.assert_close(maps[name], expected.view(grid, grid))
+    assert maps["class_index"] == winner == classify(tiny_model, image28)["class_index"]
+    torch.testing.assert_close(evidence_map(tiny_model, image28), maps["agreement"])
+
+
+def test_receptive_fields_are_where_the_input_reaches_each_grid_cell(small_model):
+    x = torch.rand(1, 1, 28, 28, requires_grad=True)
+    u = small_model.primary_caps(small_model.conv1(x))  # (1, I, 8)
+    grid = small_model.config.primary_grid
+    for row, col in [(0, 0), (2, 5), (5, 3)]:
+        (reach,) = torch.autograd.grad(u[0, row * grid + col].sum(), x, retain_graph=True)
+        rows = reach[0, 0].abs().sum(dim=1).nonzero().flatten().tolist()  # input rows reached
+        cols = reach[0, 0].abs().sum(dim=0).nonzero().flatten().tolist()
+        top, left, side = receptive_field(small_model.config, row, col)
+        assert (rows[0], rows[-1], cols[0], cols[-1]) == (
+            top,
+            top + side - 1,
+            left,
+            left + side - 1,
+        )
+    assert grid_extent(CapsNetConfig()) == (7.0, 19.0)  # cell centres 8, 10, ..., 18
+
+
+def test_spread_across_inputs():
+    same = torch.rand(6, 6).expand(5, 6, 6)  # (N, 6, 6), one map for every input
+    assert spread_across_inputs(same) == pytest.approx(0, abs=1e-6)
+    two = torch.stack([torch.ones(6, 6), 3 * torch.ones(6, 6)])  # std sqrt(2), mean 2
+    assert spread_across_inputs(two) == pytest.approx(math.sqrt(2) / 2)
+
+
+def png_pixels(png: bytes) -> torch.Tensor:
+    """PNG bytes -> (H, W) grey levels 0..255 as floats."""
+    return torch.from_numpy(np.asarray(Image.open(io.BytesIO(png)).convert("L"), dtype=np.float32))
+
+
+def test_to_png_shows_each_pixel_as_a_square():
+    image = torch.rand(28, 28)
+    pixels = png_pixels(to_png(image, scale=5))  # (140, 140)
+    assert pixels.shape == (140, 140)
+    assert (pixels[::5, ::5] - image * 255).abs().max() <= 0.5
+    assert torch.equal(pixels[4::5, 4::5], pixels[::5, ::5])  # 5x5 squares
+
+
+def drawing(stroke: list[tuple[float, float]]) -> bytes:
+    """What the canvas sends: a 280x280 PNG, black ink of its pen width on white."""
+    page = Image.new("RGB", (280, 280), "white")
+    points = [(280 * x, 280 * y) for x, y in stroke]
+    ImageDraw.Draw(page).line(points, fill="black", width=18, joint="curve")
+    out = io.BytesIO()
+    page.save(out, "PNG")
+    return out.getvalue()
+
+
+ONE = [(0.5, 0.15), (0.5, 0.85)]  # strokes in fractions of the canvas's side
+ZERO = [
+    (0.5 + 0.22 * math.sin(2 * math.pi * k / 40), 0.5 - 0.33 * math.cos(2 * math.pi * k / 40))
+    for k in range(41)
+]
+
+
+def test_canvas_strokes_go_through_preprocess(trained_model):
+    canvas = DrawingCanvas()
+    strokes = []
+    canvas.observe(lambda change: strokes.append(change["new"]), names="png")
+    labels = []
+    for stroke in (ONE, ZERO):
+        canvas.set_state({"png": memoryview(drawing(stroke))})  # as the browser sends it
+        assert isinstance(canvas.png, bytes)
+        labels.append(classify(trained_model, preprocess(canvas.png))["label"])
+    canvas.set_state({"png": memoryview(b"")})  # Clear
+    assert labels == ["1", "0"] and len(strokes) == 3 and strokes[-1] == b""
+
+
+# torch.hub
+
+
+def test_torch_hub_loads_the_shipped_model():
+    if not SHIPPED_CHECKPOINT.is_file():
+        pytest.skip(f"{SHIPPED_CHECKPOINT} is not shipped")
+    model = torch.hub.load(str(REPO), "capsnet", source="local", pretrained=True)
+    assert isinstance(model, CapsNet) and not model.training
+    assert {parameter.device.type for parameter in model.parameters()} == {"cpu"}
+    shipped = load_checkpoint(SHIPPED_CHECKPOINT)
+    assert model.config.to_dict() == shipped["config"]
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, shipped["model"][name]), name
+
+
+def test_torch_hub_builds_an_untrained_paper_model():
+    model = torch.hub.load(str(REPO), "capsnet", source="local", pretrained=False)
+    assert isinstance(model, CapsNet) and not model.training
+    assert model.config == CapsNetConfig()
+    lengths, reconstructions, v = model(torch.rand(2, 1, 28, 28))
+    assert (lengths.shape, reconstructions.shape, v.shape) == ((2, 10), (2, 1, 28, 28), (2, 10, 16))
 
 
 # The browser test
@@ -224,9 +432,71 @@ def run_all_and_upload(page, url: str, uploads: list[Path]) -> tuple[list[str], 
     return [LINE.search(line.inner_text())[0] for line in lines], page.evaluate(FIGURE_INK)
 
 
+# A digest of the pixels of the sliders' reconstruction, null until the image has loaded.
+RECONSTRUCTION_DIGEST = """() => {
+    const img = document.querySelector('img.capsule-reconstruction');
+    if (!img || !img.complete || !img.naturalWidth) return null;
+    const canvas = document.createElement('canvas');
+    [canvas.width, canvas.height] = [img.naturalWidth, img.naturalHeight];
+    const context = canvas.getContext('2d');
+    context.drawImage(img, 0, 0);
+    let digest = 0;
+    for (const value of context.getImageData(0, 0, canvas.width, canvas.height).data) {
+        digest = (digest * 31 + value) >>> 0;
+    }
+    return digest;
+}"""
+
+
+def draw_on_canvas(page, stroke: list[tuple[float, float]]) -> str:
+    """Clear the canvas, draw one stroke through `stroke` (fractions of the canvas's side) with
+    the mouse, and return the line the notebook printed for the drawing."""
+    line = page.get_by_text(re.compile(r"drawing: predicted"))
+    page.locator("button.capsnet-clear").click()
+    line.wait_for(state="detached")
+    canvas = page.locator("canvas.capsnet-canvas")
+    canvas.scroll_into_view_if_needed()
+    box = canvas.bounding_box()
+    points = [(box["x"] + x * box["width"], box["y"] + y * box["height"]) for x, y in stroke]
+    page.mouse.move(*points[0])
+    page.mouse.down()
+    for point in points[1:]:
+        page.mouse.move(*point, steps=4)
+    page.mouse.up()
+    line.wait_for()
+    return LINE.search(line.inner_text())[0]
+
+
+def readout(slider) -> float:
+    """A FloatSlider's displayed value (d3-format writes minus as U+2212)."""
+    return float(slider.locator(".widget-readout").inner_text().replace("\u2212", "-"))
+
+
+def drag_strongest_slider(page, label: str) -> tuple[float, float]:
+    """Once the sliders hold the drawing's capsule (`label`), drag the slider of the dimension
+    the notebook names by 40 px; wait for the reconstruction to change. Returns the slider's
+    readout before and after."""
+    text = page.get_by_text(re.compile(rf"drawing, capsule {re.escape(label)}: dimension"))
+    dim = int(STRONGEST.search(text.inner_text())[3])
+    before = page.wait_for_function(RECONSTRUCTION_DIGEST).json_value()
+    slider = page.locator(".capsule-sliders .widget-slider").nth(dim)
+    start = readout(slider)
+    handle = slider.locator(".noUi-handle")
+    handle.scroll_into_view_if_needed()
+    box = handle.bounding_box()
+    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    page.mouse.move(x, y)
+    page.mouse.down()
+    page.mouse.move(x + 40, y, steps=5)
+    page.mouse.up()
+    page.wait_for_function(f"(({RECONSTRUCTION_DIGEST})() ?? {before}) !== {before}")
+    return start, readout(slider)
+
+
 @pytest.mark.slow
 @pytest.mark.browser
-def test_notebook_in_jupyterlab_with_upload(playwright_api, jupyterlab, tiny_checkpoint, tmp_path):
+def test_notebook_in_jupyterlab(playwright_api, jupyterlab, tiny_checkpoint, tmp_path):
+    """Upload two photos, draw a 1 and a 0 with the mouse, drag a capsule's slider."""
     url, checkpoint = jupyterlab
     uploads = [
         tmp_path / "upload_test_7.jpg",
@@ -236,15 +506,19 @@ def test_notebook_in_jupyterlab_with_upload(playwright_api, jupyterlab, tiny_che
     shutil.copy(REPO / "samples" / "2_scan_16bit.png", uploads[1])
     with playwright_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        page = browser.new_page()
+        page = browser.new_page(viewport={"width": 1600, "height": 1000})
         page.set_default_timeout(120_000)
         try:
             lines, figure_ink = run_all_and_upload(page, url, uploads)
+            drawn = [draw_on_canvas(page, stroke) for stroke in (ONE, ZERO)]
+            readouts = drag_strongest_slider(page, LINE.fullmatch(drawn[-1])[2])
         except playwright_api.Error:
             page.screenshot(path=tmp_path / "failure.png")
             raise
         finally:
             browser.close()
     assert len(figure_ink) == len(uploads) and min(figure_ink) > 0.05, figure_ink
+    assert readouts[1] > readouts[0], readouts
     if checkpoint != tiny_checkpoint:
         assert [LINE.fullmatch(line)[2] for line in lines] == ["7", "2"], lines
+        assert [LINE.fullmatch(line)[2] for line in drawn] == ["1", "0"], drawn
