@@ -245,6 +245,10 @@ def test_weights_only_checkpoint_continues_at_the_scheduled_lr(data_dir, tmp_pat
     assert continued["metrics"][1]["lr"] == pytest.approx(0.9e-3)
 
 
+def train_cli(data_dir, folder, *flags, check: bool = True):
+    return run("train.py", "--data-dir", data_dir, "--checkpoint-dir", folder, *flags, check=check)
+
+
 def snapshot(folder) -> dict:
     return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
 
@@ -252,18 +256,7 @@ def snapshot(folder) -> dict:
 def test_resumed_dry_run_trains_nothing_real_and_saves_nothing(trained_run, data_dir):
     folder, _ = trained_run
     before = snapshot(folder)
-    result = run(
-        "train.py",
-        "--data-dir",
-        data_dir,
-        "--checkpoint-dir",
-        folder,
-        "--resume",
-        "--epochs",
-        3,
-        "--dry-run",
-        "--quiet",
-    )
+    result = train_cli(data_dir, folder, "--resume", "--epochs", 3, "--dry-run", "--quiet")
     assert "dry run: nothing saved" in result.stdout and "epoch 3/3" in result.stdout
     assert snapshot(folder) == before
 
@@ -279,16 +272,7 @@ def test_resumed_dry_run_trains_nothing_real_and_saves_nothing(trained_run, data
 def test_resume_refuses_flags_it_cannot_honour(trained_run, data_dir, flags, named):
     folder, _ = trained_run
     before = snapshot(folder)
-    result = run(
-        "train.py",
-        "--data-dir",
-        data_dir,
-        "--checkpoint-dir",
-        folder,
-        "--resume",
-        *flags,
-        check=False,
-    )
+    result = train_cli(data_dir, folder, "--resume", *flags, check=False)
     assert_one_line_error(result, named, "cannot change")
     assert snapshot(folder) == before
 
