@@ -24,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from CapsNet import capsule_loss
+from checkpoint import MODEL_KINDS as MODEL_CLASSES
 from checkpoint import load_weights, save_checkpoint, saved_progress, training_checkpoint
 from data import DATASETS, Split, batches, random_shift, to_model_input
 from errors import UserError
@@ -32,7 +33,7 @@ from hardware import pick_device
 from scoring import count_correct
 
 SCHEDULES = ("exponential", "onecycle")
-MODEL_KINDS = ("capsnet", "cnn")
+MODEL_KINDS = tuple(MODEL_CLASSES)  # capsnet, cnn: the classes are in checkpoint.py
 
 
 @dataclass(frozen=True)
