@@ -162,6 +162,7 @@ def test_unknown_model_kind_is_a_clear_error(small_checkpoint):
 
 
 # --- Fashion-MNIST -------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.skipif(
     not DEBIAN_FASHION_DIR.is_dir(),
     reason=f"{DEBIAN_FASHION_DIR} is missing (apt install dataset-fashion-mnist)",

@@ -128,6 +128,7 @@ def assert_same_state(a: dict, b: dict) -> None:
     assert a["metrics"][-1]["train_loss"] == b["metrics"][-1]["train_loss"]
 
 
+@pytest.mark.slow
 def test_resume_reproduces_the_uninterrupted_run(data_dir, tmp_path):
     straight = train_in_process(data_dir, tmp_path / "straight", "--epochs", 2)
     train_in_process(data_dir, tmp_path / "resumed", "--epochs", 1)
@@ -136,6 +137,7 @@ def test_resume_reproduces_the_uninterrupted_run(data_dir, tmp_path):
     assert_same_state(straight, resumed)
 
 
+@pytest.mark.slow
 def test_detach_early_routing_flag_reaches_the_model(data_dir, tmp_path):
     paper = train_in_process(data_dir, tmp_path / "paper", "--epochs", 1)
     detached = train_in_process(
@@ -148,6 +150,7 @@ def test_detach_early_routing_flag_reaches_the_model(data_dir, tmp_path):
     assert not torch.equal(paper["model"]["digit_caps.W"], detached["model"]["digit_caps.W"])
 
 
+@pytest.mark.slow
 def test_interrupt_mid_epoch_saves_and_resumes_exactly(data_dir, tmp_path, monkeypatch):
     straight = train_in_process(data_dir, tmp_path / "straight", "--epochs", 1)
 
@@ -233,6 +236,7 @@ def test_evaluate_rejects_bad_checkpoints(kind, tmp_path, data_dir):
     assert_one_line_error(result, str(path))
 
 
+@pytest.mark.slow
 def test_weights_only_checkpoint_continues_at_the_scheduled_lr(data_dir, tmp_path):
     first = train_in_process(data_dir, tmp_path / "first", "--epochs", 1)
     export_weights(first, tmp_path / "shipped.pt")
@@ -277,12 +281,14 @@ def test_resume_refuses_flags_it_cannot_honour(trained_run, data_dir, flags, nam
     assert snapshot(folder) == before
 
 
+@pytest.mark.slow
 def test_resume_accepts_a_flag_repeated_with_its_saved_value(data_dir, tmp_path):
     train_in_process(data_dir, tmp_path, "--epochs", 1)
     resumed = train_in_process(data_dir, tmp_path, "--epochs", 2, "--resume", "--lr", "0.001")
     assert resumed["epoch"] == 2
 
 
+@pytest.mark.slow
 def test_resume_into_a_folder_of_another_run_is_refused(trained_run, data_dir, tmp_path):
     folder, _ = trained_run
     other = tmp_path / "other"
@@ -320,6 +326,7 @@ def test_resume_help_names_every_flag_a_resume_may_change():
     assert {f"--{name.replace('_', '-')}" for name in train.RESUMABLE} <= set(resume_help.split())
 
 
+@pytest.mark.slow
 def test_checkpoint_of_the_previous_layout_still_resumes(data_dir, tmp_path):
     """Files written before train_config/batches_done: flags under "args", "step", "partial"."""
     first = train_in_process(data_dir, tmp_path / "old", "--epochs", 1)

@@ -140,6 +140,7 @@ def test_notebook_runs_headless(tiny_checkpoint, monkeypatch):
     assert STRONGEST.match(strongest).group(1, 2) == (SAMPLES[0].name, expected["label"])
 
 
+@pytest.mark.slow
 def test_notebook_predicts_the_samples(trained_checkpoint, monkeypatch):
     lines, _ = execute_notebook(trained_checkpoint, monkeypatch)
     predictions = {match[1]: match[2] for match in map(LINE.fullmatch, lines) if match}

@@ -552,6 +552,7 @@ def test_cli_refuses_a_model_without_capsules(tmp_path, capsys):
     )
 
 
+@pytest.mark.slow
 def test_cli_predicts_the_bundled_samples(trained_checkpoint):
     result = run_cli(*map(str, SAMPLES), "--checkpoint", str(trained_checkpoint))
     assert result.returncode == 0, result.stderr

@@ -58,6 +58,7 @@ def test_ema_update_with_warm_up_on_a_toy_model():
         assert average.module.weight.item() == pytest.approx(expected)
 
 
+@pytest.mark.slow
 def test_training_with_ema_scores_both_and_saves_both(data_dir, tmp_path):
     last = train_in_process(data_dir, tmp_path, "--epochs", 2, "--ema-decay", "0.9")
     for record in last["metrics"]:
@@ -68,6 +69,7 @@ def test_training_with_ema_scores_both_and_saves_both(data_dir, tmp_path):
     assert not torch.equal(last["ema"]["digit_caps.W"], last["model"]["digit_caps.W"])
 
 
+@pytest.mark.slow
 def test_evaluate_uses_the_averaged_weights_when_validation_chose_them(data_dir, tmp_path, capsys):
     last = train_in_process(data_dir, tmp_path / "run", "--epochs", 1, "--ema-decay", "0.9")
     chosen = {
@@ -85,6 +87,7 @@ def test_evaluate_uses_the_averaged_weights_when_validation_chose_them(data_dir,
     assert scored["accuracy"] == pytest.approx(last["metrics"][-1]["ema_test_acc"])
 
 
+@pytest.mark.slow
 def test_wall_clock_continues_across_a_resume(data_dir, tmp_path):
     first = train_in_process(data_dir, tmp_path, "--epochs", 1)
     clock_at_1 = first["metrics"][0]["wall_seconds"]
@@ -126,6 +129,7 @@ def test_scheduler_steps_with_the_trainer(mnist_train, tmp_path):
         assert (trainer.optimizer.param_groups[0]["lr"] != before) == moved
 
 
+@pytest.mark.slow
 def test_sweep_trains_each_run_once_and_tabulates_them(data_dir, tmp_path, capsys):
     import sweep
 

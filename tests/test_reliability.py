@@ -94,6 +94,7 @@ def test_kill_9_leaves_a_consistent_set_and_no_lock(data_dir, tmp_path):
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == resumed["epoch"]
 
 
+@pytest.mark.slow
 def test_a_crash_between_checkpoint_writes_never_leaves_last_ahead_of_best(
     data_dir, tmp_path, monkeypatch
 ):
@@ -113,6 +114,7 @@ def test_a_crash_between_checkpoint_writes_never_leaves_last_ahead_of_best(
     assert load_checkpoint(tmp_path / "best.pt")["epoch"] >= last["epoch"]
 
 
+@pytest.mark.slow
 def test_stale_temporary_files_are_removed_at_start(data_dir, tmp_path):
     tmp_path.mkdir(exist_ok=True)
     stale = tmp_path / ".last.pt.tmp"
@@ -201,6 +203,7 @@ def saved_run(tmp_path_factory, data_dir):
     return load_checkpoint(folder / "last.pt")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "break_it, fragment",
     [

@@ -81,6 +81,7 @@ def nan_on_call(n: int):
     return loss
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
     data_dir, tmp_path, monkeypatch
 ):
@@ -93,6 +94,7 @@ def test_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
     assert all(torch.isfinite(value).all() for value in last["model"].values())
 
 
+@pytest.mark.slow
 def test_skip_mode_counts_skipped_batches(data_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(training, "capsule_loss", nan_on_call(2))
     last = train_in_process(data_dir, tmp_path, "--epochs", 1, "--on-nonfinite", "skip")
@@ -122,6 +124,7 @@ def test_gradient_clipping_bounds_the_gradient_adam_steps_with(
         ]  # clip divides by norm + 1e-6
 
 
+@pytest.mark.slow
 def test_mean_gradient_norm_is_logged(data_dir, tmp_path):
     last = train_in_process(data_dir, tmp_path, "--epochs", 1, "--max-grad-norm", "0.01")
     assert last["metrics"][-1]["grad_norm"] > 0.01
@@ -145,6 +148,7 @@ def test_interrupted_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(3))
 
 
+@pytest.mark.slow
 def test_best_is_never_replaced_by_a_worse_model(data_dir, tmp_path):
     train_in_process(data_dir, tmp_path, "--epochs", 1)
     best_before = (tmp_path / "best.pt").read_bytes()
