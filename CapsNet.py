@@ -322,19 +322,27 @@ class CapsNet(nn.Module):
         x: torch.Tensor,
         target: torch.Tensor | None = None,
         routing_iterations: int | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        reconstruct: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """x (B, C, 28, 28) in [0, 1] -> lengths (B, J), reconstructions (B, C, 28, 28),
         v (B, J, 16).
 
         The decoder is masked by `target` (the true label, in training) or else by the
         longest capsule (the prediction, at test), so one pass gives both outputs.
         `routing_iterations` scores with another r than the config's, for this call only.
+        `reconstruct=False` skips the decoder (reconstructions None), for training without
+        the reconstruction loss.
         """
         u = self.primary_caps(self.conv1(x))  # (B, 1152, 8)
         v, _ = self.digit_caps(u, routing_iterations)  # (B, J, 16)
         lengths = capsule_length(v)  # (B, J)
+        if not reconstruct:
+            return lengths, None, v
         mask_class = lengths.argmax(dim=1) if target is None else target
         return lengths, self.decoder(v, mask_class), v
+
+
+RECONSTRUCTION_WEIGHT = 0.0005  # the paper's scale-down of the SSE, so it does not dominate
 
 
 def margin_loss(lengths: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -352,13 +360,18 @@ def reconstruction_loss(reconstructions: torch.Tensor, images: torch.Tensor) -> 
 
 def capsule_loss(
     lengths: torch.Tensor,
-    reconstructions: torch.Tensor,
+    reconstructions: torch.Tensor | None,
     images: torch.Tensor,
     target: torch.Tensor,
-    reconstruction_weight: float = 0.0005,
+    reconstruction_weight: float = RECONSTRUCTION_WEIGHT,
 ) -> torch.Tensor:
-    """Margin loss + 0.0005 x reconstruction SSE, averaged over the batch (a scalar)."""
-    per_example = margin_loss(lengths, target) + reconstruction_weight * reconstruction_loss(
-        reconstructions.float(), images
-    )
+    """Margin loss + 0.0005 x reconstruction SSE, averaged over the batch (a scalar).
+
+    With reconstruction_weight 0 (Table 1's rows "no reconstruction") it is the margin loss
+    alone and `reconstructions` may be None.
+    """
+    per_example = margin_loss(lengths, target)  # (B,)
+    if reconstruction_weight:
+        sse = reconstruction_loss(reconstructions.float(), images)  # (B,)
+        per_example = per_example + reconstruction_weight * sse
     return per_example.mean()

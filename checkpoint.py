@@ -5,7 +5,7 @@ A training checkpoint (`last.pt`, `best.pt`) is one dict of tensors and plain ty
 
     model, ema        raw weights, and their moving average (None without --ema-decay)
     chosen            "raw" or "ema": the weights validation chose at the last epoch
-    model_kind        "capsnet" or "cnn"; config, the model's config as a dict
+    model_kind        "capsnet", "cnn" or "paper-cnn"; config, the model's config as a dict
     train_config      the training settings (training.TrainConfig as a dict)
     dataset           "mnist" or "fashion-mnist"
     optimizer, scheduler, ema_updates
@@ -24,14 +24,18 @@ from pathlib import Path
 import torch
 from filelock import FileLock, Timeout
 
-from baseline import BaselineCNN, BaselineConfig
-from CapsNet import CapsNet, CapsNetConfig
+from baseline import BaselineCNN, BaselineConfig, PaperCNN, PaperCNNConfig
+from CapsNet import RECONSTRUCTION_WEIGHT, CapsNet, CapsNetConfig
 from data import DATASETS
 from errors import UserError, first_line
 
 SHIPPED_CHECKPOINT = Path(__file__).parent / "checkpoints" / "capsnet_mnist.pt"
 # A checkpoint's "model_kind" names its class; checkpoints without one are CapsNets.
-MODEL_KINDS = {"capsnet": (CapsNet, CapsNetConfig), "cnn": (BaselineCNN, BaselineConfig)}
+MODEL_KINDS = {
+    "capsnet": (CapsNet, CapsNetConfig),
+    "cnn": (BaselineCNN, BaselineConfig),
+    "paper-cnn": (PaperCNN, PaperCNNConfig),
+}
 SHIPPED_KEYS = ("model_kind", "config", "dataset", "epoch", "metrics", "train_config")
 RENAMED_KEYS = {"step": "batches_done", "partial": "totals", "args": "train_config"}  # old -> new
 
@@ -189,6 +193,12 @@ def load_capsnet(path: str | Path, device: torch.device) -> tuple[CapsNet, dict]
         kind = checkpoint.get("model_kind")
         raise UserError(f"{path} holds a {kind!r} model; this needs a CapsNet checkpoint")
     return model, checkpoint
+
+
+def has_trained_decoder(checkpoint: dict) -> bool:
+    """A CapsNet trained with the reconstruction loss: its decoder's drawings mean something."""
+    weight = checkpoint.get("train_config", {}).get("reconstruction_weight", RECONSTRUCTION_WEIGHT)
+    return checkpoint.get("model_kind", "capsnet") == "capsnet" and weight > 0
 
 
 def export_weights(checkpoint: dict, path: str | Path) -> None:

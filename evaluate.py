@@ -6,11 +6,12 @@
     python evaluate.py --affine                          # accuracy under affNIST-like transforms
     python evaluate.py --routing-stats                   # coupling entropy, dead capsules, r = 1..5
 
-Works on CapsNet and baseline CNN (train.py --model cnn) checkpoints, on the checkpoint's own
-dataset. --affine places each test image on a 40x40 zero canvas, applies a seeded random affine
-map there (rotation up to +-20 degrees, x-shear up to +-0.2, scale 0.8-1.2, translation up to
-+-6 px), and feeds the model the centre 28x28 crop: a crop, not a resize, so the digits keep
-the pixel scale the model was trained at. Each family is scored alone and all together.
+Works on CapsNet and baseline CNN (train.py --model cnn or paper-cnn) checkpoints, on the
+checkpoint's own dataset. --affine places each test image on a 40x40 zero canvas, applies a
+seeded random affine map there (rotation up to +-20 degrees, x-shear up to +-0.2, scale
+0.8-1.2, translation up to +-6 px), and feeds the model the centre 28x28 crop: a crop, not a
+resize, so the digits keep the pixel scale the model was trained at. Each family is scored
+alone and all together.
 """
 
 import argparse
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 
 from CapsNet import CapsNet
-from checkpoint import SHIPPED_CHECKPOINT, load_model
+from checkpoint import SHIPPED_CHECKPOINT, has_trained_decoder, load_model
 from data import CLASS_NAMES, load_split
 from errors import UserError, exit_on_user_error
 from figures import save_figures
@@ -158,7 +159,14 @@ def main(argv=None) -> None:
         result["figures"] = [
             str(p)
             for p in save_figures(
-                model, split, predictions, result, class_names, device, Path(args.figures)
+                model,
+                split,
+                predictions,
+                result,
+                class_names,
+                device,
+                Path(args.figures),
+                reconstructions=has_trained_decoder(checkpoint),
             )
         ]
     if args.json:

@@ -50,9 +50,17 @@ def plot_curve(records: list[dict], path: Path) -> Path:
 
 
 def save_figures(
-    model, split: Split, predictions: torch.Tensor, result: dict, class_names, device, folder: Path
+    model,
+    split: Split,
+    predictions: torch.Tensor,
+    result: dict,
+    class_names,
+    device,
+    folder: Path,
+    reconstructions: bool,
 ) -> list[Path]:
-    """Confusion matrix, 16 test digits beside their reconstructions, and up to 32 mistakes."""
+    """Confusion matrix, 16 test digits beside their reconstructions (when the model has a
+    trained decoder), and up to 32 mistakes."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = [
         plot_confusion(
@@ -62,7 +70,7 @@ def save_figures(
             folder / "confusion_matrix.png",
         )
     ]
-    if isinstance(model, CapsNet):  # the baseline CNN has no decoder
+    if reconstructions:
         paths.append(save_reconstructions(model, split, device, folder / "reconstructions.png"))
     wrong = (predictions != split.labels).nonzero().flatten()[:32]
     if len(wrong):

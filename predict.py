@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from checkpoint import SHIPPED_CHECKPOINT, load_capsnet
+from checkpoint import SHIPPED_CHECKPOINT, has_trained_decoder, load_capsnet
 from data import CLASS_NAMES
 from errors import UserError, exit_on_user_error
 from hardware import pick_device
@@ -147,6 +147,11 @@ def main(argv=None) -> None:
         raise UserError(f"--show {args.show} is a file, not a folder")
     device = pick_device(args.device)
     model, checkpoint = load_capsnet(args.checkpoint, device)  # once, before any file
+    if args.show and not has_trained_decoder(checkpoint):
+        raise UserError(
+            f"--show: {args.checkpoint} was trained without the reconstruction loss "
+            "(--reconstruction-weight 0), so its decoder draws nothing meaningful"
+        )
     class_names = CLASS_NAMES[checkpoint.get("dataset", "mnist")]
     if args.show:
         make_show_folder(args.show)

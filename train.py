@@ -23,14 +23,17 @@ LAUNCHED = time.perf_counter()  # the run's wall clock counts from here, imports
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from baseline import BaselineCNN, BaselineConfig  # noqa: E402
 from CapsNet import CapsNet, CapsNetConfig  # noqa: E402
-from checkpoint import claim_run_folder, config_from_checkpoint, load_checkpoint  # noqa: E402
+from checkpoint import (  # noqa: E402
+    MODEL_KINDS,
+    claim_run_folder,
+    config_from_checkpoint,
+    load_checkpoint,
+)
 from data import DATASETS, load_split, train_val_split  # noqa: E402
 from errors import UserError, exit_on_user_error  # noqa: E402
 from hardware import keep_freed_memory  # noqa: E402
 from training import (  # noqa: E402
-    MODEL_KINDS,
     SCHEDULES,
     StopRequest,
     TrainConfig,
@@ -60,9 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--model",
         default=DEFAULTS.model,
-        choices=MODEL_KINDS,
-        help="capsnet, or cnn for the small baseline in baseline.py (cross-entropy loss) "
-        "(default: %(default)s)",
+        choices=tuple(MODEL_KINDS),
+        help="capsnet; paper-cnn for the paper's 35.4M-parameter baseline, or cnn for a small "
+        "one (baseline.py, cross-entropy loss) (default: %(default)s)",
     )
     add(
         "--epochs",
@@ -161,6 +164,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="score the test set every N epochs and at the end (default: %(default)s)",
     )
     add(
+        "--reconstruction-weight",
+        type=float,
+        default=DEFAULTS.reconstruction_weight,
+        help="weight of the reconstruction SSE in the loss; 0 trains on the margin loss alone "
+        "and skips the decoder, which then stays untrained (default: %(default)s, the paper's)",
+    )
+    add(
         "--max-grad-norm",
         type=float,
         default=None,
@@ -237,8 +247,9 @@ def configs_from_flags(args: argparse.Namespace):
     try:
         values = {name: getattr(args, name) for name in TrainConfig.__dataclass_fields__}
         config = TrainConfig(**{**values, "adam_betas": tuple(args.adam_betas)})
-        if config.model == "cnn":
-            return config, BaselineCNN, BaselineConfig()
+        if config.model != "capsnet":
+            model_class, model_config = MODEL_KINDS[config.model]
+            return config, model_class, model_config()
         return config, CapsNet, CapsNetConfig(**{name: getattr(args, name) for name in MODEL_FLAGS})
     except ValueError as error:
         raise as_user_error(error) from error

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from CapsNet import capsule_loss
+from CapsNet import RECONSTRUCTION_WEIGHT, capsule_loss
 from checkpoint import MODEL_KINDS as MODEL_CLASSES
 from checkpoint import load_weights, save_checkpoint, saved_progress, training_checkpoint
 from data import DATASETS, Split, batches, random_shift, to_model_input
@@ -33,7 +33,7 @@ from hardware import pick_device
 from scoring import count_correct
 
 SCHEDULES = ("exponential", "onecycle")
-MODEL_KINDS = tuple(MODEL_CLASSES)  # capsnet, cnn: the classes are in checkpoint.py
+MODEL_KINDS = tuple(MODEL_CLASSES)  # capsnet, cnn, paper-cnn: the classes are in checkpoint.py
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ class TrainConfig:
     """Every setting of a training run; train.py's flags take their defaults from here."""
 
     dataset: str = "mnist"  # or fashion-mnist
-    model: str = "capsnet"  # or cnn, the small baseline in baseline.py
+    model: str = "capsnet"  # or cnn / paper-cnn, the baselines in baseline.py
     epochs: int = 30  # the budget; onecycle anneals over all of it
     batch_size: int = 128  # the authors' released code trains at 128; the paper gives none
     lr: float = 1e-3  # Adam's learning rate; onecycle's peak
@@ -49,6 +49,7 @@ class TrainConfig:
     schedule: str = "exponential"  # the paper: "exponentially decaying", rate not given
     adam_betas: tuple[float, float] = (0.9, 0.999)  # PyTorch's and TensorFlow's defaults
     ema_decay: float | None = None  # average the weights per step with this decay; None: off
+    reconstruction_weight: float = RECONSTRUCTION_WEIGHT  # 0: margin loss alone, no decoder
     max_shift: int = 2  # paper: shifts of up to 2 px, the only augmentation
     seed: int = 0  # init, validation split, order and shifts
     train_subset: int | None = None  # the first N training images; None: all
@@ -83,6 +84,11 @@ class TrainConfig:
             len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas),
             "adam_betas",
             "two numbers in [0, 1)",
+        )
+        require(
+            self.reconstruction_weight >= 0 and math.isfinite(self.reconstruction_weight),
+            "reconstruction_weight",
+            "a number >= 0",
         )
         require(self.ema_decay is None or 0 < self.ema_decay < 1, "ema_decay", "in (0, 1)")
         require(
@@ -255,6 +261,9 @@ class Trainer:
             (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         )
         self.model = model.to(device)
+        self.reconstruct = config.model == "capsnet" and config.reconstruction_weight > 0
+        if config.model == "capsnet" and not self.reconstruct:
+            self.model.decoder.requires_grad_(False)  # untrained; DDP and Adam leave it alone
         replica = self.model
         if self.world_size > 1:  # all-reduces (averages) the gradients inside backward()
             replica = DistributedDataParallel(
@@ -439,12 +448,13 @@ class Trainer:
         return None, float("nan")
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Batch-mean loss: margin + reconstruction for CapsNet, cross-entropy for the CNN."""
-        if self.config.model == "cnn":
+        """Batch-mean loss: margin + reconstruction for CapsNet, cross-entropy for the CNNs."""
+        if self.config.model != "capsnet":
             (logits,) = self.step_model(x)  # (b, K)
             return F.cross_entropy(logits, y)
-        lengths, reconstructions, _ = self.step_model(x, y)  # decoder masked by the true label
-        return capsule_loss(lengths, reconstructions, x, y)  # reconstructs the shifted input
+        # The decoder is masked by the true label and reconstructs the shifted input.
+        lengths, reconstructions, _ = self.step_model(x, y, reconstruct=self.reconstruct)
+        return capsule_loss(lengths, reconstructions, x, y, self.config.reconstruction_weight)
 
     # --- end of an epoch ---------------------------------------------------------------
     def score_epoch(self, val_split: Split | None, test_split: Split) -> dict:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import evaluate
-from baseline import BaselineCNN
+from baseline import BaselineCNN, PaperCNN
 from CapsNet import CapsNet
 from checkpoint import export_weights, load_checkpoint, model_from_checkpoint
 from data import AFFINE_FAMILIES, DEBIAN_FASHION_DIR, AffineParams, random_affine, to_model_input
@@ -153,6 +153,47 @@ def test_cnn_trains_checkpoints_and_evaluates(data_dir, tmp_path, capsys):
                 "--routing-stats",
             ]
         )
+
+
+def test_paper_cnn_is_the_papers_baseline():
+    """Three 5x5 'same' convs of 256, 256, 128 channels, FC 328 and 192, 10 classes: the
+    paper's 35.4M parameters, to the one."""
+    model = PaperCNN()
+    documented = int(re.search(r"([\d,]+) parameters", PaperCNN.__doc__).group(1).replace(",", ""))
+    assert sum(p.numel() for p in model.parameters()) == documented == 35_445_522
+    assert [conv.out_channels for conv in model.convs] == [256, 256, 128]
+    assert all(conv.kernel_size == (5, 5) and conv.stride == (1, 1) for conv in model.convs)
+    assert (model.fc1.out_features, model.fc2.out_features) == (328, 192)
+    x = torch.rand(3, 1, 28, 28)
+    features = x
+    for conv in model.convs:
+        features = conv(features)
+    assert features.shape == (3, 128, 28, 28)  # 'same' padding keeps the image size
+    (logits,) = model.eval()(x)
+    assert logits.shape == (3, 10)
+    model.train()
+    torch.manual_seed(0)
+    first = model(x)[0]
+    torch.manual_seed(1)
+    assert not torch.equal(first, model(x)[0])  # dropout acts in training only
+    model.eval()
+    assert torch.equal(model(x)[0], logits)
+
+
+def test_paper_cnn_trains_and_evaluates(data_dir, tmp_path, capsys):
+    checkpoint = train_in_process(
+        data_dir, tmp_path / "paper", "--epochs", 1, "--model", "paper-cnn"
+    )
+    assert checkpoint["model_kind"] == "paper-cnn"
+    model = model_from_checkpoint(checkpoint)
+    assert isinstance(model, PaperCNN)
+    assert not torch.equal(model.convs[0].weight, PaperCNN().convs[0].weight)
+    result = evaluate_json(
+        capsys, "--checkpoint", tmp_path / "paper" / "last.pt", "--data-dir", data_dir,
+        "--test-subset", 40,
+    )  # fmt: skip
+    assert result["model_kind"] == "paper-cnn"
+    assert result["accuracy"] == pytest.approx(checkpoint["metrics"][-1]["test_acc"])
 
 
 def test_unknown_model_kind_is_a_clear_error(small_checkpoint):

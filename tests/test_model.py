@@ -261,6 +261,19 @@ def test_reconstruction_term_is_0_0005_times_summed_squared_error():
     assert torch.isclose(loss, torch.tensor(0.0005 * 784 * 0.25))
 
 
+def test_without_reconstruction_the_loss_is_the_margin_loss_and_the_decoder_is_skipped(
+    small_model,
+):
+    x, target = torch.rand(3, 1, 28, 28), torch.tensor([0, 4, 9])
+    lengths, reconstructions, v = small_model(x, target)
+    skipped = small_model(x, target, reconstruct=False)
+    assert skipped[1] is None
+    assert torch.equal(skipped[0], lengths) and torch.equal(skipped[2], v)
+    margin = margin_loss(lengths, target).mean()
+    assert torch.equal(capsule_loss(lengths, None, x, target, reconstruction_weight=0), margin)
+    assert capsule_loss(lengths, reconstructions, x, target) > margin
+
+
 def test_initial_loss_is_what_theory_says(mnist_test):
     torch.manual_seed(0)
     model = CapsNet()

@@ -2,12 +2,15 @@
 the time-to-accuracy report."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
+import predict
 import time_to_accuracy
 from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from errors import UserError
 from training import TrainConfig, build_scheduler, ema_update
 
 from conftest import evaluate_json, make_trainer, train_in_process
@@ -157,3 +160,40 @@ def test_sweep_trains_each_run_once_and_tabulates_them(data_dir, tmp_path, capsy
     assert (
         len(table) == 4 and table[2].startswith("| seed0 | ") and table[3].startswith("| seed1 | ")
     )
+
+
+def test_training_without_reconstruction_leaves_the_decoder_as_initialised(mnist_train, tmp_path):
+    """--reconstruction-weight 0: the step's loss is the margin loss alone, the decoder gets no
+    gradient and keeps its initial weights, everything else learns."""
+    batch = mnist_train.subset(torch.arange(32))
+    trainer = make_trainer(tmp_path, reconstruction_weight=0.0)
+    before = {name: p.clone() for name, p in trainer.model.named_parameters()}
+    trainer.model.decoder.register_forward_hook(lambda *_: pytest.fail("the decoder ran"))
+    trainer.train_step(batch.images, batch.labels, torch.Generator().manual_seed(0))
+    for name, parameter in trainer.model.named_parameters():
+        changed = not torch.equal(parameter, before[name])
+        assert changed == (not name.startswith("decoder.")), name
+        assert (parameter.grad is None) == name.startswith("decoder."), name
+
+
+def test_a_run_without_reconstruction_is_saved_as_such_and_shows_no_reconstructions(
+    data_dir, tmp_path, capsys
+):
+    folder = tmp_path / "margin-only"
+    checkpoint = train_in_process(data_dir, folder, "--epochs", 1, "--reconstruction-weight", 0)
+    assert checkpoint["train_config"]["reconstruction_weight"] == 0
+    result = evaluate_json(
+        capsys, "--checkpoint", folder / "last.pt", "--data-dir", data_dir, "--test-subset", 40,
+        "--figures", tmp_path / "figures",
+    )  # fmt: skip
+    assert [Path(path).name for path in result["figures"]] == [
+        "confusion_matrix.png",
+        "misclassified.png",
+    ]
+    with pytest.raises(UserError, match="--show: .* trained without the reconstruction loss"):
+        predict.main([str(tmp_path / "digit.png"), "--checkpoint", str(folder / "last.pt"),
+                      "--show", str(tmp_path / "show")])  # fmt: skip
+    with pytest.raises(UserError, match="--reconstruction-weight cannot change when resuming"):
+        train_in_process(
+            data_dir, folder, "--resume", "--epochs", 2, "--reconstruction-weight", 0.0005
+        )
