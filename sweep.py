@@ -2,18 +2,27 @@
 
     python sweep.py results/grids/recipe.json --data-dir ../shared/data
     python sweep.py results/grids/recipe.json --list        # what is done, running, to do
-    python sweep.py results/grids/recipe.json --table       # the finished runs as a Markdown table
+    python sweep.py results/grids/recipe.json --table       # the results as a Markdown table
 
-A grid file is a JSON list of {"name": ..., "flags": [...]} for train.py. Each run trains in
-runs/sweep/NAME (or --runs-dir); a finished run is skipped, an interrupted one resumed. When a
-run ends, its final and best epochs go as one line to the results file named in the grid file
-beside it (GRID.results.jsonl). The grid file is read again before each run, so runs can be
-added or reordered while a sweep is going. Ctrl-C stops the current run resumably and ends
-the sweep.
+A grid file is a JSON list of runs, {"name": ..., "flags": [...]} for train.py, or an object
+{"evaluate": [...], "runs": [...]}, whose evaluate.py flags (say --affine) score each run's
+final checkpoint (last.pt) when it ends; a run's own "evaluate" list replaces the grid's. A run
+may also carry "paper", the paper's figure for it, which the table shows.
+
+Each run trains in runs/sweep/NAME (or --runs-dir); a finished run is skipped, an interrupted
+one resumed. When a run ends, its final and best epochs (and its evaluation) go as one line to
+the results file beside the grid file (GRID.results.jsonl). The grid file is read again before
+each run, so runs can be added or reordered while a sweep is going. Ctrl-C stops the current
+run resumably and ends the sweep.
+
+The table has one row per recipe: runs whose names differ only in a final "-sN" (the seed)
+are one row, with the mean and sample standard deviation over them.
 """
 
 import argparse
 import json
+import re
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -22,13 +31,21 @@ from errors import UserError, exit_on_user_error
 
 
 def read_grid(path: Path) -> list[dict]:
+    """The runs, each with its "evaluate" flags (the grid's unless it has its own)."""
     try:
         grid = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as error:
         raise UserError(f"{path} is not a readable grid file ({error})") from error
-    if not isinstance(grid, list) or not all({"name", "flags"} <= set(run) for run in grid):
-        raise UserError(f"{path} must hold a JSON list of {{'name': ..., 'flags': [...]}} objects")
-    return grid
+    runs = grid.get("runs") if isinstance(grid, dict) else grid
+    if not isinstance(runs, list) or not all(
+        isinstance(run, dict) and {"name", "flags"} <= set(run) for run in runs
+    ):
+        raise UserError(
+            f"{path} must hold a JSON list of {{'name': ..., 'flags': [...]}} objects, "
+            "or {'evaluate': [...], 'runs': [that list]}"
+        )
+    evaluate = grid.get("evaluate", []) if isinstance(grid, dict) else []
+    return [{"evaluate": evaluate, **run} for run in runs]
 
 
 def records(folder: Path) -> list[dict]:
@@ -59,33 +76,111 @@ def train(run: dict, folder: Path, data_dir: str) -> int:
     return subprocess.run(command).returncode
 
 
-def summary(run: dict, folder: Path) -> dict:
+def evaluation(run: dict, folder: Path, data_dir: str) -> dict | None:
+    """evaluate.py --json with the run's "evaluate" flags on its final checkpoint, or None."""
+    if not run["evaluate"]:
+        return None
+    command = [
+        sys.executable,
+        str(Path(__file__).parent / "evaluate.py"),
+        "--checkpoint",
+        str(folder / "last.pt"),
+        "--data-dir",
+        data_dir,
+        "--json",
+        *run["evaluate"],
+    ]
+    print(f"[{run['name']}] {' '.join(command[1:])}", flush=True)
+    done = subprocess.run(command, stdout=subprocess.PIPE, text=True)
+    if done.returncode != 0:
+        raise UserError(f"evaluating run {run['name']} failed (exit {done.returncode})")
+    result = json.loads(done.stdout)
+    result.pop("confusion_matrix", None)  # in the run's own evaluation when wanted, not here
+    return result
+
+
+def summary(run: dict, folder: Path, scores: dict | None) -> dict:
     log = records(folder)
     best = max((r for r in log if "val_acc" in r), key=lambda r: r["val_acc"], default=log[-1])
     return {
         "name": run["name"],
         "flags": run["flags"],
+        **({"paper": run["paper"]} if "paper" in run else {}),
         "final": log[-1],
         "best_by_val": best,
+        **({"evaluation": scores} if scores else {}),
         "log": log,
     }
 
 
+# The table's columns: where each run's record keeps the value (missing: not measured), and
+# its unit ("%" unless named here).
+COLUMNS = {
+    "val": ("final", "val_acc"),
+    "test": ("final", "test_acc"),
+    "test error": ("final", "test_acc"),  # 100 - test, shown beside the paper's error
+    "test, raw weights": ("final", "raw_test_acc"),
+    "test, averaged": ("final", "ema_test_acc"),
+    "affine, combined": ("evaluation", "affine", "accuracy", "combined"),
+    "coupling entropy (nats)": ("evaluation", "routing", "coupling_entropy"),
+    "test at r=1": ("evaluation", "routing", "accuracy_by_iterations", "1"),
+    "test at r=3": ("evaluation", "routing", "accuracy_by_iterations", "3"),
+    "wall (min)": ("final", "wall_seconds"),
+}
+UNITS = {"coupling entropy (nats)": "", "wall (min)": ""}
+
+
+def measured(run: dict, column: str) -> float | None:
+    value = run
+    for key in COLUMNS[column]:
+        value = value.get(key) if isinstance(value, dict) else None
+    if value is None:
+        return None
+    if column == "test error":
+        return 100 - value
+    return value / 60 if column == "wall (min)" else value
+
+
+def recipe_name(name: str) -> str:
+    """The run's name without its final "-sN" seed suffix."""
+    return re.sub(r"-s\d+$", "", name)
+
+
+def mean_and_spread(values: list[float], unit: str) -> str:
+    """ "99.47%" for one value, "99.47 ± 0.03% (2)" for several: mean, sample std, count."""
+    digits = 4 if unit == "" and max(values) < 10 else 2 if unit else 1
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}{unit}"
+    spread = statistics.stdev(values)
+    return f"{statistics.mean(values):.{digits}f} ± {spread:.{digits}f}{unit} ({len(values)})"
+
+
 def table_rows(results: Path) -> list[str]:
-    """One Markdown row per finished run: the final epoch's scores and the run's wall clock."""
-    rows = [
-        "| run | val | test | test, raw weights | test, averaged | wall |",
-        "|---|---|---|---|---|---|",
+    """One Markdown row per recipe (its seeds together); columns no run measured are left out."""
+    lines = results.read_text().splitlines() if results.exists() else []
+    runs = [json.loads(line) for line in lines]
+    recipes: dict[str, list[dict]] = {}
+    for run in runs:
+        recipes.setdefault(recipe_name(run["name"]), []).append(run)
+    papers = any("paper" in run for run in runs)
+    columns = [
+        column
+        for column in COLUMNS
+        if any(measured(run, column) is not None for run in runs)
+        and (papers or column != "test error")
     ]
-    for line in results.read_text().splitlines() if results.exists() else []:
-        run = json.loads(line)
-        final = run["final"]
-        scores = [final.get(key) for key in ("val_acc", "test_acc", "raw_test_acc", "ema_test_acc")]
-        cells = [f"{value:.2f}%" if value is not None else "-" for value in scores]
-        wall = final.get("wall_seconds")
-        rows.append(
-            f"| {run['name']} | {' | '.join(cells)} | {f'{wall / 60:.1f} min' if wall else '-'} |"
-        )
+    header = ["run", "seeds", *(["paper's test error"] if papers else []), *columns]
+    rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, group in recipes.items():
+        seeds = [run["name"][len(name) :].lstrip("-s") or "-" for run in group]
+        cells = [name, ", ".join(seeds)]
+        if papers:
+            cells.append(group[0].get("paper", "-"))
+        for column in columns:
+            values = [value for run in group if (value := measured(run, column)) is not None]
+            unit = UNITS.get(column, "%")
+            cells.append(mean_and_spread(values, unit) if values else "-")
+        rows.append("| " + " | ".join(cells) + " |")
     return rows
 
 
@@ -132,8 +227,9 @@ def main(argv=None) -> None:
             raise UserError(
                 f"run {run['name']} stopped (exit {code}); run the sweep again to resume it"
             )
+        scores = evaluation(run, folder, args.data_dir)
         with open(results, "a") as file:
-            file.write(json.dumps(summary(run, folder)) + "\n")
+            file.write(json.dumps(summary(run, folder, scores)) + "\n")
 
 
 if __name__ == "__main__":

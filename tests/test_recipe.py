@@ -133,33 +133,43 @@ def test_scheduler_steps_with_the_trainer(mnist_train, tmp_path):
 
 
 @pytest.mark.slow
-def test_sweep_trains_each_run_once_and_tabulates_them(data_dir, tmp_path, capsys):
+def test_sweep_trains_each_run_once_evaluates_it_and_tabulates_the_seeds(
+    data_dir, tmp_path, capsys
+):
     import sweep
 
     tiny = ["--train-subset", "64", "--val-size", "32", "--test-subset", "50", "--batch-size", "32"]
-    grid = [
-        {"name": f"seed{seed}", "flags": [*tiny, "--epochs", "1", "--seed", str(seed)]}
+    runs = [
+        {"name": f"tiny-s{seed}", "flags": [*tiny, "--epochs", "1", "--seed", str(seed)]}
         for seed in (0, 1)
     ]
+    runs.append({"name": "cnn", "flags": [*tiny, "--epochs", "1", "--model", "cnn"],
+                 "evaluate": ["--test-subset", "50"], "paper": "0.39%"})  # fmt: skip
     path = tmp_path / "grid.json"
-    path.write_text(json.dumps(grid))
+    path.write_text(json.dumps({"evaluate": ["--test-subset", "50", "--affine"], "runs": runs}))
     flags = [str(path), "--data-dir", str(data_dir), "--runs-dir", str(tmp_path / "runs")]
     sweep.main(flags)
     results = [
         json.loads(line) for line in (tmp_path / "grid.results.jsonl").read_text().splitlines()
     ]
-    assert [r["name"] for r in results] == ["seed0", "seed1"]
+    assert [r["name"] for r in results] == ["tiny-s0", "tiny-s1", "cnn"]
     assert results[0]["final"]["epoch"] == 1 and "test_acc" in results[0]["final"]
-    before = (tmp_path / "runs" / "seed0" / "last.pt").read_bytes()
+    assert set(results[0]["evaluation"]["affine"]["accuracy"]) >= {"rotation", "combined"}
+    assert "affine" not in results[2]["evaluation"]  # the run's own flags replace the grid's
+    assert results[2]["evaluation"]["accuracy"] == pytest.approx(results[2]["final"]["test_acc"])
+    before = (tmp_path / "runs" / "tiny-s0" / "last.pt").read_bytes()
     sweep.main(flags)  # everything is done: nothing trains again
-    assert (tmp_path / "runs" / "seed0" / "last.pt").read_bytes() == before
-    assert len((tmp_path / "grid.results.jsonl").read_text().splitlines()) == 2
+    assert (tmp_path / "runs" / "tiny-s0" / "last.pt").read_bytes() == before
+    assert len((tmp_path / "grid.results.jsonl").read_text().splitlines()) == 3
     capsys.readouterr()
     sweep.main([str(path), "--table"])
-    table = capsys.readouterr().out.splitlines()
-    assert (
-        len(table) == 4 and table[2].startswith("| seed0 | ") and table[3].startswith("| seed1 | ")
-    )
+    header, _, tiny_row, cnn_row = capsys.readouterr().out.splitlines()
+    assert header.startswith("| run | seeds | paper's test error | val | test | test error |")
+    assert "affine, combined" in header
+    tests = [r["final"]["test_acc"] for r in results[:2]]
+    spread = f"{sum(tests) / 2:.2f} ± {abs(tests[0] - tests[1]) / 2**0.5:.2f}% (2)"
+    assert tiny_row.startswith("| tiny | 0, 1 | - | ") and spread in tiny_row
+    assert cnn_row.startswith("| cnn | - | 0.39% | ")
 
 
 def test_training_without_reconstruction_leaves_the_decoder_as_initialised(mnist_train, tmp_path):
