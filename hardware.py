@@ -26,6 +26,17 @@ def pick_device(requested: str = "auto") -> torch.device:
     return torch.device(requested)
 
 
+def has_native_bf16(device: torch.device) -> bool:
+    """Whether bfloat16 autocast is native here: a CUDA GPU with bf16, or a CPU with AVX512-BF16
+    or AMX. Elsewhere bf16 is emulated, which can be slower than float32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private, so guarded
+        return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
+    return False
+
+
 def keep_freed_memory() -> None:
     """On Linux (glibc), keep freed memory for reuse instead of handing it back to the OS.
 

@@ -2,28 +2,33 @@
 
     python time_to_accuracy.py runs/sweep/*/              # one row per run folder
     python time_to_accuracy.py runs/a/metrics.jsonl --thresholds 99.0 99.5 --json
+    python time_to_accuracy.py checkpoints/capsnet_mnist.pt  # the log a checkpoint carries
 
 The time is the run's wall clock (`wall_seconds`: training and evaluation, counted from
 launch and continued across resumes). Logs written before that clock existed show the
-epoch only. The accuracy is the test accuracy of the weights validation chose that epoch.
+training time summed over epochs instead, marked "train": evaluation is not in it. The
+accuracy is the test accuracy of the weights validation chose that epoch.
 """
 
 import argparse
 import json
 from pathlib import Path
 
-from errors import UserError, exit_on_user_error
+from checkpoint import load_checkpoint
+from errors import UserError, exit_on_user_error, first_line
 
 THRESHOLDS = (99.0, 99.5, 99.6, 99.7)
 
 
 def read_log(path: Path) -> list[dict]:
-    """A run folder or its metrics.jsonl -> the epoch records."""
+    """A run folder, its metrics.jsonl or a checkpoint (.pt) -> the epoch records."""
+    if path.suffix == ".pt":
+        return load_checkpoint(path).get("metrics", [])
     log = path / "metrics.jsonl" if path.is_dir() else path
     try:
         return [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-    except (OSError, json.JSONDecodeError) as error:
-        raise UserError(f"{log} is not a readable metrics log ({error})") from error
+    except (OSError, ValueError) as error:  # ValueError: not JSON, or not even text
+        raise UserError(f"{log} is not a readable metrics log ({first_line(error)})") from error
 
 
 def first_reached(records: list[dict], threshold: float) -> dict | None:
@@ -39,6 +44,7 @@ def summarize(name: str, records: list[dict], thresholds) -> dict:
         reached[str(threshold)] = record and {
             "epoch": record["epoch"],
             "seconds": record.get("wall_seconds"),
+            "train_seconds": sum(r.get("seconds", 0) for r in records[: records.index(record) + 1]),
         }
     return {
         "run": name,
@@ -53,7 +59,8 @@ def cell(reached: dict | None) -> str:
     if reached is None:
         return "-"
     if reached["seconds"] is None:
-        return f"ep {reached['epoch']}"
+        minutes, seconds = divmod(round(reached["train_seconds"]), 60)
+        return f"ep {reached['epoch']} train {minutes}:{seconds:02d}"
     minutes, seconds = divmod(round(reached["seconds"]), 60)
     return f"ep {reached['epoch']} {minutes}:{seconds:02d}"
 
@@ -61,12 +68,12 @@ def cell(reached: dict | None) -> str:
 def print_table(rows: list[dict], thresholds) -> None:
     width = max(len("run"), *(len(row["run"]) for row in rows))
     header = (
-        f"{'run':<{width}}  " + "".join(f"{f'{t:.1f}%':>14}" for t in thresholds) + "     final"
+        f"{'run':<{width}}  " + "".join(f"{f'{t:.1f}%':>20}" for t in thresholds) + "     final"
     )
     print(header)
     for row in rows:
         final = f"{row['final_test_acc']:.2f}%" if row["final_test_acc"] is not None else "-"
-        cells = "".join(f"{cell(row['reached'][str(t)]):>14}" for t in thresholds)
+        cells = "".join(f"{cell(row['reached'][str(t)]):>20}" for t in thresholds)
         print(f"{row['run']:<{width}}  {cells}{final:>10}")
 
 
@@ -74,7 +81,9 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("runs", nargs="+", type=Path, help="run folders or metrics.jsonl files")
+    parser.add_argument(
+        "runs", nargs="+", type=Path, help="run folders, metrics.jsonl files or checkpoints"
+    )
     parser.add_argument(
         "--thresholds",
         type=float,

@@ -185,10 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--compile", action="store_true", help="torch.compile the model (default: off)")
     add(
         "--bf16",
-        action="store_true",
-        help="bfloat16 autocast for the training step's convolutions and decoder, for GPUs and "
-        "CPUs with AVX512-BF16 or AMX; routing and the loss stay float32, evaluation is "
-        "float32 (default: off)",
+        action=argparse.BooleanOptionalAction,
+        default=DEFAULTS.bf16,
+        help="bfloat16 autocast for the training step's convolutions and decoder; routing and "
+        "the loss stay float32, evaluation is float32 (default: on where it is native, GPUs "
+        "and CPUs with AVX512-BF16 or AMX; else off)",
     )
     add(
         "--data-dir", default="data", help="dataset root, downloaded into if absent (default: data)"
@@ -387,7 +388,8 @@ def run(
         log(f"resumed at epoch {trainer.progress.epoch + 1}, batch {trainer.progress.batches_done}")
     num_params = sum(p.numel() for p in trainer.model.parameters())
     log(
-        f"model {config.model}  device {device}  processes {trainer.world_size}  "
+        f"model {config.model}  device {device}  "
+        f"{'bf16' if trainer.config.bf16 else 'float32'}  processes {trainer.world_size}  "
         f"threads {torch.get_num_threads()}  parameters {num_params:,}  train {len(train_split)}  "
         f"val {len(val_split) if val_split else 0}  "
         f"test {len(test_split)}"

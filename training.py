@@ -13,7 +13,7 @@ import os
 import random
 import signal
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +29,7 @@ from checkpoint import load_weights, save_checkpoint, saved_progress, training_c
 from data import DATASETS, Split, batches, random_shift, to_model_input
 from errors import UserError
 from figures import plot_curve
-from hardware import pick_device
+from hardware import has_native_bf16, pick_device
 from scoring import count_correct
 
 SCHEDULES = ("exponential", "onecycle")
@@ -58,7 +58,7 @@ class TrainConfig:
     test_every: int = 1  # score the test set every N epochs (and at the end)
     max_grad_norm: float | None = None  # clip the gradient norm; None: no clipping
     on_nonfinite: str = "stop"  # a NaN/inf loss or gradient stops the run, or "skip"s the batch
-    bf16: bool = False  # bfloat16 autocast for the training step; routing stays float32
+    bf16: bool | None = None  # bfloat16 autocast in training, routing float32; None: if native
     compile: bool = False  # torch.compile the model
 
     def __post_init__(self):
@@ -255,6 +255,8 @@ class Trainer:
         quiet: bool = False,
         started: float | None = None,
     ):
+        if config.bf16 is None:  # resolved once, so the checkpoint records what ran
+            config = replace(config, bf16=has_native_bf16(device))
         self.config, self.device, self.checkpoint_dir = config, device, Path(checkpoint_dir)
         self.dry_run, self.quiet = dry_run, quiet
         self.rank, self.world_size = (

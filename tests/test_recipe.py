@@ -102,24 +102,37 @@ def test_wall_clock_continues_across_a_resume(data_dir, tmp_path):
 
 def test_time_to_accuracy_reports_the_first_epoch_at_each_threshold(tmp_path, capsys):
     records = [
-        {"epoch": 1, "test_acc": 99.1, "wall_seconds": 100.0},
-        {"epoch": 2, "test_acc": 99.55, "wall_seconds": 200.0},
-        {"epoch": 3, "test_acc": 99.52, "wall_seconds": 300.0},
-        {"epoch": 4, "test_acc": 99.61, "wall_seconds": 425.0},
+        {"epoch": 1, "test_acc": 99.1, "seconds": 80.0, "wall_seconds": 100.0},
+        {"epoch": 2, "test_acc": 99.55, "seconds": 80.0, "wall_seconds": 200.0},
+        {"epoch": 3, "test_acc": 99.52, "seconds": 80.0, "wall_seconds": 300.0},
+        {"epoch": 4, "test_acc": 99.61, "seconds": 90.0, "wall_seconds": 425.0},
     ]
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     time_to_accuracy.main([str(tmp_path / "run"), "--json"])
     row = json.loads(capsys.readouterr().out)
     assert row["reached"] == {
-        "99.0": {"epoch": 1, "seconds": 100.0},
-        "99.5": {"epoch": 2, "seconds": 200.0},
-        "99.6": {"epoch": 4, "seconds": 425.0},
+        "99.0": {"epoch": 1, "seconds": 100.0, "train_seconds": 80.0},
+        "99.5": {"epoch": 2, "seconds": 200.0, "train_seconds": 160.0},
+        "99.6": {"epoch": 4, "seconds": 425.0, "train_seconds": 330.0},
         "99.7": None,
     }
     assert row["final_test_acc"] == 99.61
     time_to_accuracy.main([str(tmp_path / "run")])
     assert "ep 4 7:05" in capsys.readouterr().out
+
+
+def test_time_to_accuracy_reads_a_checkpoints_log_and_refuses_what_is_no_log(tmp_path, capsys):
+    """A log from before the wall clock shows the summed training time, marked "train"."""
+    records = [{"epoch": 1, "test_acc": 99.2, "seconds": 470.0}, {"epoch": 2, "test_acc": 99.6,
+               "seconds": 475.0}]  # fmt: skip
+    save_checkpoint({"model": {}, "config": {}, "metrics": records}, tmp_path / "old.pt")
+    time_to_accuracy.main([str(tmp_path / "old.pt")])
+    table = capsys.readouterr().out
+    assert "ep 1 train 7:50" in table and "ep 2 train 15:45" in table
+    (tmp_path / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n\x80\x81")
+    with pytest.raises(UserError, match="image.png is not a readable metrics log"):
+        time_to_accuracy.main([str(tmp_path / "image.png")])
 
 
 def test_scheduler_steps_with_the_trainer(mnist_train, tmp_path):

@@ -1,6 +1,7 @@
 """No NaN, no collapse, no lost checkpoint: extreme inputs, guards, atomic writes, a stress run."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from CapsNet import CapsNet, DynamicRouting, capsule_loss
 from checkpoint import load_checkpoint, save_checkpoint
 from data import train_val_split
 from errors import UserError
+from hardware import has_native_bf16
 
 from conftest import make_trainer, train_in_process
 
@@ -82,6 +84,24 @@ def nan_on_call(n: int):
 
 
 @pytest.mark.slow
+def test_bf16_is_on_by_default_exactly_where_the_cpu_has_native_bf16(data_dir, tmp_path):
+    """The default resolves to the CPU's own flags (Linux /proc/cpuinfo, the plain reference)
+    and is saved as the bool that ran; --bf16 and --no-bf16 override it."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.exists():
+        pytest.skip("needs Linux's /proc/cpuinfo")
+    flags = set(cpuinfo.read_text().split())
+    assert has_native_bf16(torch.device("cpu")) == bool({"avx512_bf16", "amx_tile"} & flags)
+    assert make_trainer(tmp_path).config.bf16 is has_native_bf16(torch.device("cpu"))
+    for flag, expected in (
+        ([], has_native_bf16(torch.device("cpu"))),
+        (["--bf16"], True),
+        (["--no-bf16"], False),
+    ):
+        saved = train_in_process(data_dir, tmp_path / str(flag), "--epochs", 1, *flag)
+        assert saved["train_config"]["bf16"] is expected, flag
+
+
 def test_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
     data_dir, tmp_path, monkeypatch
 ):
