@@ -3,6 +3,7 @@
     python bench.py                              # batch 128, 2 threads' worth of defaults
     python bench.py --batch-size 64 --steps 10 --threads 1
     python bench.py --bf16                       # bfloat16 autocast, model and floor alike
+    python bench.py --model paper-cnn --bf16     # a baseline CNN's speed (it has no floor)
 
 The floor is what Conv1 and the PrimaryCaps convolution alone cost (forward+backward with
 weight gradients for training, forward only for evaluation): ~95% of CapsNet's arithmetic.
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 
 from CapsNet import CapsNet, CapsNetConfig
+from checkpoint import MODEL_KINDS
 from data import Split, to_model_input
 from errors import UserError, exit_on_user_error
 from hardware import keep_freed_memory, pick_device
@@ -52,6 +54,16 @@ def conv_floor(config: CapsNetConfig, device: torch.device):
     return lambda x: primary(torch.relu(conv1(x)))
 
 
+def cpu_name() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo), else what the platform module knows."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    return platform.processor() or platform.machine()
+
+
 def synthetic_split(size: int, seed: int = 0) -> Split:
     generator = torch.Generator().manual_seed(seed)
     images = torch.randint(0, 256, (size, 28, 28), dtype=torch.uint8, generator=generator)
@@ -62,16 +74,21 @@ def measure(args: argparse.Namespace) -> dict:
     device = pick_device(args.device)
     torch.manual_seed(0)
     config = TrainConfig(
-        batch_size=args.batch_size, val_size=0, compile=args.compile, bf16=args.bf16
+        model=args.model,
+        batch_size=args.batch_size,
+        val_size=0,
+        compile=args.compile,
+        bf16=args.bf16,
     )
     split = synthetic_split(args.batch_size)
+    model = MODEL_KINDS[args.model][0]()
     trainer = Trainer(
-        config, CapsNet(), device, steps_per_epoch=1, checkpoint_dir=Path("unused"), dry_run=True
+        config, model, device, steps_per_epoch=1, checkpoint_dir=Path("unused"), dry_run=True
     )
     generator = epoch_generator(0, 0)
     images, labels = split.images, split.labels
     x = to_model_input(images, device)
-    floor = conv_floor(trainer.model.config, device)
+    floor = conv_floor(trainer.model.config, device) if isinstance(model, CapsNet) else None
 
     def train_step():
         trainer.train_step(images, labels, generator)  # shifts, forward, loss, backward, Adam
@@ -93,33 +110,39 @@ def measure(args: argparse.Namespace) -> dict:
         train_rates, floor_rates, eval_rates, forward_floor_rates = [], [], [], []
         for _ in range(args.rounds):  # alternate, so drift in machine load hits both sides
             train_rates += best_rate(train_step, args.batch_size, args.steps, 1)
-            floor_rates += best_rate(floor_step, args.batch_size, args.steps, 1)
+            if floor:
+                floor_rates += best_rate(floor_step, args.batch_size, args.steps, 1)
             with torch.inference_mode():
                 trainer.model.eval()
                 eval_rates += best_rate(eval_step, args.batch_size, args.steps, 1)
-                forward_floor_rates += best_rate(lambda: floor(x), args.batch_size, args.steps, 1)
+                if floor:
+                    forward_floor_rates += best_rate(
+                        lambda: floor(x), args.batch_size, args.steps, 1
+                    )
                 latencies = [1000 / rate for rate in best_rate(single_step, 1, 20, 1)]
             trainer.model.train()
     result = {
         "device": str(device),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_name(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
+        "model": args.model,
         "batch_size": args.batch_size,
         "steps_per_round": args.steps,
         "rounds": args.rounds,
         "compile": args.compile,
         "bf16": args.bf16,
         "train_img_per_s": max(train_rates),
-        "train_floor_img_per_s": max(floor_rates),
+        "train_floor_img_per_s": max(floor_rates, default=None),
         "eval_img_per_s": max(eval_rates),
-        "eval_floor_img_per_s": max(forward_floor_rates),
+        "eval_floor_img_per_s": max(forward_floor_rates, default=None),
         "single_image_latency_ms": min(latencies),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "first_train_step_s": first_step_seconds,
     }
-    result["train_ratio"] = result["train_img_per_s"] / result["train_floor_img_per_s"]
-    result["eval_ratio"] = result["eval_img_per_s"] / result["eval_floor_img_per_s"]
+    for phase in ("train", "eval"):  # the share of the floor's speed the model reaches
+        floor_rate = result[f"{phase}_floor_img_per_s"]
+        result[f"{phase}_ratio"] = floor_rate and result[f"{phase}_img_per_s"] / floor_rate
     return {
         key: round(value, 3) if isinstance(value, float) else value for key, value in result.items()
     }
@@ -131,6 +154,12 @@ def main(argv=None) -> None:
     )
     parser.add_argument(
         "--batch-size", type=int, default=128, help="images per step (default: 128)"
+    )
+    parser.add_argument(
+        "--model",
+        default="capsnet",
+        choices=tuple(MODEL_KINDS),
+        help="the model to time; only CapsNet has a convolution floor (default: capsnet)",
     )
     parser.add_argument("--steps", type=int, default=5, help="timed steps per round (default: 5)")
     parser.add_argument(

@@ -349,3 +349,22 @@ def test_checkpoint_of_the_previous_layout_still_resumes(data_dir, tmp_path):
     resumed = train_in_process(data_dir, tmp_path / "old", "--epochs", 2, "--resume")
     straight = train_in_process(data_dir, tmp_path / "straight", "--epochs", 2)
     assert_same_state(straight, resumed)
+
+
+@pytest.mark.parametrize("model", ["capsnet", "cnn"])
+def test_bench_prints_its_speeds_as_json(model):
+    """bench.py end to end: positive rates; a floor and the model's share of it for CapsNet only."""
+    flags = ["--model", model, "--batch-size", 4, "--steps", 1, "--rounds", 1, "--device", "cpu"]
+    result = json.loads(run("bench.py", *flags).stdout)
+    assert result["model"] == model and result["batch_size"] == 4
+    assert result["train_img_per_s"] > 0 and result["eval_img_per_s"] > 0
+    if model == "capsnet":
+        assert result["train_ratio"] == pytest.approx(
+            result["train_img_per_s"] / result["train_floor_img_per_s"], rel=1e-2
+        )
+    else:
+        assert result["train_floor_img_per_s"] is None and result["train_ratio"] is None
+
+
+def test_bench_refuses_bad_flags():
+    assert_one_line_error(run("bench.py", "--steps", 0, check=False), "--steps must be at least 1")
