@@ -232,7 +232,8 @@ def test_fashion_mnist_trains_and_evaluates_with_class_names(tmp_path, capsys):
 # --- data-parallel training ----------------------------------------------------------------
 @pytest.mark.slow
 def test_torchrun_two_processes_match_one_process(data_dir, tmp_path):
-    flags = ["train.py", "--data-dir", data_dir, *TINY_RUN, "--epochs", 1]
+    # float32: bf16 rounds each process's half-batch differently, beyond this test's tolerance.
+    flags = ["train.py", "--data-dir", data_dir, *TINY_RUN, "--epochs", 1, "--no-bf16"]
     command = [
         sys.executable,
         "-m",
@@ -252,7 +253,7 @@ def test_torchrun_two_processes_match_one_process(data_dir, tmp_path):
     assert result.stdout.count("epoch 1/1") == 1 and "processes 2" in result.stdout  # rank 0 prints
     assert len((tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()) == 1  # rank 0 logs
     parallel = load_checkpoint(tmp_path / "ddp" / "last.pt")
-    single = train_in_process(data_dir, tmp_path / "single", "--epochs", 1)
+    single = train_in_process(data_dir, tmp_path / "single", "--epochs", 1, "--no-bf16")
     for key, value in single["model"].items():
         torch.testing.assert_close(parallel["model"][key], value, atol=1e-5, rtol=0, msg=key)
     assert parallel["metrics"][0]["train_loss"] == pytest.approx(

@@ -30,7 +30,8 @@ def learning_rates(config: TrainConfig, steps_per_epoch: int) -> list[float]:
 
 
 def test_exponential_schedule_decays_once_per_epoch():
-    rates = learning_rates(TrainConfig(epochs=3, lr=1e-3, lr_decay=0.9), steps_per_epoch=4)
+    config = TrainConfig(epochs=3, lr=1e-3, lr_decay=0.9, schedule="exponential")
+    rates = learning_rates(config, steps_per_epoch=4)
     assert rates == pytest.approx([1e-3] * 4 + [0.9e-3] * 4 + [0.81e-3] * 4)
 
 
@@ -220,3 +221,15 @@ def test_a_run_without_reconstruction_is_saved_as_such_and_shows_no_reconstructi
         train_in_process(
             data_dir, folder, "--resume", "--epochs", 2, "--reconstruction-weight", 0.0005
         )
+
+
+def test_settings_saved_before_a_setting_existed_resume_as_they_ran():
+    """A run saved before --schedule, --ema-decay, --adam-betas, --reconstruction-weight and
+    --bf16 existed ran exponential decay without averaging: it must not pick up today's
+    defaults (onecycle, averaging) on resume."""
+    saved = {"epochs": 30, "batch_size": 128, "lr": 0.001, "lr_decay": 0.9, "seed": 0}
+    config = TrainConfig.from_dict({**saved, "data_dir": "data", "quiet": True})
+    assert (config.schedule, config.ema_decay, config.bf16) == ("exponential", None, False)
+    assert config.adam_betas == (0.9, 0.999) and config.reconstruction_weight == 0.0005
+    assert (config.epochs, config.batch_size, config.lr) == (30, 128, 0.001)
+    assert TrainConfig.from_dict(TrainConfig().to_dict()) == TrainConfig()  # today's round trip
