@@ -82,8 +82,14 @@ def measure(args: argparse.Namespace) -> dict:
     )
     split = synthetic_split(args.batch_size)
     model = MODEL_KINDS[args.model][0]()
+    steps_taken = 1 + args.rounds * args.steps  # the schedule must last every timed step
     trainer = Trainer(
-        config, model, device, steps_per_epoch=1, checkpoint_dir=Path("unused"), dry_run=True
+        config,
+        model,
+        device,
+        steps_per_epoch=steps_taken,
+        checkpoint_dir=Path("unused"),
+        dry_run=True,
     )
     generator = epoch_generator(0, 0)
     images, labels = split.images, split.labels

@@ -353,8 +353,11 @@ def test_checkpoint_of_the_previous_layout_still_resumes(data_dir, tmp_path):
 
 @pytest.mark.parametrize("model", ["capsnet", "cnn"])
 def test_bench_prints_its_speeds_as_json(model):
-    """bench.py end to end: positive rates; a floor and the model's share of it for CapsNet only."""
-    flags = ["--model", model, "--batch-size", 4, "--steps", 1, "--rounds", 1, "--device", "cpu"]
+    """bench.py end to end: positive rates; a floor and the model's share of it for CapsNet only.
+
+    More timed steps than the default one-cycle budget of 5 epochs x 1 step, which once crashed it.
+    """
+    flags = ["--model", model, "--batch-size", 4, "--steps", 3, "--rounds", 2, "--device", "cpu"]
     result = json.loads(run("bench.py", *flags).stdout)
     assert result["model"] == model and result["batch_size"] == 4
     assert result["train_img_per_s"] > 0 and result["eval_img_per_s"] > 0
