@@ -13,7 +13,6 @@ neighbour on the machine hurts both alike.
 
 import argparse
 import json
-import platform
 import resource
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ from CapsNet import CapsNet, CapsNetConfig
 from checkpoint import MODEL_KINDS
 from data import Split, to_model_input
 from errors import UserError, exit_on_user_error
-from hardware import keep_freed_memory, pick_device
+from hardware import cpu_name, keep_freed_memory, pick_device
 from training import TrainConfig, Trainer, epoch_generator
 
 
@@ -52,16 +51,6 @@ def conv_floor(config: CapsNetConfig, device: torch.device):
         stride=2,
     ).to(device)
     return lambda x: primary(torch.relu(conv1(x)))
-
-
-def cpu_name() -> str:
-    """The CPU's model name (Linux's /proc/cpuinfo), else what the platform module knows."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.partition(":")[2].strip()
-    return platform.processor() or platform.machine()
 
 
 def synthetic_split(size: int, seed: int = 0) -> Split:

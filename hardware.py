@@ -1,7 +1,9 @@
 """Where the model runs: device choice, and the CPU allocator setting that training relies on."""
 
 import ctypes
+import platform
 import sys
+from pathlib import Path
 
 import torch
 
@@ -35,6 +37,21 @@ def has_native_bf16(device: torch.device) -> bool:
         probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private, so guarded
         return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
     return False
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo), else what the platform module knows."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: torch.device) -> str:
+    """What a run trained on, for its records: the GPU's name, else the CPU's."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
 
 
 def keep_freed_memory() -> None:

@@ -29,7 +29,7 @@ from checkpoint import load_weights, save_checkpoint, saved_progress, training_c
 from data import DATASETS, Split, batches, random_shift, to_model_input
 from errors import UserError
 from figures import plot_curve
-from hardware import has_native_bf16, pick_device
+from hardware import device_name, has_native_bf16, pick_device
 from scoring import count_correct
 
 SCHEDULES = ("exponential", "onecycle")
@@ -488,6 +488,8 @@ class Trainer:
             "grad_norm": totals["grad_norm_sum"] / max(totals["steps"], 1),
             "seconds": totals["seconds"],
             "img_per_s": totals["seen"] / totals["seconds"] if totals["seconds"] else 0.0,
+            "machine": device_name(self.device),  # what the speed above was measured on
+            "bf16": self.config.bf16,
             "skipped": self.progress.skipped,
         }
         candidates = {"raw": self.model} | ({"ema": self.ema.module} if self.ema else {})
