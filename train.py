@@ -34,7 +34,7 @@ from checkpoint import (  # noqa: E402
 )
 from data import DATASETS, load_split, train_val_split  # noqa: E402
 from errors import UserError, exit_on_user_error  # noqa: E402
-from hardware import keep_freed_memory  # noqa: E402
+from hardware import has_native_bf16, keep_freed_memory  # noqa: E402
 from training import (  # noqa: E402
     SCHEDULES,
     StopRequest,
@@ -397,6 +397,11 @@ def run(
         f"val {len(val_split) if val_split else 0}  "
         f"test {len(test_split)}"
     )
+    if trainer.config.bf16 and not has_native_bf16(device):
+        log(
+            f"warning: bf16 is emulated on this {device.type} (no AVX512-BF16 or AMX) and can be "
+            "many times slower than float32 (15x on an AVX2-only AMD EPYC): try --no-bf16"
+        )
     try:
         train_loop(trainer, train_split, val_split, test_split)
     except torch.OutOfMemoryError as error:

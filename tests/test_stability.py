@@ -12,7 +12,7 @@ from CapsNet import CapsNet, DynamicRouting, capsule_loss
 from checkpoint import load_checkpoint, save_checkpoint
 from data import train_val_split
 from errors import UserError
-from hardware import has_native_bf16
+from hardware import cpu_name, has_native_bf16
 
 from conftest import make_trainer, train_in_process
 
@@ -84,9 +84,10 @@ def nan_on_call(n: int):
 
 
 @pytest.mark.slow
-def test_bf16_is_on_by_default_exactly_where_the_cpu_has_native_bf16(data_dir, tmp_path):
+def test_bf16_is_on_by_default_exactly_where_the_cpu_has_native_bf16(data_dir, tmp_path, capsys):
     """The default resolves to the CPU's own flags (Linux /proc/cpuinfo, the plain reference)
-    and is saved as the bool that ran; --bf16 and --no-bf16 override it."""
+    and is saved as the bool that ran, and in each epoch's record beside the machine's name;
+    --bf16 and --no-bf16 override it, and a forced, emulated bf16 is warned about."""
     cpuinfo = Path("/proc/cpuinfo")
     if not cpuinfo.exists():
         pytest.skip("needs Linux's /proc/cpuinfo")
@@ -100,6 +101,10 @@ def test_bf16_is_on_by_default_exactly_where_the_cpu_has_native_bf16(data_dir, t
     ):
         saved = train_in_process(data_dir, tmp_path / str(flag), "--epochs", 1, *flag)
         assert saved["train_config"]["bf16"] is expected, flag
+        record = saved["metrics"][-1]
+        assert (record["bf16"], record["machine"]) == (expected, cpu_name()), flag
+        warned = "bf16 is emulated" in capsys.readouterr().out
+        assert warned == (expected and not has_native_bf16(torch.device("cpu"))), flag
 
 
 def test_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
