@@ -15,18 +15,20 @@ Where this code departs from the paper (each is flagged again where it happens):
 - Routing is kept in float32 even under autocast; the paper predates mixed precision.
 """
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from settings import SavedSettings
 
 EPS = 1e-8  # inside every square root, so norms have finite gradients at 0
 CPU_ROUTING_PIECE = 16  # images routed at once on a CPU; see DigitCaps.forward
 
 
 @dataclass(frozen=True)
-class CapsNetConfig:
+class CapsNetConfig(SavedSettings):
     in_channels: int = 1  # grayscale MNIST
     image_size: int = 28  # square input side in pixels
     num_classes: int = 10  # one digit capsule per class
@@ -85,13 +87,6 @@ class CapsNetConfig:
     def num_primary_caps(self) -> int:
         """1152 = 32 * 6 * 6 for the paper's MNIST configuration."""
         return self.primary_channels * self.primary_grid**2
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "decoder_hidden": list(self.decoder_hidden)}
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "CapsNetConfig":
-        return cls(**{**values, "decoder_hidden": tuple(values["decoder_hidden"])})
 
 
 def check_positive_int(name: str, value) -> None:

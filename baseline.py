@@ -8,15 +8,17 @@ shifts, optimizer and epoch budget.
   enough to train on a CPU next to CapsNet.
 """
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from settings import SavedSettings
+
 
 @dataclass(frozen=True)
-class BaselineConfig:
+class BaselineConfig(SavedSettings):
     in_channels: int = 1  # grayscale
     image_size: int = 28  # square input side in pixels
     num_classes: int = 10
@@ -28,15 +30,6 @@ class BaselineConfig:
     def flat_features(self) -> int:
         """64 * 12 * 12 = 9216: two unpadded 3x3 convs (28 -> 24), then 2x2 max pooling (-> 12)."""
         return self.channels[1] * ((self.image_size - 4) // 2) ** 2
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "channels": list(self.channels), "dropout": list(self.dropout)}
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "BaselineConfig":
-        return cls(
-            **{**values, "channels": tuple(values["channels"]), "dropout": tuple(values["dropout"])}
-        )
 
 
 class BaselineCNN(nn.Module):
@@ -68,7 +61,7 @@ class BaselineCNN(nn.Module):
 
 
 @dataclass(frozen=True)
-class PaperCNNConfig:
+class PaperCNNConfig(SavedSettings):
     """The paper's baseline. It gives channels, kernels, stride and FC sizes; 'same' padding
     (which yields its 35.4M parameters), ReLU and the dropout rate are this code's choices."""
 
@@ -79,15 +72,6 @@ class PaperCNNConfig:
     kernel_size: int = 5
     hidden: tuple[int, int] = (328, 192)  # the two FC layers
     dropout: float = 0.5  # before the 10-way softmax; the paper gives no rate
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "channels": list(self.channels), "hidden": list(self.hidden)}
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "PaperCNNConfig":
-        return cls(
-            **{**values, "channels": tuple(values["channels"]), "hidden": tuple(values["hidden"])}
-        )
 
 
 class PaperCNN(nn.Module):

@@ -13,7 +13,7 @@ import os
 import random
 import signal
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,13 +31,14 @@ from errors import UserError
 from figures import plot_curve
 from hardware import device_name, has_native_bf16, pick_device
 from scoring import count_correct
+from settings import SavedSettings
 
 SCHEDULES = ("exponential", "onecycle")
 MODEL_KINDS = tuple(MODEL_CLASSES)  # capsnet, cnn, paper-cnn: the classes are in checkpoint.py
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(SavedSettings):
     """Every setting of a training run; train.py's flags take their defaults from here."""
 
     dataset: str = "mnist"  # or fashion-mnist
@@ -104,18 +105,14 @@ class TrainConfig:
         )
         require(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm", "positive")
 
-    def to_dict(self) -> dict:
-        return {**asdict(self), "adam_betas": list(self.adam_betas)}
-
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
         """Settings saved by any version: names this version does not know are dropped, and a
         setting added since takes the value every run had before it existed."""
         known = {f.name for f in fields(cls)}
-        values = {**BEFORE_THEY_EXISTED} | {k: v for k, v in values.items() if k in known}
-        if "adam_betas" in values:
-            values["adam_betas"] = tuple(values["adam_betas"])
-        return cls(**values)
+        return super().from_dict(
+            BEFORE_THEY_EXISTED | {k: v for k, v in values.items() if k in known}
+        )
 
 
 # Settings that older checkpoints do not name, with the value their runs had: not today's

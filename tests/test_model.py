@@ -1,9 +1,12 @@
 """The model against the paper: squash, PrimaryCaps layout, routing, decoder masking, loss."""
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+from baseline import BaselineConfig, PaperCNNConfig
 from CapsNet import (
     CPU_ROUTING_PIECE,
     CapsNet,
@@ -17,6 +20,7 @@ from CapsNet import (
     reconstruction_loss,
     squash,
 )
+from training import TrainConfig
 
 from conftest import SMALL
 
@@ -355,3 +359,15 @@ def test_scoring_with_another_r_leaves_the_module_alone(small_model):
     assert not torch.equal(at_one, default)
     with pytest.raises(ValueError, match="iterations"):
         small_model(x, routing_iterations=0)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [CapsNetConfig(decoder_hidden=(16, 32)), BaselineConfig(), PaperCNNConfig(), TrainConfig()],
+    ids=lambda config: type(config).__name__,
+)
+def test_every_config_round_trips_through_json_with_its_tuples(config):
+    """What a checkpoint saves: plain JSON (tuples as lists), and the same config back."""
+    saved = json.loads(json.dumps(config.to_dict()))
+    assert type(config).from_dict(saved) == config
+    assert not any(isinstance(value, tuple) for value in config.to_dict().values())
