@@ -7,7 +7,8 @@
 The time is the run's wall clock (`wall_seconds`: training and evaluation, counted from
 launch and continued across resumes). Logs written before that clock existed show the
 training time summed over epochs instead, marked "train": evaluation is not in it. The
-accuracy is the test accuracy of the weights validation chose that epoch.
+accuracy is the test accuracy of the weights validation chose that epoch. Times from
+different machines do not compare: the last column names the machine(s) a run trained on.
 """
 
 import argparse
@@ -52,6 +53,7 @@ def summarize(name: str, records: list[dict], thresholds) -> dict:
         "final_test_acc": tested[-1]["test_acc"] if tested else None,
         "wall_seconds": records[-1].get("wall_seconds") if records else None,
         "reached": reached,
+        "machines": sorted({r["machine"] for r in records if "machine" in r}),  # newer logs
     }
 
 
@@ -68,13 +70,16 @@ def cell(reached: dict | None) -> str:
 def print_table(rows: list[dict], thresholds) -> None:
     width = max(len("run"), *(len(row["run"]) for row in rows))
     header = (
-        f"{'run':<{width}}  " + "".join(f"{f'{t:.1f}%':>20}" for t in thresholds) + "     final"
+        f"{'run':<{width}}  "
+        + "".join(f"{f'{t:.1f}%':>20}" for t in thresholds)
+        + "     final  trained on"
     )
     print(header)
     for row in rows:
         final = f"{row['final_test_acc']:.2f}%" if row["final_test_acc"] is not None else "-"
         cells = "".join(f"{cell(row['reached'][str(t)]):>20}" for t in thresholds)
-        print(f"{row['run']:<{width}}  {cells}{final:>10}")
+        machines = ", ".join(row["machines"]) or "-"
+        print(f"{row['run']:<{width}}  {cells}{final:>10}  {machines}")
 
 
 def main(argv=None) -> None:

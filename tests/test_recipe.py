@@ -108,6 +108,8 @@ def test_time_to_accuracy_reports_the_first_epoch_at_each_threshold(tmp_path, ca
         {"epoch": 3, "test_acc": 99.52, "seconds": 80.0, "wall_seconds": 300.0},
         {"epoch": 4, "test_acc": 99.61, "seconds": 90.0, "wall_seconds": 425.0},
     ]
+    for record, machine in zip(records, ["CPU A", "CPU A", "CPU B", "CPU A"]):
+        record["machine"] = machine  # resumed elsewhere
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     time_to_accuracy.main([str(tmp_path / "run"), "--json"])
@@ -118,9 +120,9 @@ def test_time_to_accuracy_reports_the_first_epoch_at_each_threshold(tmp_path, ca
         "99.6": {"epoch": 4, "seconds": 425.0, "train_seconds": 330.0},
         "99.7": None,
     }
-    assert row["final_test_acc"] == 99.61
+    assert row["final_test_acc"] == 99.61 and row["machines"] == ["CPU A", "CPU B"]
     time_to_accuracy.main([str(tmp_path / "run")])
-    assert "ep 4 7:05" in capsys.readouterr().out
+    assert "ep 4 7:05" in (table := capsys.readouterr().out) and table.rstrip().endswith("A, CPU B")
 
 
 def test_time_to_accuracy_reads_a_checkpoints_log_and_refuses_what_is_no_log(tmp_path, capsys):
