@@ -16,7 +16,8 @@ each run, so runs can be added or reordered while a sweep is going. Ctrl-C stops
 run resumably and ends the sweep.
 
 The table has one row per recipe: runs whose names differ only in a final "-sN" (the seed)
-are one row, with the mean and sample standard deviation over them.
+are one row, with the mean and sample standard deviation over them, and the machine(s) and
+precision they trained on.
 """
 
 import argparse
@@ -141,6 +142,17 @@ def measured(run: dict, column: str) -> float | None:
     return value / 60 if column == "wall (min)" else value
 
 
+def trained_on(runs: list[dict]) -> str:
+    """Where a row's runs trained: each machine and precision their epoch records name."""
+    places = {
+        f"{record['machine']} ({'bf16' if record['bf16'] else 'float32'})"
+        for run in runs
+        for record in run["log"]
+        if "machine" in record
+    }
+    return ", ".join(sorted(places)) or "-"
+
+
 def recipe_name(name: str) -> str:
     """The run's name without its final "-sN" seed suffix."""
     return re.sub(r"-s\d+$", "", name)
@@ -169,7 +181,7 @@ def table_rows(results: Path) -> list[str]:
         if any(measured(run, column) is not None for run in runs)
         and (papers or column != "test error")
     ]
-    header = ["run", "seeds", *(["paper's test error"] if papers else []), *columns]
+    header = ["run", "seeds", *(["paper's test error"] if papers else []), *columns, "trained on"]
     rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, group in recipes.items():
         seeds = [run["name"][len(name) :].lstrip("-s") or "-" for run in group]
@@ -180,6 +192,7 @@ def table_rows(results: Path) -> list[str]:
             values = [value for run in group if (value := measured(run, column)) is not None]
             unit = UNITS.get(column, "%")
             cells.append(mean_and_spread(values, unit) if values else "-")
+        cells.append(trained_on(group))
         rows.append("| " + " | ".join(cells) + " |")
     return rows
 

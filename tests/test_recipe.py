@@ -11,6 +11,7 @@ import predict
 import time_to_accuracy
 from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from errors import UserError
+from hardware import cpu_name, has_native_bf16
 from training import TrainConfig, build_scheduler, ema_update
 
 from conftest import evaluate_json, make_trainer, train_in_process
@@ -185,6 +186,8 @@ def test_sweep_trains_each_run_once_evaluates_it_and_tabulates_the_seeds(
     tests = [r["final"]["test_acc"] for r in results[:2]]
     spread = f"{sum(tests) / 2:.2f} ± {abs(tests[0] - tests[1]) / 2**0.5:.2f}% (2)"
     assert tiny_row.startswith("| tiny | 0, 1 | - | ") and spread in tiny_row
+    precision = "bf16" if has_native_bf16(torch.device("cpu")) else "float32"
+    assert tiny_row.endswith(f"| {cpu_name()} ({precision}) |")  # trained on
     assert cnn_row.startswith("| cnn | - | 0.39% | ")
 
 
