@@ -340,6 +340,12 @@ class CapsNet(nn.Module):
 RECONSTRUCTION_WEIGHT = 0.0005  # the paper's scale-down of the SSE, so it does not dominate
 
 
+def trains_decoder(model_kind: str, reconstruction_weight: float) -> bool:
+    """Whether training learns a decoder: a CapsNet with the reconstruction loss on. (Weight 0
+    trains the margin loss alone; the decoder stays as initialised.)"""
+    return model_kind == "capsnet" and reconstruction_weight > 0
+
+
 def margin_loss(lengths: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Eq. 4, summed over classes: (B, J), (B,) -> (B,). Hinges are squared."""
     present = F.one_hot(target, lengths.shape[1]).to(lengths.dtype)  # T_k, (B, J)

@@ -25,7 +25,7 @@ import torch
 from filelock import FileLock, Timeout
 
 from baseline import BaselineCNN, BaselineConfig, PaperCNN, PaperCNNConfig
-from CapsNet import RECONSTRUCTION_WEIGHT, CapsNet, CapsNetConfig
+from CapsNet import RECONSTRUCTION_WEIGHT, CapsNet, CapsNetConfig, trains_decoder
 from data import DATASETS
 from errors import UserError, first_line
 
@@ -198,7 +198,7 @@ def load_capsnet(path: str | Path, device: torch.device) -> tuple[CapsNet, dict]
 def has_trained_decoder(checkpoint: dict) -> bool:
     """A CapsNet trained with the reconstruction loss: its decoder's drawings mean something."""
     weight = checkpoint.get("train_config", {}).get("reconstruction_weight", RECONSTRUCTION_WEIGHT)
-    return checkpoint.get("model_kind", "capsnet") == "capsnet" and weight > 0
+    return trains_decoder(checkpoint.get("model_kind", "capsnet"), weight)
 
 
 def export_weights(checkpoint: dict, path: str | Path) -> None:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from CapsNet import RECONSTRUCTION_WEIGHT, capsule_loss
+from CapsNet import RECONSTRUCTION_WEIGHT, capsule_loss, trains_decoder
 from checkpoint import MODEL_KINDS as MODEL_CLASSES
 from checkpoint import load_weights, save_checkpoint, saved_progress, training_checkpoint
 from data import DATASETS, Split, batches, random_shift, to_model_input
@@ -275,7 +275,7 @@ class Trainer:
             (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         )
         self.model = model.to(device)
-        self.reconstruct = config.model == "capsnet" and config.reconstruction_weight > 0
+        self.reconstruct = trains_decoder(config.model, config.reconstruction_weight)
         if config.model == "capsnet" and not self.reconstruct:
             self.model.decoder.requires_grad_(False)  # untrained; DDP and Adam leave it alone
         replica = self.model
