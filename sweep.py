@@ -12,8 +12,9 @@ may also carry "paper", the paper's figure for it, which the table shows.
 Each run trains in runs/sweep/NAME (or --runs-dir); a finished run is skipped, an interrupted
 one resumed. When a run ends, its final and best epochs (and its evaluation) go as one line to
 the results file beside the grid file (GRID.results.jsonl). The grid file is read again before
-each run, so runs can be added or reordered while a sweep is going. Ctrl-C stops the current
-run resumably and ends the sweep.
+each run, so runs can be added or reordered while a sweep is going. Ctrl-C or SIGTERM stops the
+current run resumably (it saves after its current batch) and ends the sweep; a run that stopped
+before the end of its budget is never recorded as finished.
 
 The table has one row per recipe: runs whose names differ only in a final "-sN" (the seed)
 are one row, with the mean and sample standard deviation over them, and the machine(s) and
@@ -23,11 +24,13 @@ precision they trained on.
 import argparse
 import json
 import re
+import signal
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
+from checkpoint import load_checkpoint
 from errors import UserError, exit_on_user_error
 
 
@@ -74,7 +77,31 @@ def train(run: dict, folder: Path, data_dir: str) -> int:
     if (folder / "last.pt").exists():
         command.append("--resume")
     print(f"[{run['name']}] {' '.join(command[1:])}", flush=True)
-    return subprocess.run(command).returncode
+    # In a session of its own, the run hears a Ctrl-C or SIGTERM once, from here, however it
+    # was sent (a terminal's Ctrl-C alone would reach it directly; a kill of the sweep not).
+    process = subprocess.Popen(command, start_new_session=True)
+    try:
+        return process.wait()
+    except KeyboardInterrupt:
+        process.send_signal(signal.SIGINT)  # the run saves after its current batch
+        wait_through_interrupts(process)
+        raise
+
+
+def wait_through_interrupts(process: subprocess.Popen) -> None:
+    while True:
+        try:
+            process.wait()
+            return
+        except KeyboardInterrupt:
+            process.send_signal(signal.SIGINT)  # a second one: the run stops without saving
+
+
+def finished(folder: Path) -> bool:
+    """Whether the run's last.pt holds its whole epoch budget. (train.py also exits 0 when a
+    signal stopped it early and it saved.)"""
+    checkpoint = load_checkpoint(folder / "last.pt")
+    return checkpoint["epoch"] >= checkpoint["train_config"]["epochs"]
 
 
 def evaluation(run: dict, folder: Path, data_dir: str) -> dict | None:
@@ -233,14 +260,25 @@ def main(argv=None) -> None:
     if args.table:
         print("\n".join(table_rows(results)))
         return
-    while (run := next_run(args.grid, results, args.runs_dir, args.list)) is not None:
-        folder = args.runs_dir / run["name"]
-        code = train(run, folder, args.data_dir)
-        if code != 0:
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # acts as Ctrl-C does
+    try:
+        sweep(args.grid, results, args.runs_dir, args.data_dir, args.list)
+    except KeyboardInterrupt:
+        message = "interrupted: finished runs are kept; run the sweep again to resume"
+        raise UserError(message) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def sweep(grid: Path, results: Path, runs_dir: Path, data_dir: str, listing: bool) -> None:
+    while (run := next_run(grid, results, runs_dir, listing)) is not None:
+        folder = runs_dir / run["name"]
+        code = train(run, folder, data_dir)
+        if code != 0 or not finished(folder):
             raise UserError(
-                f"run {run['name']} stopped (exit {code}); run the sweep again to resume it"
+                f"run {run['name']} stopped early (exit {code}); run the sweep again to resume it"
             )
-        scores = evaluation(run, folder, args.data_dir)
+        scores = evaluation(run, folder, data_dir)
         with open(results, "a") as file:
             file.write(json.dumps(summary(run, folder, scores)) + "\n")
 

@@ -2,6 +2,10 @@
 the time-to-accuracy report."""
 
 import json
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +18,7 @@ from errors import UserError
 from hardware import cpu_name, has_native_bf16
 from training import TrainConfig, build_scheduler, ema_update
 
-from conftest import evaluate_json, make_trainer, train_in_process
+from conftest import REPO, assert_one_line_error, evaluate_json, make_trainer, train_in_process
 
 
 def learning_rates(config: TrainConfig, steps_per_epoch: int) -> list[float]:
@@ -189,6 +193,61 @@ def test_sweep_trains_each_run_once_evaluates_it_and_tabulates_the_seeds(
     precision = "bf16" if has_native_bf16(torch.device("cpu")) else "float32"
     assert tiny_row.endswith(f"| {cpu_name()} ({precision}) |")  # trained on
     assert cnn_row.startswith("| cnn | - | 0.39% | ")
+
+
+@pytest.mark.slow
+def test_a_signal_stops_the_sweep_in_one_line_and_its_run_resumably_never_recorded(
+    data_dir, tmp_path
+):
+    """SIGTERM to the sweep reaches its run once: the run saves mid-epoch, the sweep says so in
+    one line, and the unfinished run gets no results line."""
+    flags = ["--train-subset", "6400", "--val-size", "32", "--test-subset", "50", "--epochs", "2"]
+    grid = tmp_path / "grid.json"
+    grid.write_text(json.dumps([{"name": "long", "flags": [*flags, "--batch-size", "32"]}]))
+    command = [sys.executable, str(REPO / "sweep.py"), str(grid), "--data-dir", str(data_dir)]
+    sweeping = subprocess.Popen(
+        [*command, "--runs-dir", str(tmp_path / "runs")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        for line in sweeping.stdout:  # the run's first line: it has begun training
+            if line.startswith("model capsnet"):
+                break
+        time.sleep(3)
+        sweeping.send_signal(signal.SIGTERM)
+        out, err = sweeping.communicate(timeout=120)
+    finally:
+        sweeping.kill()
+    assert_one_line_error(
+        subprocess.CompletedProcess(command, sweeping.returncode, out, err), "interrupted"
+    )
+    assert "interrupted: saved" in out
+    saved = load_checkpoint(tmp_path / "runs" / "long" / "last.pt")
+    assert saved["epoch"] == 0 and saved["batches_done"] > 0
+    assert not (tmp_path / "grid.results.jsonl").exists()
+
+
+def test_sweep_counts_a_run_finished_only_at_the_end_of_its_budget(data_dir, tmp_path, monkeypatch):
+    """train.py exits 0 after a signal stops it and it saves: the checkpoint decides."""
+    import sweep
+    import train
+
+    class StopAfterTwoBatches:  # a signal sent to the run itself, during its second batch
+        def __init__(self):
+            self.checks = 0
+
+        @property
+        def requested(self):
+            self.checks += 1
+            return self.checks >= 2
+
+    monkeypatch.setattr(train, "StopRequest", StopAfterTwoBatches)
+    train_in_process(data_dir, tmp_path / "stopped", "--epochs", 1)
+    monkeypatch.undo()
+    train_in_process(data_dir, tmp_path / "whole", "--epochs", 1)
+    assert not sweep.finished(tmp_path / "stopped") and sweep.finished(tmp_path / "whole")
 
 
 def test_training_without_reconstruction_leaves_the_decoder_as_initialised(mnist_train, tmp_path):
