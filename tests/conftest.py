@@ -88,6 +88,18 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) 
         assert fragment in error_lines[0]
 
 
+class StopAfterTwoBatches:
+    """Stands in for train.StopRequest: a Ctrl-C or SIGTERM during the run's second batch."""
+
+    def __init__(self):
+        self.checks = 0
+
+    @property
+    def requested(self):
+        self.checks += 1
+        return self.checks >= 2
+
+
 def train_in_process(data_dir, folder, *extra, run_flags=SMALL_RUN) -> dict:
     """train.main in this process; returns the run's last.pt."""
     train.main(

@@ -14,7 +14,14 @@ import train
 from checkpoint import export_weights, load_checkpoint
 from figures import plot_curve
 
-from conftest import REPO, SMALL_RUN, assert_one_line_error, run, train_in_process
+from conftest import (
+    REPO,
+    SMALL_RUN,
+    StopAfterTwoBatches,
+    assert_one_line_error,
+    run,
+    train_in_process,
+)
 
 
 @pytest.fixture(scope="module")
@@ -153,15 +160,6 @@ def test_detach_early_routing_flag_reaches_the_model(data_dir, tmp_path):
 @pytest.mark.slow
 def test_interrupt_mid_epoch_saves_and_resumes_exactly(data_dir, tmp_path, monkeypatch):
     straight = train_in_process(data_dir, tmp_path / "straight", "--epochs", 1)
-
-    class StopAfterTwoBatches:  # stands in for Ctrl-C pressed during the second batch
-        def __init__(self):
-            self.checks = 0
-
-        @property
-        def requested(self):
-            self.checks += 1
-            return self.checks >= 2
 
     monkeypatch.setattr(train, "StopRequest", StopAfterTwoBatches)
     interrupted = train_in_process(data_dir, tmp_path / "resumed", "--epochs", 1)

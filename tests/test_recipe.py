@@ -18,7 +18,14 @@ from errors import UserError
 from hardware import cpu_name, has_native_bf16
 from training import TrainConfig, build_scheduler, ema_update
 
-from conftest import REPO, assert_one_line_error, evaluate_json, make_trainer, train_in_process
+from conftest import (
+    REPO,
+    StopAfterTwoBatches,
+    assert_one_line_error,
+    evaluate_json,
+    make_trainer,
+    train_in_process,
+)
 
 
 def learning_rates(config: TrainConfig, steps_per_epoch: int) -> list[float]:
@@ -233,15 +240,6 @@ def test_sweep_counts_a_run_finished_only_at_the_end_of_its_budget(data_dir, tmp
     """train.py exits 0 after a signal stops it and it saves: the checkpoint decides."""
     import sweep
     import train
-
-    class StopAfterTwoBatches:  # a signal sent to the run itself, during its second batch
-        def __init__(self):
-            self.checks = 0
-
-        @property
-        def requested(self):
-            self.checks += 1
-            return self.checks >= 2
 
     monkeypatch.setattr(train, "StopRequest", StopAfterTwoBatches)
     train_in_process(data_dir, tmp_path / "stopped", "--epochs", 1)
