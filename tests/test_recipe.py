@@ -12,7 +12,9 @@ import pytest
 import torch
 
 import predict
+import sweep
 import time_to_accuracy
+import train
 from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from errors import UserError
 from hardware import cpu_name, has_native_bf16
@@ -164,8 +166,6 @@ def test_scheduler_steps_with_the_trainer(mnist_train, tmp_path):
 def test_sweep_trains_each_run_once_evaluates_it_and_tabulates_the_seeds(
     data_dir, tmp_path, capsys
 ):
-    import sweep
-
     tiny = ["--train-subset", "64", "--val-size", "32", "--test-subset", "50", "--batch-size", "32"]
     runs = [
         {"name": f"tiny-s{seed}", "flags": [*tiny, "--epochs", "1", "--seed", str(seed)]}
@@ -238,9 +238,6 @@ def test_a_signal_stops_the_sweep_in_one_line_and_its_run_resumably_never_record
 
 def test_sweep_counts_a_run_finished_only_at_the_end_of_its_budget(data_dir, tmp_path, monkeypatch):
     """train.py exits 0 after a signal stops it and it saves: the checkpoint decides."""
-    import sweep
-    import train
-
     monkeypatch.setattr(train, "StopRequest", StopAfterTwoBatches)
     train_in_process(data_dir, tmp_path / "stopped", "--epochs", 1)
     monkeypatch.undo()
@@ -295,3 +292,26 @@ def test_settings_saved_before_a_setting_existed_resume_as_they_ran():
     assert config.adam_betas == (0.9, 0.999) and config.reconstruction_weight == 0.0005
     assert (config.epochs, config.batch_size, config.lr) == (30, 128, 0.001)
     assert TrainConfig.from_dict(TrainConfig().to_dict()) == TrainConfig()  # today's round trip
+
+
+RECIPE = ("batch_size", "lr", "schedule", "lr_decay", "adam_betas", "ema_decay", "max_shift")
+
+
+@pytest.mark.parametrize("grid", ["table1.json", "long.json"])
+def test_grids_that_pin_the_default_recipe_pin_train_pys_defaults(grid):
+    runs = sweep.read_grid(REPO / "results" / "grids" / grid)
+    defaults = train.build_parser().parse_args([])
+    pinned = [run for run in runs if run["name"].startswith(("capsnet-", "paper-cnn-", "default-"))]
+    assert pinned, grid
+    for run in pinned:
+        args = train.build_parser().parse_args(run["flags"])
+        for setting in RECIPE:
+            assert getattr(args, setting) == getattr(defaults, setting), (run["name"], setting)
+    table1_epochs = {train.build_parser().parse_args(run["flags"]).epochs for run in pinned}
+    assert grid != "table1.json" or table1_epochs == {defaults.epochs}
+
+
+def test_every_committed_grid_parses_with_train_pys_flags():
+    for grid in sorted((REPO / "results" / "grids").glob("*.json")):
+        for run in sweep.read_grid(grid):
+            train.build_parser().parse_args(run["flags"])  # exits on a flag train.py lacks
