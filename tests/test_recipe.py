@@ -297,21 +297,28 @@ def test_settings_saved_before_a_setting_existed_resume_as_they_ran():
 RECIPE = ("batch_size", "lr", "schedule", "lr_decay", "adam_betas", "ema_decay", "max_shift")
 
 
+def grid_configs(grid: str) -> dict[str, TrainConfig]:
+    """Each run's TrainConfig, built from its flags as train.py builds it."""
+    runs = sweep.read_grid(REPO / "results" / "grids" / grid)
+    parse = train.build_parser().parse_args  # exits on a flag train.py lacks
+    return {run["name"]: train.configs_from_flags(parse(run["flags"]))[0] for run in runs}
+
+
 @pytest.mark.parametrize("grid", ["table1.json", "long.json"])
 def test_grids_that_pin_the_default_recipe_pin_train_pys_defaults(grid):
-    runs = sweep.read_grid(REPO / "results" / "grids" / grid)
-    defaults = train.build_parser().parse_args([])
-    pinned = [run for run in runs if run["name"].startswith(("capsnet-", "paper-cnn-", "default-"))]
+    prefixes = ("capsnet-", "paper-cnn-", "default-")
+    pinned = {name: c for name, c in grid_configs(grid).items() if name.startswith(prefixes)}
     assert pinned, grid
-    for run in pinned:
-        args = train.build_parser().parse_args(run["flags"])
+    for name, config in pinned.items():
         for setting in RECIPE:
-            assert getattr(args, setting) == getattr(defaults, setting), (run["name"], setting)
-    table1_epochs = {train.build_parser().parse_args(run["flags"]).epochs for run in pinned}
-    assert grid != "table1.json" or table1_epochs == {defaults.epochs}
+            assert getattr(config, setting) == getattr(train.DEFAULTS, setting), (name, setting)
+
+
+def test_table1_trains_every_row_for_the_default_epoch_budget():
+    budgets = {config.epochs for config in grid_configs("table1.json").values()}
+    assert budgets == {train.DEFAULTS.epochs}
 
 
 def test_every_committed_grid_parses_with_train_pys_flags():
     for grid in sorted((REPO / "results" / "grids").glob("*.json")):
-        for run in sweep.read_grid(grid):
-            train.build_parser().parse_args(run["flags"])  # exits on a flag train.py lacks
+        assert grid_configs(grid.name), grid
