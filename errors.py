@@ -1,5 +1,6 @@
 """One-line errors for the scripts: a problem the user can fix never shows a traceback."""
 
+import os
 import sys
 
 
@@ -13,9 +14,16 @@ def first_line(error: Exception) -> str:
 
 
 def exit_on_user_error(main):
-    """Run `main()`, turning a UserError into `error: ...` on stderr and exit status 2."""
+    """Run `main()`, turning a UserError into `error: ...` on stderr and exit status 2.
+
+    A reader that stops early (`... | head`) ends the script quietly with status 1, as the
+    Python documentation's note on SIGPIPE recommends: stdout goes to devnull so that the
+    interpreter's final flush cannot fail a second time."""
     try:
         main()
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)

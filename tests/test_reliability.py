@@ -239,3 +239,15 @@ def test_a_broken_checkpoint_is_refused_in_one_line(
             "evaluate.py", "--checkpoint", tmp_path / "last.pt", "--data-dir", data_dir, check=False
         )
         assert_one_line_error(scored, str(tmp_path / "last.pt"), fragment)
+
+
+def test_a_reader_that_stops_early_gets_no_traceback():
+    # `python sweep.py GRID --table | head -1`: the reader is gone before the table is written.
+    command = [sys.executable, str(REPO / "sweep.py"), "results/grids/recipe.json", "--table"]
+    process = subprocess.Popen(
+        command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    process.stdout.close()
+    stderr = process.stderr.read()
+    assert process.wait(timeout=60) == 1
+    assert stderr == ""
