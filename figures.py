@@ -1,4 +1,5 @@
-"""Figures: the training curve, the confusion matrix, reconstructions and misclassified digits.
+"""Figures: the training curve, the confusion matrix, reconstructions, misclassified digits,
+and a grid's test errors beside the paper's.
 
 matplotlib is imported inside each function with the Agg backend, so training and scoring
 never need a display.
@@ -78,6 +79,27 @@ def save_figures(
             plot_mistakes(split, predictions, wrong, class_names, folder / "misclassified.png")
         )
     return paths
+
+
+def plot_test_errors(
+    errors: dict[str, tuple[list[float], tuple[float, float | None] | None]], path: Path
+) -> Path:
+    """One line per recipe: each seed's test error (dots), their mean ± std, and the paper's
+    mean ± std (a diamond) where given. Lower is better."""
+    figure, axis = pyplot().subplots(figsize=(7, 0.5 * len(errors) + 1.2))
+    for row, (ours, paper) in enumerate(errors.values()):
+        axis.plot(ours, [row + 0.1] * len(ours), "o", color="tab:blue", alpha=0.5)
+        spread = torch.tensor(ours).std().item() if len(ours) > 1 else 0.0
+        axis.errorbar(sum(ours) / len(ours), row + 0.1, xerr=spread, fmt="|", color="tab:blue",
+                      markersize=14, capsize=4)  # fmt: skip
+        if paper is not None:
+            axis.errorbar(paper[0], row - 0.15, xerr=paper[1] or 0, fmt="D", color="tab:red",
+                          capsize=4)  # fmt: skip
+    axis.set_yticks(range(len(errors)), list(errors))
+    axis.invert_yaxis()
+    axis.set(xlabel="test error (%)", title="ours (blue: seeds, mean ± std), paper (red)")
+    axis.grid(axis="x", alpha=0.3)
+    return save(figure, path)
 
 
 def plot_confusion(matrix: torch.Tensor, accuracy: float, class_names, path: Path) -> Path:

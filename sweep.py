@@ -3,6 +3,7 @@
     python sweep.py results/grids/recipe.json --data-dir ../shared/data
     python sweep.py results/grids/recipe.json --list        # what is done, running, to do
     python sweep.py results/grids/recipe.json --table       # the results as a Markdown table
+    python sweep.py results/grids/table1.json --plot t1.png # test error per seed, and the paper's
 
 A grid file is a JSON list of runs, {"name": ..., "flags": [...]} for train.py, or an object
 {"evaluate": [...], "runs": [...]}, whose evaluate.py flags (say --affine) score each run's
@@ -32,6 +33,7 @@ from pathlib import Path
 
 from checkpoint import load_checkpoint
 from errors import UserError, exit_on_user_error
+from figures import plot_test_errors
 
 
 def read_grid(path: Path) -> list[dict]:
@@ -194,13 +196,41 @@ def mean_and_spread(values: list[float], unit: str) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {spread:.{digits}f}{unit} ({len(values)})"
 
 
+def finished_runs(results: Path) -> dict[str, list[dict]]:
+    """The results file's runs, grouped by recipe (their names without the seed), in order."""
+    lines = results.read_text().splitlines() if results.exists() else []
+    recipes: dict[str, list[dict]] = {}
+    for run in map(json.loads, lines):
+        recipes.setdefault(recipe_name(run["name"]), []).append(run)
+    return recipes
+
+
+def paper_error(figure: str) -> tuple[float, float | None]:
+    """The paper's "0.34 ± 0.032%" as (0.34, 0.032); "0.39%" as (0.39, None)."""
+    match = re.fullmatch(r"\s*([\d.]+)\s*(?:±\s*([\d.]+))?\s*%\s*", figure)
+    if match is None:
+        raise UserError(f"the paper's figure {figure!r} is not a test error like '0.34 ± 0.032%'")
+    mean, spread = match.groups()
+    return float(mean), float(spread) if spread else None
+
+
+def errors_by_recipe(
+    results: Path,
+) -> dict[str, tuple[list[float], tuple[float, float | None] | None]]:
+    """Each recipe's test errors (%, one per seed) and the paper's (mean, std), if it has one."""
+    return {
+        name: (
+            [measured(run, "test error") for run in group],
+            paper_error(group[0]["paper"]) if "paper" in group[0] else None,
+        )
+        for name, group in finished_runs(results).items()
+    }
+
+
 def table_rows(results: Path) -> list[str]:
     """One Markdown row per recipe (its seeds together); columns no run measured are left out."""
-    lines = results.read_text().splitlines() if results.exists() else []
-    runs = [json.loads(line) for line in lines]
-    recipes: dict[str, list[dict]] = {}
-    for run in runs:
-        recipes.setdefault(recipe_name(run["name"]), []).append(run)
+    recipes = finished_runs(results)
+    runs = [run for group in recipes.values() for run in group]
     papers = any("paper" in run for run in runs)
     columns = [
         column
@@ -255,10 +285,21 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--table", action="store_true", help="print the finished runs as a Markdown table"
     )
+    parser.add_argument(
+        "--plot",
+        type=Path,
+        metavar="PNG",
+        help="draw each recipe's test error per seed, beside the paper's, into PNG",
+    )
     args = parser.parse_args(argv)
     results = args.grid.with_suffix(".results.jsonl")
     if args.table:
         print("\n".join(table_rows(results)))
+    if args.plot:
+        if not results.exists():
+            raise UserError(f"no run of {args.grid} has finished yet ({results} is missing)")
+        print(f"wrote {plot_test_errors(errors_by_recipe(results), args.plot)}")
+    if args.table or args.plot:
         return
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # acts as Ctrl-C does
     try:

@@ -322,3 +322,44 @@ def test_table1_trains_every_row_for_the_default_epoch_budget():
 def test_every_committed_grid_parses_with_train_pys_flags():
     for grid in sorted((REPO / "results" / "grids").glob("*.json")):
         assert grid_configs(grid.name), grid
+
+
+def test_the_plot_shows_each_recipes_seeds_beside_the_papers_figure(tmp_path, capsys):
+    def result(name: str, test_acc: float, **extra) -> str:
+        return json.dumps({"name": name, "final": {"test_acc": test_acc}, **extra})
+
+    grid = tmp_path / "grid.json"
+    grid.with_suffix(".results.jsonl").write_text(
+        "\n".join(
+            [
+                result("caps-s0", 99.70, paper="0.25 ± 0.005%"),
+                result("cnn-s0", 99.50, paper="0.39%"),
+                result("caps-s1", 99.60, paper="0.25 ± 0.005%"),
+            ]
+        )
+    )
+    errors = sweep.errors_by_recipe(grid.with_suffix(".results.jsonl"))
+    assert list(errors) == ["caps", "cnn"]  # seeds grouped, first-finished order kept
+    assert errors["caps"][0] == pytest.approx([0.30, 0.40])
+    assert errors["caps"][1] == (0.25, 0.005) and errors["cnn"][1] == (0.39, None)
+    sweep.main([str(grid), "--plot", str(tmp_path / "errors.png")])
+    assert capsys.readouterr().out.strip() == f"wrote {tmp_path / 'errors.png'}"
+    assert (tmp_path / "errors.png").read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.parametrize("figure", ["about 0.3", "0.25 +- 0.1%", ""])
+def test_a_paper_figure_that_is_not_an_error_is_named(figure):
+    with pytest.raises(UserError, match="the paper's figure"):
+        sweep.paper_error(figure)
+
+
+def test_plotting_a_grid_with_no_finished_run_is_one_line(tmp_path):
+    grid = tmp_path / "grid.json"
+    grid.write_text("[]")
+    result = subprocess.run(
+        [sys.executable, str(REPO / "sweep.py"), str(grid), "--plot", str(tmp_path / "a.png")],
+        capture_output=True,
+        text=True,
+    )
+    assert_one_line_error(result, "no run of", "has finished yet")
+    assert not (tmp_path / "a.png").exists()
