@@ -153,11 +153,12 @@ COLUMNS = {
     "test, averaged": ("final", "ema_test_acc"),
     "affine, combined": ("evaluation", "affine", "accuracy", "combined"),
     "coupling entropy (nats)": ("evaluation", "routing", "coupling_entropy"),
+    "std of c_ij across inputs": ("evaluation", "routing", "coupling_std"),
     "test at r=1": ("evaluation", "routing", "accuracy_by_iterations", "1"),
     "test at r=3": ("evaluation", "routing", "accuracy_by_iterations", "3"),
     "wall (min)": ("final", "wall_seconds"),
 }
-UNITS = {"coupling entropy (nats)": "", "wall (min)": ""}
+UNITS = {"coupling entropy (nats)": "", "std of c_ij across inputs": "", "wall (min)": ""}
 
 
 def measured(run: dict, column: str) -> float | None:

@@ -363,3 +363,24 @@ def test_plotting_a_grid_with_no_finished_run_is_one_line(tmp_path):
     )
     assert_one_line_error(result, "no run of", "has finished yet")
     assert not (tmp_path / "a.png").exists()
+
+
+def test_the_table_shows_the_routing_statistics_of_each_recipe(tmp_path):
+    def result(seed: int, entropy: float, spread: float) -> str:
+        routing = {"coupling_entropy": entropy, "coupling_std": spread}
+        routing["accuracy_by_iterations"] = {"1": 99.5, "3": 99.6}
+        final = {"test_acc": 99.7, "val_acc": 99.6}
+        log = [{"epoch": 1, "machine": "CPU A", "bf16": False}]
+        record = {"name": f"r3-s{seed}", "final": final, "log": log}
+        return json.dumps({**record, "evaluation": {"routing": routing}})
+
+    results = tmp_path / "grid.results.jsonl"
+    results.write_text(result(0, 2.3000, 0.0030) + "\n" + result(1, 2.3010, 0.0040))
+    header, _, row = sweep.table_rows(results)
+    cells = dict(zip(header.strip("| ").split(" | "), row.strip("| ").split(" | ")))
+    assert cells["coupling entropy (nats)"] == "2.3005 ± 0.0007 (2)"
+    assert cells["std of c_ij across inputs"] == "0.0035 ± 0.0007 (2)"
+    assert cells["test at r=1"] == "99.50 ± 0.00% (2)"
+    assert cells["test at r=3"] == "99.60 ± 0.00% (2)"
+    assert "test error" not in cells  # no paper's figure to set it beside
+    assert cells["trained on"] == "CPU A (float32)"
