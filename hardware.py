@@ -39,14 +39,38 @@ def has_native_bf16(device: torch.device) -> bool:
     return False
 
 
-def cpu_name() -> str:
-    """The CPU's model name (Linux's /proc/cpuinfo), else what the platform module knows."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.partition(":")[2].strip()
-    return platform.processor() or platform.machine()
+# The widest vector instructions, which set CPU speed here, as /proc/cpuinfo flags name them.
+VECTOR_UNITS = (
+    ("amx_tile", "AMX"),
+    ("avx512_bf16", "AVX512-BF16"),
+    ("avx512f", "AVX512"),
+    ("avx2", "AVX2"),
+)
+
+
+def cpu_fields(cpuinfo: Path) -> dict[str, str]:
+    """The first processor's "key: value" lines of a Linux /proc/cpuinfo."""
+    first_processor = cpuinfo.read_text().split("\n\n")[0]
+    pairs = (line.partition(":") for line in first_processor.splitlines())
+    return {key.strip(): value.strip() for key, _, value in pairs}
+
+
+def cpu_name(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU's model name with its family, model and widest vector unit, from Linux's
+    /proc/cpuinfo ("AMD EPYC (family 25 model 17, AVX512-BF16)": a virtual machine may name
+    Zen 3 and Zen 4 alike), else what the platform module knows."""
+    if not cpuinfo.exists():
+        return platform.processor() or platform.machine()
+    fields = cpu_fields(cpuinfo)
+    flags = set(fields.get("flags", "").split())
+    details = (
+        [f"family {fields['cpu family']} model {fields['model']}"]
+        if {"cpu family", "model"} <= fields.keys()
+        else []
+    )
+    details += [name for flag, name in VECTOR_UNITS if flag in flags][:1]
+    name = fields.get("model name", platform.machine())
+    return f"{name} ({', '.join(details)})" if details else name
 
 
 def device_name(device: torch.device) -> str:

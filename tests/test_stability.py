@@ -1,6 +1,7 @@
 """No NaN, no collapse, no lost checkpoint: extreme inputs, guards, atomic writes, a stress run."""
 
 import math
+import platform
 from pathlib import Path
 
 import pytest
@@ -81,6 +82,31 @@ def nan_on_call(n: int):
         return value * float("nan") if calls["count"] == n else value
 
     return loss
+
+
+def cpuinfo_file(folder: Path, name: str, **fields: str) -> Path:
+    """A two-processor /proc/cpuinfo whose processors hold these "key: value" fields."""
+    block = "\n".join(f"{key.replace('_', ' ')}\t: {value}" for key, value in fields.items())
+    path = folder / name
+    path.write_text(f"processor\t: 0\n{block}\n\nprocessor\t: 1\n{block}\n\n")
+    return path
+
+
+def test_the_machine_name_tells_apart_cpus_a_virtual_machine_names_alike(tmp_path):
+    """Under KVM, Zen 3 and Zen 4 are both "AMD EPYC"; their family, model and widest vector
+    unit set their speed and whether bf16 is native, so the records must keep them."""
+    zen3 = cpuinfo_file(
+        tmp_path, "zen3", model_name="AMD EPYC", cpu_family="25", model="1", flags="sse avx2 fma"
+    )
+    zen4 = cpuinfo_file(
+        tmp_path, "zen4", model_name="AMD EPYC", cpu_family="25", model="17",
+        flags="avx2 avx512f avx512_bf16",
+    )  # fmt: skip
+    arm = cpuinfo_file(tmp_path, "arm", CPU_part="0xd0c", Features="fp asimd")
+    assert cpu_name(zen3) == "AMD EPYC (family 25 model 1, AVX2)"
+    assert cpu_name(zen4) == "AMD EPYC (family 25 model 17, AVX512-BF16)"
+    assert cpu_name(arm) == platform.machine()  # no model name, family or x86 flags
+    assert cpu_name(tmp_path / "absent") == (platform.processor() or platform.machine())
 
 
 @pytest.mark.slow
