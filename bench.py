@@ -23,7 +23,7 @@ from CapsNet import CapsNet, CapsNetConfig
 from checkpoint import MODEL_KINDS
 from data import Split, to_model_input
 from errors import UserError, exit_on_user_error
-from hardware import cpu_name, keep_freed_memory, pick_device
+from hardware import add_device_flags, cpu_name, keep_freed_memory, pick_device, set_threads
 from training import TrainConfig, Trainer, epoch_generator
 
 
@@ -160,14 +160,7 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--rounds", type=int, default=3, help="alternating rounds, best kept (default: 3)"
     )
-    parser.add_argument(
-        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
-    )
-    parser.add_argument(
-        "--device",
-        default="auto",
-        help="auto (cuda, then mps, then cpu), cpu, cuda or mps (default: auto)",
-    )
+    add_device_flags(parser)
     parser.add_argument(
         "--compile",
         action="store_true",
@@ -184,10 +177,7 @@ def main(argv=None) -> None:
             raise UserError(
                 f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}"
             )
-    if args.threads is not None:
-        if args.threads < 1:
-            raise UserError(f"--threads must be at least 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     keep_freed_memory()  # as train.py does, for model and floor alike
     print(json.dumps(measure(args)))
 

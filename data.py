@@ -13,6 +13,7 @@ original image (up to float rounding); a digit translated to the canvas edge can
 2 px to the crop.
 """
 
+import argparse
 import gzip
 import math
 from dataclasses import dataclass
@@ -63,6 +64,25 @@ class Split:
 
     def subset(self, indices: torch.Tensor) -> "Split":
         return Split(self.images[indices], self.labels[indices])
+
+    def first(self, count: int | None) -> "Split":
+        """The first `count` images (--test-subset); None: all of them."""
+        if count is None:
+            return self
+        return self.subset(torch.arange(min(count, len(self))))
+
+
+def add_data_flags(parser: argparse.ArgumentParser) -> None:
+    """--data-dir and --test-subset, as train.py and evaluate.py take them."""
+    parser.add_argument(
+        "--data-dir", default="data", help="dataset root, downloaded into if absent (default: data)"
+    )
+    parser.add_argument(
+        "--test-subset",
+        type=int,
+        default=None,
+        help="score only the first N test images (default: all)",
+    )
 
 
 def read_idx(path: Path) -> torch.Tensor:

@@ -18,14 +18,12 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
-
 from CapsNet import CapsNet
 from checkpoint import SHIPPED_CHECKPOINT, has_trained_decoder, load_model
-from data import CLASS_NAMES, load_split
+from data import CLASS_NAMES, add_data_flags, load_split
 from errors import UserError, exit_on_user_error
 from figures import save_figures
-from hardware import pick_device
+from hardware import add_device_flags, pick_device
 from scoring import affine_accuracy, class_scores, report, routing_stats
 
 
@@ -77,20 +75,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=str(SHIPPED_CHECKPOINT),
         help="checkpoint to score (default: checkpoints/capsnet_mnist.pt)",
     )
-    add(
-        "--data-dir", default="data", help="dataset root, downloaded into if absent (default: data)"
-    )
-    add(
-        "--device",
-        default="auto",
-        help="auto (cuda, then mps, then cpu), cpu, cuda or mps (default: auto)",
-    )
-    add(
-        "--test-subset",
-        type=int,
-        default=None,
-        help="score only the first N test images (default: all)",
-    )
+    add_data_flags(parser)
+    add_device_flags(parser, threads=False)
     add(
         "--json",
         action="store_true",
@@ -128,9 +114,7 @@ def main(argv=None) -> None:
     model, checkpoint = load_model(args.checkpoint, device)
     dataset = checkpoint.get("dataset", "mnist")
     class_names = CLASS_NAMES[dataset]
-    split = load_split(dataset, args.data_dir, train=False)
-    if args.test_subset is not None:
-        split = split.subset(torch.arange(min(args.test_subset, len(split))))
+    split = load_split(dataset, args.data_dir, train=False).first(args.test_subset)
     kind = checkpoint.get("model_kind", "capsnet")
     if args.routing_stats and not isinstance(model, CapsNet):
         raise UserError(

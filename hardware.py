@@ -1,5 +1,6 @@
 """Where the model runs: device choice, and the CPU allocator setting that training relies on."""
 
+import argparse
 import ctypes
 import platform
 import sys
@@ -26,6 +27,31 @@ def pick_device(requested: str = "auto") -> torch.device:
     if not available[requested]:
         raise UserError(f"device {requested!r} is not available on this machine")
     return torch.device(requested)
+
+
+def add_device_flags(parser: argparse.ArgumentParser, threads: bool = True) -> None:
+    """--device, and --threads where the command lets the user set torch's CPU threads."""
+    parser.add_argument(
+        "--device",
+        default="auto",
+        help="auto (cuda, then mps, then cpu), cpu, cuda or mps (default: auto)",
+    )
+    if threads:
+        parser.add_argument(
+            "--threads",
+            type=int,
+            default=None,
+            help="CPU threads for torch (default: torch's choice)",
+        )
+
+
+def set_threads(threads: int | None) -> None:
+    """Apply --threads; None keeps torch's choice."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise UserError(f"--threads must be at least 1, got {threads}")
+    torch.set_num_threads(threads)
 
 
 def has_native_bf16(device: torch.device) -> bool:

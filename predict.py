@@ -22,7 +22,7 @@ from PIL import Image
 from checkpoint import SHIPPED_CHECKPOINT, has_trained_decoder, load_capsnet
 from data import CLASS_NAMES
 from errors import UserError, exit_on_user_error
-from hardware import pick_device
+from hardware import add_device_flags, pick_device
 from inference import classify
 from preprocess import preprocess
 
@@ -120,11 +120,7 @@ def parse_args(argv) -> argparse.Namespace:
         default=str(SHIPPED_CHECKPOINT),
         help="model to use (default: checkpoints/capsnet_mnist.pt)",
     )
-    add(
-        "--device",
-        default="auto",
-        help="auto (cuda, then mps, then cpu), cpu, cuda or mps (default: auto)",
-    )
+    add_device_flags(parser, threads=False)
     add(
         "--json",
         action="store_true",

@@ -32,9 +32,9 @@ from checkpoint import (  # noqa: E402
     config_from_checkpoint,
     load_checkpoint,
 )
-from data import DATASETS, load_split, train_val_split  # noqa: E402
+from data import DATASETS, add_data_flags, load_split, train_val_split  # noqa: E402
 from errors import UserError, exit_on_user_error  # noqa: E402
-from hardware import has_native_bf16, keep_freed_memory  # noqa: E402
+from hardware import add_device_flags, has_native_bf16, keep_freed_memory, set_threads  # noqa: E402
 from training import (  # noqa: E402
     SCHEDULES,
     StopRequest,
@@ -154,12 +154,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="held-out validation images that choose best.pt, 0 for none (default: %(default)s)",
     )
     add(
-        "--test-subset",
-        type=int,
-        default=None,
-        help="score only the first N test images (default: all)",
-    )
-    add(
         "--test-every",
         type=int,
         default=DEFAULTS.test_every,
@@ -193,20 +187,13 @@ def build_parser() -> argparse.ArgumentParser:
         "the loss stay float32, evaluation is float32 (default: on where it is native, GPUs "
         "and CPUs with AVX512-BF16 or AMX; else off)",
     )
-    add(
-        "--data-dir", default="data", help="dataset root, downloaded into if absent (default: data)"
-    )
+    add_data_flags(parser)
+    add_device_flags(parser)
     add(
         "--checkpoint-dir",
         default="checkpoints",
         help="where last.pt, best.pt and the log go (default: checkpoints)",
     )
-    add(
-        "--device",
-        default="auto",
-        help="auto (cuda, then mps, then cpu), cpu, cuda or mps (default: auto)",
-    )
-    add("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     add(
         "--resume",
         nargs="?",
@@ -325,8 +312,7 @@ def main(argv=None) -> None:
         config, model_class, model_config = configs_from_checkpoint(
             args, explicit_flags(args, argv), checkpoint, path
         )
-    if args.threads is not None and args.threads < 1:
-        raise UserError(f"--threads must be at least 1, got {args.threads}")
+    set_threads(args.threads)
     device = init_distributed(args.device, config.batch_size)
     # An unwritable folder or a second run on it is found now, not after the first epoch.
     lock = None
@@ -351,16 +337,12 @@ def run(
     checkpoint: dict | None,
     path: Path | None,
 ) -> None:
-    if args.threads:
-        torch.set_num_threads(args.threads)
     seed_everything(config.seed)
     full_train = load_split(config.dataset, args.data_dir, train=True)
     train_split, val_split = train_val_split(
         full_train, config.val_size, config.train_subset, config.seed
     )
-    test_split = load_split(config.dataset, args.data_dir, train=False)
-    if config.test_subset is not None:
-        test_split = test_split.subset(torch.arange(min(config.test_subset, len(test_split))))
+    test_split = load_split(config.dataset, args.data_dir, train=False).first(config.test_subset)
     steps_per_epoch = 2 if args.dry_run else -(-len(train_split) // config.batch_size)
     trainer = Trainer(
         config,

@@ -12,6 +12,7 @@ from PIL import Image
 
 import train
 from checkpoint import export_weights, load_checkpoint
+from data import Split
 from figures import plot_curve
 
 from conftest import (
@@ -369,3 +370,20 @@ def test_bench_prints_its_speeds_as_json(model):
 
 def test_bench_refuses_bad_flags():
     assert_one_line_error(run("bench.py", "--steps", 0, check=False), "--steps must be at least 1")
+    assert_one_line_error(
+        run("bench.py", "--threads", 0, check=False), "--threads must be at least 1"
+    )
+
+
+def test_train_refuses_zero_threads_before_reading_data(tmp_path):
+    result = run(
+        "train.py", "--threads", 0, "--data-dir", tmp_path / "absent", "--dry-run", check=False
+    )
+    assert_one_line_error(result, "--threads must be at least 1")
+
+
+def test_test_subset_takes_the_first_images_in_order():
+    split = Split(torch.arange(5, dtype=torch.uint8).view(5, 1, 1), torch.arange(5))
+    assert split.first(None) is split
+    assert split.first(3).labels.tolist() == [0, 1, 2]
+    assert split.first(99).labels.tolist() == [0, 1, 2, 3, 4]
