@@ -108,10 +108,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
-    device = pick_device(args.device)
-    model, checkpoint = load_model(args.checkpoint, device)
+def score(args: argparse.Namespace, model, checkpoint: dict, device) -> dict:
+    """Every score the flags ask for, as one JSON-ready dict; --figures also writes its files."""
     dataset = checkpoint.get("dataset", "mnist")
     class_names = CLASS_NAMES[dataset]
     split = load_split(dataset, args.data_dir, train=False).first(args.test_subset)
@@ -140,38 +138,45 @@ def main(argv=None) -> None:
             "accuracy": affine_accuracy(model, split, device, args.seed, not args.json),
         }
     if args.figures:
-        result["figures"] = [
-            str(p)
-            for p in save_figures(
-                model,
-                split,
-                predictions,
-                result,
-                class_names,
-                device,
-                Path(args.figures),
-                reconstructions=has_trained_decoder(checkpoint),
-            )
-        ]
-    if args.json:
-        print(json.dumps(result))
-        return
-    print(
-        f"checkpoint {args.checkpoint}  model {kind}  dataset {dataset}  "
-        f"epoch {result['epoch']}  device {device}"
-    )
-    print_report(result, class_names)
-    if args.routing_stats:
-        print_routing_stats(result["routing"])
-    if args.affine:
-        print(
-            f"affine (seed {args.seed}): "
-            + "  ".join(
-                f"{family} {value:.2f}%" for family, value in result["affine"]["accuracy"].items()
-            )
+        saved = save_figures(
+            model,
+            split,
+            predictions,
+            result,
+            class_names,
+            device,
+            Path(args.figures),
+            reconstructions=has_trained_decoder(checkpoint),
         )
+        result["figures"] = [str(path) for path in saved]
+    return result
+
+
+def print_text(result: dict, device) -> None:
+    print(
+        f"checkpoint {result['checkpoint']}  model {result['model_kind']}  "
+        f"dataset {result['dataset']}  epoch {result['epoch']}  device {device}"
+    )
+    print_report(result, CLASS_NAMES[result["dataset"]])
+    if "routing" in result:
+        print_routing_stats(result["routing"])
+    if "affine" in result:
+        affine = result["affine"]
+        scores = "  ".join(f"{family} {value:.2f}%" for family, value in affine["accuracy"].items())
+        print(f"affine (seed {affine['seed']}): {scores}")
     for path in result.get("figures", []):
         print(f"saved {path}")
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    device = pick_device(args.device)
+    model, checkpoint = load_model(args.checkpoint, device)
+    result = score(args, model, checkpoint, device)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print_text(result, device)
 
 
 if __name__ == "__main__":
