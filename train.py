@@ -354,16 +354,7 @@ def run(
         quiet=args.quiet,
         started=LAUNCHED,
     )
-    if config.batch_size > len(train_split):
-        raise UserError(
-            f"--batch-size {config.batch_size} is larger than the "
-            f"{len(train_split)} training images"
-        )
-    if 0 < len(train_split) % config.batch_size < trainer.world_size:
-        raise UserError(
-            f"the last batch of {len(train_split) % config.batch_size} images cannot feed "
-            f"{trainer.world_size} processes: change --train-subset or --batch-size"
-        )
+    check_batches_fit(config.batch_size, len(train_split), trainer.world_size)
     if checkpoint is not None:
         if "optimizer" not in checkpoint:
             log(
@@ -371,19 +362,7 @@ def run(
             )
         trainer.restore(checkpoint, path)
         log(f"resumed at epoch {trainer.progress.epoch + 1}, batch {trainer.progress.batches_done}")
-    num_params = sum(p.numel() for p in trainer.model.parameters())
-    log(
-        f"model {config.model}  device {device}  "
-        f"{'bf16' if trainer.config.bf16 else 'float32'}  processes {trainer.world_size}  "
-        f"threads {torch.get_num_threads()}  parameters {num_params:,}  train {len(train_split)}  "
-        f"val {len(val_split) if val_split else 0}  "
-        f"test {len(test_split)}"
-    )
-    if trainer.config.bf16 and not has_native_bf16(device):
-        log(
-            f"warning: bf16 is emulated on this {device.type} (no AVX512-BF16 or AMX) and can be "
-            "many times slower than float32 (15x on an AVX2-only AMD EPYC): try --no-bf16"
-        )
+    log_start(trainer, device, train_split, val_split, test_split)
     try:
         train_loop(trainer, train_split, val_split, test_split)
     except torch.OutOfMemoryError as error:
@@ -392,6 +371,34 @@ def run(
         if "can't allocate memory" not in str(error) and "out of memory" not in str(error):
             raise
         raise out_of_memory(config, device, trainer) from error
+
+
+def check_batches_fit(batch_size: int, train_images: int, world_size: int) -> None:
+    if batch_size > train_images:
+        raise UserError(
+            f"--batch-size {batch_size} is larger than the {train_images} training images"
+        )
+    if 0 < train_images % batch_size < world_size:
+        raise UserError(
+            f"the last batch of {train_images % batch_size} images cannot feed "
+            f"{world_size} processes: change --train-subset or --batch-size"
+        )
+
+
+def log_start(trainer: Trainer, device, train_split, val_split, test_split) -> None:
+    """The run's opening line (model, device, precision, sizes), and a warning for slow bf16."""
+    num_params = sum(p.numel() for p in trainer.model.parameters())
+    log(
+        f"model {trainer.config.model}  device {device}  "
+        f"{'bf16' if trainer.config.bf16 else 'float32'}  processes {trainer.world_size}  "
+        f"threads {torch.get_num_threads()}  parameters {num_params:,}  train {len(train_split)}  "
+        f"val {len(val_split) if val_split else 0}  test {len(test_split)}"
+    )
+    if trainer.config.bf16 and not has_native_bf16(device):
+        log(
+            f"warning: bf16 is emulated on this {device.type} (no AVX512-BF16 or AMX) and can be "
+            "many times slower than float32 (15x on an AVX2-only AMD EPYC): try --no-bf16"
+        )
 
 
 def out_of_memory(config: TrainConfig, device, trainer: Trainer) -> UserError:
