@@ -209,6 +209,7 @@ def test_a_signal_stops_the_sweep_in_one_line_and_its_run_resumably_never_record
     """SIGTERM to the sweep reaches its run once: the run saves mid-epoch, the sweep says so in
     one line, and the unfinished run gets no results line."""
     flags = ["--train-subset", "6400", "--val-size", "32", "--test-subset", "50", "--epochs", "2"]
+    flags += ["--device", "cpu"]  # a GPU could finish both epochs before the signal comes
     grid = tmp_path / "grid.json"
     grid.write_text(json.dumps([{"name": "long", "flags": [*flags, "--batch-size", "32"]}]))
     command = [sys.executable, str(REPO / "sweep.py"), str(grid), "--data-dir", str(data_dir)]
@@ -314,6 +315,12 @@ def test_grids_that_pin_the_default_recipe_pin_train_pys_defaults(grid):
             assert getattr(config, setting) == getattr(train.DEFAULTS, setting), (name, setting)
 
 
+def test_the_recipe_grid_names_every_setting_its_arms_compare():
+    """Its records stay true when a default changes: no arm leans on train.py's defaults."""
+    for run in sweep.read_grid(REPO / "results" / "grids" / "recipe.json"):
+        assert {"--schedule", "--lr", "--batch-size", "--ema-decay"} <= set(run["flags"]), run
+
+
 def test_table1_trains_every_row_for_the_default_epoch_budget():
     budgets = {config.epochs for config in grid_configs("table1.json").values()}
     assert budgets == {train.DEFAULTS.epochs}
@@ -363,6 +370,20 @@ def test_plotting_a_grid_with_no_finished_run_is_one_line(tmp_path):
     )
     assert_one_line_error(result, "no run of", "has finished yet")
     assert not (tmp_path / "a.png").exists()
+
+
+def test_a_torn_results_line_is_named_in_one_line_and_a_blank_one_skipped(tmp_path):
+    grid = tmp_path / "grid.json"
+    results = grid.with_suffix(".results.jsonl")
+    results.write_text(json.dumps({"name": "a-s0", "final": {"test_acc": 99.5}}) + "\n\n")
+    assert sweep.finished_names(results) == {"a-s0"}
+    results.write_text(results.read_text() + '{"name": "a-s1", "fin\n')
+    result = subprocess.run(
+        [sys.executable, str(REPO / "sweep.py"), str(grid), "--table"],
+        capture_output=True,
+        text=True,
+    )
+    assert_one_line_error(result, f"{results} is not a readable results file (line 3:")
 
 
 def test_the_table_shows_the_routing_statistics_of_each_recipe(tmp_path):
