@@ -32,8 +32,10 @@ import sys
 from pathlib import Path
 
 from checkpoint import load_checkpoint
+from data import add_data_flags
 from errors import UserError, exit_on_user_error
 from figures import plot_test_errors
+from jsonl import read_jsonl, write_jsonl
 
 
 def read_grid(path: Path) -> list[dict]:
@@ -56,13 +58,16 @@ def read_grid(path: Path) -> list[dict]:
 
 def records(folder: Path) -> list[dict]:
     log = folder / "metrics.jsonl"
-    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    return read_jsonl(log, "metrics log") if log.exists() else []
+
+
+def read_results(results: Path) -> list[dict]:
+    """The finished runs' summaries, one JSON line each; none before the first has finished."""
+    return read_jsonl(results, "results file") if results.exists() else []
 
 
 def finished_names(results: Path) -> set[str]:
-    if not results.exists():
-        return set()
-    return {json.loads(line)["name"] for line in results.read_text().splitlines()}
+    return {run["name"] for run in read_results(results)}
 
 
 def train(run: dict, folder: Path, data_dir: str) -> int:
@@ -199,9 +204,8 @@ def mean_and_spread(values: list[float], unit: str) -> str:
 
 def finished_runs(results: Path) -> dict[str, list[dict]]:
     """The results file's runs, grouped by recipe (their names without the seed), in order."""
-    lines = results.read_text().splitlines() if results.exists() else []
     recipes: dict[str, list[dict]] = {}
-    for run in map(json.loads, lines):
+    for run in read_results(results):
         recipes.setdefault(recipe_name(run["name"]), []).append(run)
     return recipes
 
@@ -273,7 +277,7 @@ def main(argv=None) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("grid", type=Path, help="JSON grid file")
-    parser.add_argument("--data-dir", default="data", help="dataset root (default: data)")
+    add_data_flags(parser, test_subset=False)
     parser.add_argument(
         "--runs-dir",
         type=Path,
@@ -284,13 +288,15 @@ def main(argv=None) -> None:
         "--list", action="store_true", help="print each run's state and stop (default: off)"
     )
     parser.add_argument(
-        "--table", action="store_true", help="print the finished runs as a Markdown table"
+        "--table",
+        action="store_true",
+        help="print the finished runs as a Markdown table (default: off)",
     )
     parser.add_argument(
         "--plot",
         type=Path,
         metavar="PNG",
-        help="draw each recipe's test error per seed, beside the paper's, into PNG",
+        help="draw each recipe's test error per seed, beside the paper's, into PNG (default: none)",
     )
     args = parser.parse_args(argv)
     results = args.grid.with_suffix(".results.jsonl")
@@ -321,8 +327,7 @@ def sweep(grid: Path, results: Path, runs_dir: Path, data_dir: str, listing: boo
                 f"run {run['name']} stopped early (exit {code}); run the sweep again to resume it"
             )
         scores = evaluation(run, folder, data_dir)
-        with open(results, "a") as file:
-            file.write(json.dumps(summary(run, folder, scores)) + "\n")
+        write_jsonl([*read_results(results), summary(run, folder, scores)], results)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ import json
 from pathlib import Path
 
 from checkpoint import load_checkpoint
-from errors import UserError, exit_on_user_error, first_line
+from errors import exit_on_user_error
+from jsonl import read_jsonl
 
 THRESHOLDS = (99.0, 99.5, 99.6, 99.7)
 
@@ -26,10 +27,7 @@ def read_log(path: Path) -> list[dict]:
     if path.suffix == ".pt":
         return load_checkpoint(path).get("metrics", [])
     log = path / "metrics.jsonl" if path.is_dir() else path
-    try:
-        return [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-    except (OSError, ValueError) as error:  # ValueError: not JSON, or not even text
-        raise UserError(f"{log} is not a readable metrics log ({first_line(error)})") from error
+    return read_jsonl(log, "metrics log")
 
 
 def first_reached(records: list[dict], threshold: float) -> dict | None:

@@ -7,7 +7,6 @@ order and shifts and each takes its own batch_size / world_size slice of every b
 run matches a single-process run up to float rounding. Only rank 0 prints and writes.
 """
 
-import json
 import math
 import os
 import random
@@ -30,6 +29,7 @@ from data import DATASETS, Split, batches, random_shift, to_model_input
 from errors import UserError
 from figures import plot_curve
 from hardware import device_name, has_native_bf16, pick_device
+from jsonl import write_jsonl
 from scoring import count_correct
 from settings import SavedSettings
 
@@ -78,6 +78,9 @@ class TrainConfig(SavedSettings):
             require(
                 value is None or isinstance(value, int) and value >= 1, name, "a whole number >= 1"
             )
+        require(  # numpy's seed range
+            isinstance(self.seed, int) and 0 <= self.seed < 2**32, "seed", "in 0 .. 2**32 - 1"
+        )
         require(self.dataset in DATASETS, "dataset", f"one of {', '.join(DATASETS)}")
         require(self.model in MODEL_KINDS, "model", f"one of {', '.join(MODEL_KINDS)}")
         require(self.schedule in SCHEDULES, "schedule", f"one of {', '.join(SCHEDULES)}")
@@ -144,16 +147,8 @@ class Progress:
     skipped: int = 0  # batches skipped for a non-finite loss (--on-nonfinite skip)
     wall_seconds: float = 0.0  # the run's wall clock when saved, evaluation included
 
-    FIELDS = (
-        "epoch",
-        "batches_done",
-        "totals",
-        "shift_rng",
-        "metrics",
-        "best_val",
-        "skipped",
-        "wall_seconds",
-    )
+
+PROGRESS_FIELDS = tuple(f.name for f in fields(Progress))  # each saved under its own name
 
 
 def empty_totals() -> dict:
@@ -301,7 +296,7 @@ class Trainer:
     # --- checkpoints -------------------------------------------------------------------
     def checkpoint(self) -> dict:
         self.progress.wall_seconds = self.wall_seconds()
-        progress = {name: getattr(self.progress, name) for name in Progress.FIELDS}
+        progress = {name: getattr(self.progress, name) for name in PROGRESS_FIELDS}
         return training_checkpoint(
             self.model,
             self.ema,
@@ -316,7 +311,7 @@ class Trainer:
     def restore(self, checkpoint: dict, path: Path) -> None:
         """Continue a training checkpoint exactly, or a weights-only one at the scheduled lr."""
         load_weights(self.model, checkpoint["model"], path)
-        saved = saved_progress(checkpoint, Progress.FIELDS)
+        saved = saved_progress(checkpoint, PROGRESS_FIELDS)
         self.progress = Progress(**{"totals": empty_totals(), **saved})
         self.clock_offset = self.progress.wall_seconds
         if self.ema is not None and checkpoint.get("ema") is not None:
@@ -541,7 +536,5 @@ class Trainer:
 
 def write_log(metrics: list[dict], folder: Path) -> None:
     """metrics.jsonl (one record per epoch) and curve.png, rewritten whole and atomically."""
-    temporary = folder / ".metrics.jsonl.tmp"
-    temporary.write_text("".join(json.dumps(record) + "\n" for record in metrics))
-    os.replace(temporary, folder / "metrics.jsonl")
+    write_jsonl(metrics, folder / "metrics.jsonl")
     plot_curve(metrics, folder / "curve.png")
