@@ -14,8 +14,12 @@ A training checkpoint (`last.pt`, `best.pt`) is one dict of tensors and plain ty
 
 A shipped checkpoint keeps only the chosen weights, the config and the metrics. Files from
 before this layout ("args" instead of "train_config", "step" instead of "batches_done") load.
+To make one, as checkpoints/capsnet_mnist.pt was made:
+
+    python checkpoint.py runs/long/best.pt checkpoints/capsnet_mnist.pt --overwrite
 """
 
+import argparse
 import errno
 import os
 import pickle
@@ -27,7 +31,7 @@ from filelock import FileLock, Timeout
 from baseline import BaselineCNN, BaselineConfig, PaperCNN, PaperCNNConfig
 from CapsNet import RECONSTRUCTION_WEIGHT, CapsNet, CapsNetConfig, trains_decoder
 from data import DATASETS
-from errors import UserError, first_line
+from errors import UserError, exit_on_user_error, first_line
 
 SHIPPED_CHECKPOINT = Path(__file__).parent / "checkpoints" / "capsnet_mnist.pt"
 # A checkpoint's "model_kind" names its class; checkpoints without one are CapsNets.
@@ -142,7 +146,7 @@ def config_from_checkpoint(checkpoint: dict, path: str | Path = "checkpoint"):
     model_class, config_class = MODEL_KINDS[kind]
     try:
         return model_class, config_class.from_dict(checkpoint["config"])
-    except (TypeError, KeyError, ValueError) as error:
+    except (AttributeError, TypeError, KeyError, ValueError) as error:  # e.g. not a dict
         raise UserError(f"{path} has an invalid model config ({first_line(error)})") from error
 
 
@@ -236,3 +240,33 @@ def training_checkpoint(
 def saved_progress(checkpoint: dict, fields: tuple[str, ...]) -> dict:
     """The `fields` of training.Progress that the checkpoint holds (older files lack some)."""
     return {name: checkpoint[name] for name in fields if name in checkpoint}
+
+
+def export(source: Path, destination: Path, overwrite: bool) -> None:
+    """Check that SOURCE's chosen weights rebuild its model, then export them to DESTINATION."""
+    if destination.exists() and not overwrite:
+        raise UserError(f"{destination} already exists: pass --overwrite to replace it")
+    checkpoint = load_checkpoint(source)
+    model_from_checkpoint({**checkpoint, "model": chosen_weights(checkpoint)}, source)
+    export_weights(checkpoint, destination)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(
+        description="Export a training checkpoint's chosen weights, config and metrics "
+        "(no optimizer state), as the shipped checkpoints/capsnet_mnist.pt holds them."
+    )
+    parser.add_argument("source", type=Path, help="a training checkpoint (best.pt, last.pt)")
+    parser.add_argument("destination", type=Path, help="the file to write")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace DESTINATION if it exists (default: refuse)",
+    )
+    args = parser.parse_args(argv)
+    export(args.source, args.destination, args.overwrite)
+    print(f"wrote {args.destination} ({args.destination.stat().st_size / 2**20:.1f} MiB)")
+
+
+if __name__ == "__main__":
+    exit_on_user_error(main)

@@ -72,17 +72,18 @@ class Split:
         return self.subset(torch.arange(min(count, len(self))))
 
 
-def add_data_flags(parser: argparse.ArgumentParser) -> None:
-    """--data-dir and --test-subset, as train.py and evaluate.py take them."""
+def add_data_flags(parser: argparse.ArgumentParser, test_subset: bool = True) -> None:
+    """--data-dir and --test-subset, as train.py and evaluate.py take them (sweep.py: the first)."""
     parser.add_argument(
         "--data-dir", default="data", help="dataset root, downloaded into if absent (default: data)"
     )
-    parser.add_argument(
-        "--test-subset",
-        type=int,
-        default=None,
-        help="score only the first N test images (default: all)",
-    )
+    if test_subset:
+        parser.add_argument(
+            "--test-subset",
+            type=int,
+            default=None,
+            help="score only the first N test images (default: all)",
+        )
 
 
 def read_idx(path: Path) -> torch.Tensor:

@@ -47,6 +47,7 @@ from training import (  # noqa: E402
 )
 
 RESUMABLE = {"epochs", "bf16", "compile"}  # settings a resumed run may change
+RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl")  # a fresh run would overwrite these
 MODEL_FLAGS = ("routing_iterations", "detach_early_routing")  # CapsNetConfig fields set by flags
 DEFAULTS, PAPER = TrainConfig(), CapsNetConfig()
 
@@ -107,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
         nargs=2,
         default=DEFAULTS.adam_betas,
         metavar=("B1", "B2"),
-        help="Adam's betas (default: 0.9 0.999)",
+        help=f"Adam's betas (default: {' '.join(map(str, DEFAULTS.adam_betas))})",
     )
     add(
         "--ema-decay",
@@ -200,8 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
         const="last",
         default=None,
         metavar="PATH",
-        help="continue PATH (or CHECKPOINT_DIR/last.pt) with its saved settings; only --epochs, "
-        "--bf16 and "
+        help="continue PATH (or CHECKPOINT_DIR/last.pt) with its saved settings; only --epochs "
+        "(not under the onecycle schedule), --bf16 and "
         "--compile may change, besides --device, --threads, --data-dir, --checkpoint-dir, --quiet "
         "and --dry-run (default: off)",
     )
@@ -232,12 +233,22 @@ def as_user_error(error: ValueError) -> UserError:
     return UserError(f"--{name.replace('_', '-')} {rest}")
 
 
+def flag_value(args: argparse.Namespace, name: str):
+    """A flag's value as TrainConfig holds it: betas as a tuple, --ema-decay 0 as None (off)."""
+    value = getattr(args, name)
+    if name == "adam_betas":
+        return tuple(value)
+    if name == "ema_decay":
+        return value or None
+    return value
+
+
 def configs_from_flags(args: argparse.Namespace):
     """A fresh run: (TrainConfig, model class, model config) from the command line."""
     try:
-        values = {name: getattr(args, name) for name in TrainConfig.__dataclass_fields__}
-        values |= {"adam_betas": tuple(args.adam_betas), "ema_decay": args.ema_decay or None}
-        config = TrainConfig(**values)
+        config = TrainConfig(
+            **{name: flag_value(args, name) for name in TrainConfig.__dataclass_fields__}
+        )
         if config.model != "capsnet":
             model_class, model_config = MODEL_KINDS[config.model]
             return config, model_class, model_config()
@@ -252,16 +263,15 @@ def configs_from_checkpoint(
     """A resumed run: the saved settings, with what the command line may change."""
     try:
         saved = TrainConfig.from_dict(checkpoint["train_config"])
-    except (TypeError, ValueError) as error:
+    except (AttributeError, TypeError, ValueError) as error:  # e.g. not a dict
         raise UserError(f"{path} holds invalid training settings ({error})") from error
     model_class, model_config = config_from_checkpoint(checkpoint, path)
     saved_values = {
-        **saved.to_dict(),
+        **{name: getattr(saved, name) for name in TrainConfig.__dataclass_fields__},
         **{name: getattr(model_config, name, None) for name in MODEL_FLAGS},
     }
     for name in sorted(explicit & saved_values.keys() - RESUMABLE):
-        given = list(getattr(args, name)) if name == "adam_betas" else getattr(args, name)
-        if given != saved_values[name]:
+        if flag_value(args, name) != saved_values[name]:
             raise UserError(
                 f"--{name.replace('_', '-')} cannot change when resuming: {path} was trained "
                 f"with {saved_values[name]!r}; start a new run with --checkpoint-dir instead"
@@ -280,11 +290,13 @@ def configs_from_checkpoint(
 
 def resume_path(args: argparse.Namespace) -> Path | None:
     """Check the checkpoint folder; the checkpoint to continue, or None for a fresh run."""
-    last = Path(args.checkpoint_dir) / "last.pt"
+    folder = Path(args.checkpoint_dir)
+    last = folder / "last.pt"
     if args.resume is None:
-        if last.exists() and not args.dry_run:
+        kept = [folder / name for name in RUN_FILES if (folder / name).exists()]
+        if kept and not args.dry_run:
             raise UserError(
-                f"{last} already exists: pass --resume to continue that run, "
+                f"{kept[0]} already exists: pass --resume to continue that run, "
                 "or --checkpoint-dir to start a new one elsewhere"
             )
         return None

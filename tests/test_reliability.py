@@ -211,6 +211,8 @@ def saved_run(tmp_path_factory, data_dir):
         (lambda c: c["train_config"].update(batch_size="32"), "invalid training settings"),
         (lambda c: c["config"].update(routing_iterations=0), "invalid model config"),
         (lambda c: c["config"].update(routing_iterations="3"), "invalid model config"),
+        (lambda c: c.update(train_config=[1, 2]), "invalid training settings"),
+        (lambda c: c.update(config="capsnet"), "invalid model config"),
         (
             lambda c: c["model"].update({"digit_caps.W": torch.zeros(3)}),
             "digit_caps.W has shape (3,)",
