@@ -65,13 +65,15 @@ def measure(args: argparse.Namespace) -> dict:
     config = TrainConfig(
         model=args.model,
         batch_size=args.batch_size,
+        epochs=1,  # one "epoch" of steps_taken steps: the schedule spans exactly the calls
         val_size=0,
         compile=args.compile,
         bf16=args.bf16,
     )
     split = synthetic_split(args.batch_size)
     model = MODEL_KINDS[args.model][0]()
-    steps_taken = 1 + args.rounds * args.steps  # the schedule must last every timed step
+    # The first call, then per round a warm-up call (best_rate's) and the timed steps.
+    steps_taken = 1 + args.rounds * (1 + args.steps)
     trainer = Trainer(
         config,
         model,

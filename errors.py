@@ -2,6 +2,7 @@
 
 import os
 import sys
+from pathlib import Path
 
 
 class UserError(Exception):
@@ -27,3 +28,13 @@ def exit_on_user_error(main):
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)
+
+
+def make_output_folder(folder: Path, flag: str) -> None:
+    """Create the folder a flag names for output files, before any work is done for them."""
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{flag} {folder} is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"{flag} {folder} cannot be created ({error.strerror})") from error

@@ -21,7 +21,7 @@ from pathlib import Path
 from CapsNet import CapsNet
 from checkpoint import SHIPPED_CHECKPOINT, has_trained_decoder, load_model
 from data import CLASS_NAMES, add_data_flags, load_split
-from errors import UserError, exit_on_user_error
+from errors import UserError, exit_on_user_error, make_output_folder
 from figures import save_figures
 from hardware import add_device_flags, pick_device
 from scoring import affine_accuracy, class_scores, report, routing_stats
@@ -85,6 +85,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add(
         "--figures",
         default=None,
+        type=Path,
         metavar="DIR",
         help="also save confusion, reconstruction and mistake PNGs in DIR (default: none)",
     )
@@ -145,7 +146,7 @@ def score(args: argparse.Namespace, model, checkpoint: dict, device) -> dict:
             result,
             class_names,
             device,
-            Path(args.figures),
+            args.figures,
             reconstructions=has_trained_decoder(checkpoint),
         )
         result["figures"] = [str(path) for path in saved]
@@ -172,6 +173,8 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     device = pick_device(args.device)
     model, checkpoint = load_model(args.checkpoint, device)
+    if args.figures:
+        make_output_folder(args.figures, "--figures")  # before the scoring pass, not after it
     result = score(args, model, checkpoint, device)
     if args.json:
         print(json.dumps(result))

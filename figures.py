@@ -150,12 +150,12 @@ def plot_mistakes(
 
 
 def save_reconstructions(model: CapsNet, split: Split, device, path: Path) -> Path:
-    """16 test digits beside their reconstructions from the predicted capsule."""
-    x = to_model_input(split.images[:16], device)  # (16, 1, 28, 28)
+    """Up to 16 test digits beside their reconstructions from the predicted capsule."""
+    x = to_model_input(split.images[:16], device)  # (n, 1, 28, 28), n <= 16
     with torch.inference_mode():
         _, reconstructions, _ = model(x)  # masked by the prediction
-    figure, axes = pyplot().subplots(2, 16, figsize=(16, 2.4))
-    for column in range(16):
+    figure, axes = pyplot().subplots(2, len(x), figsize=(16, 2.4), squeeze=False)
+    for column in range(len(x)):
         axes[0, column].imshow(x[column, 0].cpu(), cmap="gray")
         axes[1, column].imshow(reconstructions[column, 0].float().cpu(), cmap="gray")
     for axis in axes.flat:

@@ -17,25 +17,20 @@ import textwrap
 from pathlib import Path
 
 import torch
-from PIL import Image
 
+from canvas import to_png
 from checkpoint import SHIPPED_CHECKPOINT, has_trained_decoder, load_capsnet
 from data import CLASS_NAMES
-from errors import UserError, exit_on_user_error
+from errors import UserError, exit_on_user_error, make_output_folder
 from hardware import add_device_flags, pick_device
 from inference import classify
 from preprocess import preprocess
 
 
-def save_png(image28: torch.Tensor, path: Path) -> None:
-    pixels = (image28.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
-    Image.fromarray(pixels).save(path)
-
-
 def show(folder: Path, stem: str, image28: torch.Tensor, result: dict) -> None:
     """Save what the model saw and what its decoder drew, STEM_input.png and _reconstruction.png."""
-    save_png(image28, folder / f"{stem}_input.png")
-    save_png(result["reconstruction"], folder / f"{stem}_reconstruction.png")
+    (folder / f"{stem}_input.png").write_bytes(to_png(image28, scale=1))
+    (folder / f"{stem}_reconstruction.png").write_bytes(to_png(result["reconstruction"], scale=1))
 
 
 def output_stems(names: list[str]) -> list[str]:
@@ -102,13 +97,6 @@ def print_records(records, count: int, as_json: bool) -> int:
     return failed
 
 
-def make_show_folder(folder: Path) -> None:
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise UserError(f"--show {folder} cannot be created ({error.strerror})") from error
-
-
 def parse_args(argv) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Classify photos of handwritten digits with a CapsNet."
@@ -139,8 +127,6 @@ def parse_args(argv) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if args.show and args.show.exists() and not args.show.is_dir():
-        raise UserError(f"--show {args.show} is a file, not a folder")
     device = pick_device(args.device)
     model, checkpoint = load_capsnet(args.checkpoint, device)  # once, before any file
     if args.show and not has_trained_decoder(checkpoint):
@@ -150,7 +136,7 @@ def main(argv=None) -> None:
         )
     class_names = CLASS_NAMES[checkpoint.get("dataset", "mnist")]
     if args.show:
-        make_show_folder(args.show)
+        make_output_folder(args.show, "--show")
     if not args.json:
         parameters = sum(parameter.numel() for parameter in model.parameters())
         header = f"checkpoint {args.checkpoint}  device {device}  parameters {parameters:,}"

@@ -64,6 +64,27 @@ def test_curve_draws_before_the_first_test_score(tmp_path):
     assert_is_a_drawing(tmp_path / "curve.png", (1100, 418))
 
 
+def test_evaluate_figures_of_fewer_than_16_test_digits(tiny_checkpoint, data_dir, tmp_path):
+    result = run(
+        "evaluate.py",
+        *["--checkpoint", tiny_checkpoint, "--data-dir", data_dir],
+        *["--test-subset", 5, "--figures", tmp_path, "--json"],
+    )
+    assert (tmp_path / "reconstructions.png").name in result.stdout
+    assert_is_a_drawing(tmp_path / "reconstructions.png", (1760, 264))
+
+
+def test_evaluate_figures_into_a_file_is_refused_before_scoring(tiny_checkpoint, data_dir):
+    result = run(
+        "evaluate.py",
+        *["--checkpoint", tiny_checkpoint, "--data-dir", data_dir],
+        *["--figures", REPO / "evaluate.py"],
+        check=False,
+    )
+    assert_one_line_error(result, "--figures", "is a file, not a folder")
+    assert result.stdout == ""
+
+
 def test_evaluate_reports_what_training_reported(trained_run, data_dir):
     folder, _ = trained_run
     best = load_checkpoint(folder / "best.pt")
@@ -120,6 +141,15 @@ def test_fresh_run_refuses_to_overwrite_a_previous_run(trained_run, data_dir):
     )
     assert_one_line_error(result, "--resume")
     assert (folder / "last.pt").read_bytes() == before
+
+
+def test_fresh_run_refuses_to_overwrite_a_kept_best_checkpoint(trained_run, data_dir, tmp_path):
+    # last.pt (the large file) deleted, best.pt kept: a new run would replace it after epoch 1.
+    best = tmp_path / "best.pt"
+    best.write_bytes((trained_run[0] / "best.pt").read_bytes())
+    result = train_cli(data_dir, tmp_path, *SMALL_RUN, check=False)
+    assert_one_line_error(result, "best.pt already exists", "--resume")
+    assert best.read_bytes() == (trained_run[0] / "best.pt").read_bytes()
 
 
 def test_dry_run_saves_nothing(data_dir, tmp_path):
@@ -179,6 +209,7 @@ def test_interrupt_mid_epoch_saves_and_resumes_exactly(data_dir, tmp_path, monke
         (["--lr-decay", "1.5"], "--lr-decay"),
         (["--device", "tpu"], "tpu"),
         (["--train-subset", "999999"], "--train-subset"),
+        (["--seed", "-1"], "--seed must be in 0 .. 2**32 - 1"),
     ],
 )
 def test_train_rejects_bad_values(flags, fragment, data_dir, tmp_path):
@@ -248,6 +279,21 @@ def test_weights_only_checkpoint_continues_at_the_scheduled_lr(data_dir, tmp_pat
     assert continued["metrics"][1]["lr"] == pytest.approx(0.9e-3)
 
 
+def test_export_cli_writes_the_chosen_weights_and_keeps_an_existing_file(trained_run, tmp_path):
+    folder, _ = trained_run
+    shipped = tmp_path / "shipped.pt"
+    result = run("checkpoint.py", folder / "best.pt", shipped)
+    assert result.stdout.startswith(f"wrote {shipped}")
+    exported, source = load_checkpoint(shipped), load_checkpoint(folder / "best.pt")
+    assert "optimizer" not in exported and exported["metrics"] == source["metrics"]
+    chosen = source["ema"] if source.get("chosen") == "ema" else source["model"]
+    assert all(torch.equal(exported["model"][name], chosen[name]) for name in chosen)
+    before = shipped.read_bytes()
+    refused = run("checkpoint.py", folder / "last.pt", shipped, check=False)
+    assert_one_line_error(refused, "already exists", "--overwrite")
+    assert shipped.read_bytes() == before
+
+
 def train_cli(data_dir, folder, *flags, check: bool = True):
     return run("train.py", "--data-dir", data_dir, "--checkpoint-dir", folder, *flags, check=check)
 
@@ -282,9 +328,15 @@ def test_resume_refuses_flags_it_cannot_honour(trained_run, data_dir, flags, nam
 
 @pytest.mark.slow
 def test_resume_accepts_a_flag_repeated_with_its_saved_value(data_dir, tmp_path):
-    train_in_process(data_dir, tmp_path, "--epochs", 1)
-    resumed = train_in_process(data_dir, tmp_path, "--epochs", 2, "--resume", "--lr", "0.001")
-    assert resumed["epoch"] == 2
+    # --ema-decay 0 is saved as None (off) and --adam-betas as a tuple: both still match.
+    train_in_process(data_dir, tmp_path, "--epochs", 1, "--ema-decay", 0)
+    resumed = train_in_process(
+        data_dir,
+        tmp_path,
+        *["--epochs", 2, "--resume", "--lr", "0.001", "--ema-decay", 0],
+        *["--adam-betas", 0.9, 0.999],
+    )
+    assert resumed["epoch"] == 2 and resumed["train_config"]["ema_decay"] is None
 
 
 @pytest.mark.slow

@@ -21,11 +21,12 @@ import numpy as np
 import pytest
 import torch
 from nbclient import NotebookClient
+from nbclient.exceptions import CellExecutionError
 from PIL import Image, ImageDraw
 
 from canvas import DrawingCanvas, to_png
 from CapsNet import CapsNet, CapsNetConfig
-from checkpoint import SHIPPED_CHECKPOINT, load_capsnet, load_checkpoint
+from checkpoint import SHIPPED_CHECKPOINT, load_capsnet, load_checkpoint, save_checkpoint
 from inference import (
     PERTURBATIONS,
     classify,
@@ -138,6 +139,14 @@ def test_notebook_runs_headless(tiny_checkpoint, monkeypatch):
     ).abs().max() <= 1
     (strongest,) = (state["value"] for state in widgets["HTMLModel"])
     assert STRONGEST.match(strongest).group(1, 2) == (SAMPLES[0].name, expected["label"])
+
+
+def test_notebook_refuses_a_model_without_a_trained_decoder(tiny_checkpoint, tmp_path, monkeypatch):
+    checkpoint = load_checkpoint(tiny_checkpoint)
+    checkpoint["train_config"] = {"reconstruction_weight": 0.0}
+    save_checkpoint(checkpoint, tmp_path / "norecon.pt")
+    with pytest.raises(CellExecutionError, match="trained without the reconstruction loss"):
+        execute_notebook(tmp_path / "norecon.pt", monkeypatch)
 
 
 @pytest.mark.slow
