@@ -5,6 +5,7 @@ import json
 import os
 from pathlib import Path
 
+from checkpoint import temporary_path
 from errors import UserError, first_line
 
 
@@ -29,6 +30,6 @@ def read_jsonl(path: Path, what: str = "JSON-lines file") -> list[dict]:
 
 def write_jsonl(records: list[dict], path: Path) -> None:
     """Rewrite the whole file through a temporary one: never a torn last line."""
-    temporary = path.with_name(f".{path.name}.tmp")
+    temporary = temporary_path(path)
     temporary.write_text("".join(json.dumps(record) + "\n" for record in records))
     os.replace(temporary, path)
