@@ -4,6 +4,7 @@
     python sweep.py results/grids/recipe.json --list        # what is done, running, to do
     python sweep.py results/grids/recipe.json --table       # the results as a Markdown table
     python sweep.py results/grids/table1.json --plot t1.png # test error per seed, and the paper's
+    python sweep.py results/grids/table1.json --compare 'capsnet-r3-*' 'capsnet-r1-*'
 
 A grid file is a JSON list of runs, {"name": ..., "flags": [...]} for train.py, or an object
 {"evaluate": [...], "runs": [...]}, whose evaluate.py flags (say --affine) score each run's
@@ -19,16 +20,22 @@ before the end of its budget is never recorded as finished.
 
 The table has one row per recipe: runs whose names differ only in a final "-sN" (the seed)
 are one row, with the mean and sample standard deviation over them, and the machine(s) and
-precision they trained on.
+precision they trained on. --compare A B sets the test errors of the recipes matching the
+shell pattern A against those matching B: the difference of the means, its standard error, and
+an exact two-sided permutation test (every way of splitting the pooled runs into groups of
+those sizes), which assumes no distribution.
 """
 
 import argparse
 import json
+import math
 import re
 import signal
 import statistics
 import subprocess
 import sys
+from fnmatch import fnmatchcase
+from itertools import combinations
 from pathlib import Path
 
 from checkpoint import load_checkpoint
@@ -259,6 +266,58 @@ def table_rows(results: Path) -> list[str]:
     return rows
 
 
+def errors_matching(results: Path, pattern: str) -> list[float]:
+    """The test errors (%) of every finished run whose recipe matches the shell pattern."""
+    errors = [
+        measured(run, "test error")
+        for name, group in finished_runs(results).items()
+        if fnmatchcase(name, pattern)
+        for run in group
+    ]
+    if len(errors) < 2:
+        raise UserError(f"{pattern!r} matches {len(errors)} finished run(s); a comparison needs 2")
+    return errors
+
+
+def permutation_p_value(first: list[float], second: list[float]) -> float:
+    """Two-sided exact permutation test of the difference of the means: the share of all
+    splits of the pooled values into groups of these sizes whose difference is at least as
+    large as the observed one."""
+    pooled = first + second
+    total = sum(pooled)
+    observed = abs(statistics.mean(first) - statistics.mean(second))
+    splits = list(combinations(pooled, len(first)))
+    as_large = sum(
+        abs(sum(split) / len(first) - (total - sum(split)) / len(second)) >= observed - 1e-9
+        for split in splits
+    )
+    return as_large / len(splits)
+
+
+def contrast(results: Path, first_pattern: str, second_pattern: str) -> str:
+    """One line: A's mean test error minus B's, its standard error, and the permutation test."""
+    both = [
+        name
+        for name in finished_runs(results)
+        if fnmatchcase(name, first_pattern) and fnmatchcase(name, second_pattern)
+    ]
+    if both:
+        raise UserError(f"{', '.join(both)} matches both {first_pattern!r} and {second_pattern!r}")
+    first = errors_matching(results, first_pattern)
+    second = errors_matching(results, second_pattern)
+    difference = statistics.mean(first) - statistics.mean(second)
+    standard_error = math.sqrt(
+        statistics.variance(first) / len(first) + statistics.variance(second) / len(second)
+    )
+    p_value = permutation_p_value(first, second)
+    splits = math.comb(len(first) + len(second), len(first))
+    return (
+        f"{first_pattern} ({len(first)} runs) minus {second_pattern} ({len(second)} runs): "
+        f"test error {difference:+.3f} points, standard error {standard_error:.3f}; "
+        f"exact permutation test p = {p_value:.2f} over {splits} splits"
+    )
+
+
 def next_run(grid_path: Path, results: Path, runs_dir: Path, listing: bool) -> dict | None:
     """The first run of the grid that has no result yet (printing each one's state)."""
     done = finished_names(results)
@@ -298,15 +357,24 @@ def main(argv=None) -> None:
         metavar="PNG",
         help="draw each recipe's test error per seed, beside the paper's, into PNG (default: none)",
     )
+    parser.add_argument(
+        "--compare",
+        nargs=2,
+        metavar=("A", "B"),
+        help="set the test errors of the recipes matching shell pattern A against B's "
+        "(default: off)",
+    )
     args = parser.parse_args(argv)
     results = args.grid.with_suffix(".results.jsonl")
+    if args.compare:
+        print(contrast(results, *args.compare))
     if args.table:
         print("\n".join(table_rows(results)))
     if args.plot:
         if not results.exists():
             raise UserError(f"no run of {args.grid} has finished yet ({results} is missing)")
         print(f"wrote {plot_test_errors(errors_by_recipe(results), args.plot)}")
-    if args.table or args.plot:
+    if args.table or args.plot or args.compare:
         return
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # acts as Ctrl-C does
     try:

@@ -386,6 +386,27 @@ def test_a_torn_results_line_is_named_in_one_line_and_a_blank_one_skipped(tmp_pa
     assert_one_line_error(result, f"{results} is not a readable results file (line 3:")
 
 
+def test_compare_sets_two_groups_of_recipes_against_each_other(tmp_path, capsys):
+    grid = tmp_path / "grid.json"
+    accuracies = {"r3-a-s0": 99.9, "r3-a-s1": 99.8, "r3-b-s0": 99.7, "r1-a-s0": 99.6}
+    accuracies |= {"r1-a-s1": 99.5, "r1-b-s0": 99.4}
+    grid.with_suffix(".results.jsonl").write_text(
+        "\n".join(json.dumps({"name": n, "final": {"test_acc": a}}) for n, a in accuracies.items())
+    )
+    sweep.main([str(grid), "--compare", "r3-*", "r1-*"])
+    # Errors 0.1, 0.2, 0.3 against 0.4, 0.5, 0.6: of the 20 splits of six runs into three and
+    # three, only the observed one and its mirror differ by 0.3 points.
+    assert capsys.readouterr().out.strip() == (
+        "r3-* (3 runs) minus r1-* (3 runs): test error -0.300 points, standard error 0.082; "
+        "exact permutation test p = 0.10 over 20 splits"
+    )
+    assert sweep.permutation_p_value([0.1, 0.2], [0.2, 0.1]) == 1.0
+    with pytest.raises(UserError, match="'r3-b' matches 1 finished run"):
+        sweep.main([str(grid), "--compare", "r3-b", "r1-*"])
+    with pytest.raises(UserError, match="r3-a matches both 'r3-\\*' and '\\*-a'"):
+        sweep.main([str(grid), "--compare", "r3-*", "*-a"])
+
+
 def test_the_table_shows_the_routing_statistics_of_each_recipe(tmp_path):
     def result(seed: int, entropy: float, spread: float) -> str:
         routing = {"coupling_entropy": entropy, "coupling_std": spread}
