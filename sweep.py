@@ -20,10 +20,10 @@ before the end of its budget is never recorded as finished.
 
 The table has one row per recipe: runs whose names differ only in a final "-sN" (the seed)
 are one row, with the mean and sample standard deviation over them, and the machine(s) and
-precision they trained on. --compare A B sets the test errors of the recipes matching the
-shell pattern A against those matching B: the difference of the means, its standard error, and
-an exact two-sided permutation test (every way of splitting the pooled runs into groups of
-those sizes), which assumes no distribution.
+precision they trained on. --compare A B sets the test errors (or another --column) of the
+recipes matching the shell pattern A against those matching B: the difference of the means,
+its standard error, and an exact two-sided permutation test (every way of splitting the pooled
+runs into groups of those sizes), which assumes no distribution.
 """
 
 import argparse
@@ -266,17 +266,21 @@ def table_rows(results: Path) -> list[str]:
     return rows
 
 
-def errors_matching(results: Path, pattern: str) -> list[float]:
-    """The test errors (%) of every finished run whose recipe matches the shell pattern."""
-    errors = [
-        measured(run, "test error")
+def values_matching(results: Path, pattern: str, column: str) -> list[float]:
+    """The column's value in every finished run whose recipe matches the shell pattern."""
+    values = [
+        value
         for name, group in finished_runs(results).items()
         if fnmatchcase(name, pattern)
         for run in group
+        if (value := measured(run, column)) is not None
     ]
-    if len(errors) < 2:
-        raise UserError(f"{pattern!r} matches {len(errors)} finished run(s); a comparison needs 2")
-    return errors
+    if len(values) < 2:
+        raise UserError(
+            f"{pattern!r} matches {len(values)} finished run(s) with a {column!r}; "
+            "a comparison needs 2"
+        )
+    return values
 
 
 def permutation_p_value(first: list[float], second: list[float]) -> float:
@@ -294,8 +298,10 @@ def permutation_p_value(first: list[float], second: list[float]) -> float:
     return as_large / len(splits)
 
 
-def contrast(results: Path, first_pattern: str, second_pattern: str) -> str:
-    """One line: A's mean test error minus B's, its standard error, and the permutation test."""
+def contrast(
+    results: Path, first_pattern: str, second_pattern: str, column: str = "test error"
+) -> str:
+    """One line: A's mean of the column minus B's, its standard error, the permutation test."""
     both = [
         name
         for name in finished_runs(results)
@@ -303,8 +309,8 @@ def contrast(results: Path, first_pattern: str, second_pattern: str) -> str:
     ]
     if both:
         raise UserError(f"{', '.join(both)} matches both {first_pattern!r} and {second_pattern!r}")
-    first = errors_matching(results, first_pattern)
-    second = errors_matching(results, second_pattern)
+    first = values_matching(results, first_pattern, column)
+    second = values_matching(results, second_pattern, column)
     difference = statistics.mean(first) - statistics.mean(second)
     standard_error = math.sqrt(
         statistics.variance(first) / len(first) + statistics.variance(second) / len(second)
@@ -313,7 +319,7 @@ def contrast(results: Path, first_pattern: str, second_pattern: str) -> str:
     splits = math.comb(len(first) + len(second), len(first))
     return (
         f"{first_pattern} ({len(first)} runs) minus {second_pattern} ({len(second)} runs): "
-        f"test error {difference:+.3f} points, standard error {standard_error:.3f}; "
+        f"{column} {difference:+.3f}, standard error {standard_error:.3f}; "
         f"exact permutation test p = {p_value:.2f} over {splits} splits"
     )
 
@@ -364,10 +370,16 @@ def main(argv=None) -> None:
         help="set the test errors of the recipes matching shell pattern A against B's "
         "(default: off)",
     )
+    parser.add_argument(
+        "--column",
+        choices=COLUMNS,
+        default="test error",
+        help="what --compare sets against each other (default: test error)",
+    )
     args = parser.parse_args(argv)
     results = args.grid.with_suffix(".results.jsonl")
     if args.compare:
-        print(contrast(results, *args.compare))
+        print(contrast(results, *args.compare, args.column))
     if args.table:
         print("\n".join(table_rows(results)))
     if args.plot:

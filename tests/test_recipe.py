@@ -390,17 +390,29 @@ def test_compare_sets_two_groups_of_recipes_against_each_other(tmp_path, capsys)
     grid = tmp_path / "grid.json"
     accuracies = {"r3-a-s0": 99.9, "r3-a-s1": 99.8, "r3-b-s0": 99.7, "r1-a-s0": 99.6}
     accuracies |= {"r1-a-s1": 99.5, "r1-b-s0": 99.4}
-    grid.with_suffix(".results.jsonl").write_text(
-        "\n".join(json.dumps({"name": n, "final": {"test_acc": a}}) for n, a in accuracies.items())
-    )
+    affine = {"r3-a-s0": 80.0, "r3-a-s1": 81.0, "r1-a-s0": 79.0, "r1-a-s1": 79.0}
+
+    def result(name: str) -> str:
+        scores = {"affine": {"accuracy": {"combined": affine[name]}}} if name in affine else {}
+        return json.dumps(
+            {"name": name, "final": {"test_acc": accuracies[name]}, "evaluation": scores}
+        )
+
+    grid.with_suffix(".results.jsonl").write_text("\n".join(map(result, accuracies)))
     sweep.main([str(grid), "--compare", "r3-*", "r1-*"])
     # Errors 0.1, 0.2, 0.3 against 0.4, 0.5, 0.6: of the 20 splits of six runs into three and
     # three, only the observed one and its mirror differ by 0.3 points.
     assert capsys.readouterr().out.strip() == (
-        "r3-* (3 runs) minus r1-* (3 runs): test error -0.300 points, standard error 0.082; "
+        "r3-* (3 runs) minus r1-* (3 runs): test error -0.300, standard error 0.082; "
         "exact permutation test p = 0.10 over 20 splits"
     )
     assert sweep.permutation_p_value([0.1, 0.2], [0.2, 0.1]) == 1.0
+    sweep.main([str(grid), "--compare", "r3-*", "r1-*", "--column", "affine, combined"])
+    # Runs without an affine score are left out: 80 and 81 against 79 and 79.
+    assert capsys.readouterr().out.strip() == (
+        "r3-* (2 runs) minus r1-* (2 runs): affine, combined +1.500, standard error 0.500; "
+        "exact permutation test p = 0.33 over 6 splits"
+    )
     with pytest.raises(UserError, match="'r3-b' matches 1 finished run"):
         sweep.main([str(grid), "--compare", "r3-b", "r1-*"])
     with pytest.raises(UserError, match="r3-a matches both 'r3-\\*' and '\\*-a'"):
