@@ -266,11 +266,11 @@ def table_rows(results: Path) -> list[str]:
     return rows
 
 
-def values_matching(results: Path, pattern: str, column: str) -> list[float]:
+def values_matching(recipes: dict[str, list[dict]], pattern: str, column: str) -> list[float]:
     """The column's value in every finished run whose recipe matches the shell pattern."""
     values = [
         value
-        for name, group in finished_runs(results).items()
+        for name, group in recipes.items()
         if fnmatchcase(name, pattern)
         for run in group
         if (value := measured(run, column)) is not None
@@ -283,40 +283,39 @@ def values_matching(results: Path, pattern: str, column: str) -> list[float]:
     return values
 
 
-def permutation_p_value(first: list[float], second: list[float]) -> float:
+def permutation_test(first: list[float], second: list[float]) -> tuple[float, int]:
     """Two-sided exact permutation test of the difference of the means: the share of all
     splits of the pooled values into groups of these sizes whose difference is at least as
-    large as the observed one."""
-    pooled = first + second
-    total = sum(pooled)
+    large as the observed one, and the number of splits."""
+    total = sum(first) + sum(second)
     observed = abs(statistics.mean(first) - statistics.mean(second))
-    splits = list(combinations(pooled, len(first)))
-    as_large = sum(
-        abs(sum(split) / len(first) - (total - sum(split)) / len(second)) >= observed - 1e-9
-        for split in splits
-    )
-    return as_large / len(splits)
+    differences = [
+        abs(in_first / len(first) - (total - in_first) / len(second))
+        for in_first in map(sum, combinations(first + second, len(first)))
+    ]
+    as_large = sum(difference >= observed - 1e-9 for difference in differences)
+    return as_large / len(differences), len(differences)
 
 
 def contrast(
     results: Path, first_pattern: str, second_pattern: str, column: str = "test error"
 ) -> str:
     """One line: A's mean of the column minus B's, its standard error, the permutation test."""
+    recipes = finished_runs(results)
     both = [
         name
-        for name in finished_runs(results)
+        for name in recipes
         if fnmatchcase(name, first_pattern) and fnmatchcase(name, second_pattern)
     ]
     if both:
         raise UserError(f"{', '.join(both)} matches both {first_pattern!r} and {second_pattern!r}")
-    first = values_matching(results, first_pattern, column)
-    second = values_matching(results, second_pattern, column)
+    first = values_matching(recipes, first_pattern, column)
+    second = values_matching(recipes, second_pattern, column)
     difference = statistics.mean(first) - statistics.mean(second)
     standard_error = math.sqrt(
         statistics.variance(first) / len(first) + statistics.variance(second) / len(second)
     )
-    p_value = permutation_p_value(first, second)
-    splits = math.comb(len(first) + len(second), len(first))
+    p_value, splits = permutation_test(first, second)
     return (
         f"{first_pattern} ({len(first)} runs) minus {second_pattern} ({len(second)} runs): "
         f"{column} {difference:+.3f}, standard error {standard_error:.3f}; "

@@ -406,7 +406,7 @@ def test_compare_sets_two_groups_of_recipes_against_each_other(tmp_path, capsys)
         "r3-* (3 runs) minus r1-* (3 runs): test error -0.300, standard error 0.082; "
         "exact permutation test p = 0.10 over 20 splits"
     )
-    assert sweep.permutation_p_value([0.1, 0.2], [0.2, 0.1]) == 1.0
+    assert sweep.permutation_test([0.1, 0.2], [0.2, 0.1]) == (1.0, 6)
     sweep.main([str(grid), "--compare", "r3-*", "r1-*", "--column", "affine, combined"])
     # Runs without an affine score are left out: 80 and 81 against 79 and 79.
     assert capsys.readouterr().out.strip() == (
