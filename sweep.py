@@ -3,6 +3,7 @@
     python sweep.py results/grids/recipe.json --data-dir ../shared/data
     python sweep.py results/grids/recipe.json --list        # what is done, running, to do
     python sweep.py results/grids/recipe.json --table       # the results as a Markdown table
+    python sweep.py results/grids/table1.json --table --per-run --columns test "affine, translation"
     python sweep.py results/grids/table1.json --plot t1.png # test error per seed, and the paper's
     python sweep.py results/grids/table1.json --compare 'capsnet-r3-*' 'capsnet-r1-*'
 
@@ -164,6 +165,10 @@ COLUMNS = {
     "test, raw weights": ("final", "raw_test_acc"),
     "test, averaged": ("final", "ema_test_acc"),
     "affine, combined": ("evaluation", "affine", "accuracy", "combined"),
+    **{
+        f"affine, {family}": ("evaluation", "affine", "accuracy", family)
+        for family in ("translation", "rotation", "shear", "scale")
+    },
     "coupling entropy (nats)": ("evaluation", "routing", "coupling_entropy"),
     "std of c_ij across inputs": ("evaluation", "routing", "coupling_std"),
     "test at r=1": ("evaluation", "routing", "accuracy_by_iterations", "1"),
@@ -200,6 +205,11 @@ def recipe_name(name: str) -> str:
     return re.sub(r"-s\d+$", "", name)
 
 
+def seed_of(name: str) -> str:
+    """The N of the run name's final "-sN", or "-" without one."""
+    return name[len(recipe_name(name)) :].lstrip("-s") or "-"
+
+
 def mean_and_spread(values: list[float], unit: str) -> str:
     """ "99.47%" for one value, "99.47 ± 0.03% (2)" for several: mean, sample std, count."""
     digits = 4 if unit == "" and max(values) < 10 else 2 if unit else 1
@@ -209,11 +219,12 @@ def mean_and_spread(values: list[float], unit: str) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {spread:.{digits}f}{unit} ({len(values)})"
 
 
-def finished_runs(results: Path) -> dict[str, list[dict]]:
-    """The results file's runs, grouped by recipe (their names without the seed), in order."""
+def finished_runs(results: Path, per_run: bool = False) -> dict[str, list[dict]]:
+    """The results file's runs, grouped by recipe (their names without the seed), in order;
+    with per_run, each run on its own."""
     recipes: dict[str, list[dict]] = {}
     for run in read_results(results):
-        recipes.setdefault(recipe_name(run["name"]), []).append(run)
+        recipes.setdefault(run["name"] if per_run else recipe_name(run["name"]), []).append(run)
     return recipes
 
 
@@ -239,21 +250,22 @@ def errors_by_recipe(
     }
 
 
-def table_rows(results: Path) -> list[str]:
-    """One Markdown row per recipe (its seeds together); columns no run measured are left out."""
-    recipes = finished_runs(results)
+def table_rows(results: Path, wanted: list[str] | None = None, per_run: bool = False) -> list[str]:
+    """One Markdown row per recipe (its seeds together), or per run; the wanted columns (all by
+    default) that some run measured."""
+    recipes = finished_runs(results, per_run)
     runs = [run for group in recipes.values() for run in group]
     papers = any("paper" in run for run in runs)
     columns = [
         column
-        for column in COLUMNS
+        for column in wanted or COLUMNS
         if any(measured(run, column) is not None for run in runs)
         and (papers or column != "test error")
     ]
     header = ["run", "seeds", *(["paper's test error"] if papers else []), *columns, "trained on"]
     rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, group in recipes.items():
-        seeds = [run["name"][len(name) :].lstrip("-s") or "-" for run in group]
+        seeds = [seed_of(run["name"]) for run in group]
         cells = [name, ", ".join(seeds)]
         if papers:
             cells.append(group[0].get("paper", "-"))
@@ -357,6 +369,20 @@ def main(argv=None) -> None:
         help="print the finished runs as a Markdown table (default: off)",
     )
     parser.add_argument(
+        "--columns",
+        nargs="+",
+        choices=COLUMNS,
+        metavar="COLUMN",
+        help="the table's columns, in this order: any of "
+        + ", ".join(map(repr, COLUMNS))
+        + " (default: every measured one)",
+    )
+    parser.add_argument(
+        "--per-run",
+        action="store_true",
+        help="one table row per run instead of per recipe (default: off)",
+    )
+    parser.add_argument(
         "--plot",
         type=Path,
         metavar="PNG",
@@ -376,11 +402,13 @@ def main(argv=None) -> None:
         help="what --compare sets against each other (default: test error)",
     )
     args = parser.parse_args(argv)
+    if (args.columns or args.per_run) and not args.table:
+        parser.error("--columns and --per-run shape the table: add --table")
     results = args.grid.with_suffix(".results.jsonl")
     if args.compare:
         print(contrast(results, *args.compare, args.column))
     if args.table:
-        print("\n".join(table_rows(results)))
+        print("\n".join(table_rows(results, args.columns, args.per_run)))
     if args.plot:
         if not results.exists():
             raise UserError(f"no run of {args.grid} has finished yet ({results} is missing)")

@@ -438,3 +438,32 @@ def test_the_table_shows_the_routing_statistics_of_each_recipe(tmp_path):
     assert cells["test at r=3"] == "99.60 ± 0.00% (2)"
     assert "test error" not in cells  # no paper's figure to set it beside
     assert cells["trained on"] == "CPU A (float32)"
+
+
+def test_the_table_can_show_chosen_columns_one_row_per_run(tmp_path, capsys):
+    def result(name: str, combined: float, translation: float) -> str:
+        affine = {"accuracy": {"combined": combined, "translation": translation}}
+        final = {"test_acc": 99.5, "val_acc": 99.4}
+        return json.dumps(
+            {"name": name, "final": final, "log": [], "evaluation": {"affine": affine}}
+        )
+
+    grid = tmp_path / "grid.json"
+    lines = [result("r3-s0", 79.0, 84.0), result("r3-s1", 80.0, 85.0), result("cnn-s0", 77.0, 82.0)]
+    grid.with_suffix(".results.jsonl").write_text("\n".join(lines))
+    sweep.main([str(grid), "--table", "--per-run", "--columns", "affine, translation", "test"])
+    assert capsys.readouterr().out.splitlines() == [
+        "| run | seeds | affine, translation | test | trained on |",
+        "|---|---|---|---|---|",
+        "| r3-s0 | 0 | 84.00% | 99.50% | - |",
+        "| r3-s1 | 1 | 85.00% | 99.50% | - |",
+        "| cnn-s0 | 0 | 82.00% | 99.50% | - |",
+    ]
+    sweep.main([str(grid), "--table", "--columns", "affine, translation", "affine, rotation"])
+    header, _, r3_row, _ = capsys.readouterr().out.splitlines()
+    assert header == "| run | seeds | affine, translation | trained on |"  # rotation: unmeasured
+    assert r3_row == "| r3 | 0, 1 | 84.50 ± 0.71% (2) | - |"
+    with pytest.raises(SystemExit) as exit_info:  # alone, --columns would start the sweep
+        sweep.main([str(grid), "--columns", "test"])
+    assert exit_info.value.code == 2
+    assert "add --table" in capsys.readouterr().err
