@@ -40,7 +40,7 @@ from itertools import combinations
 from pathlib import Path
 
 from checkpoint import load_checkpoint
-from data import add_data_flags
+from data import AFFINE_FAMILIES, add_data_flags
 from errors import UserError, exit_on_user_error
 from figures import plot_test_errors
 from jsonl import read_jsonl, write_jsonl
@@ -164,10 +164,9 @@ COLUMNS = {
     "test error": ("final", "test_acc"),  # 100 - test, shown beside the paper's error
     "test, raw weights": ("final", "raw_test_acc"),
     "test, averaged": ("final", "ema_test_acc"),
-    "affine, combined": ("evaluation", "affine", "accuracy", "combined"),
     **{
         f"affine, {family}": ("evaluation", "affine", "accuracy", family)
-        for family in ("translation", "rotation", "shear", "scale")
+        for family in AFFINE_FAMILIES
     },
     "coupling entropy (nats)": ("evaluation", "routing", "coupling_entropy"),
     "std of c_ij across inputs": ("evaluation", "routing", "coupling_std"),
