@@ -44,6 +44,7 @@ from data import AFFINE_FAMILIES, add_data_flags
 from errors import UserError, exit_on_user_error
 from figures import plot_test_errors
 from jsonl import read_jsonl, write_jsonl
+from training import chosen_by_validation
 
 
 def read_grid(path: Path) -> list[dict]:
@@ -144,7 +145,7 @@ def evaluation(run: dict, folder: Path, data_dir: str) -> dict | None:
 
 def summary(run: dict, folder: Path, scores: dict | None) -> dict:
     log = records(folder)
-    best = max((r for r in log if "val_acc" in r), key=lambda r: r["val_acc"], default=log[-1])
+    best = chosen_by_validation(log) or log[-1]
     return {
         "name": run["name"],
         "flags": run["flags"],

@@ -7,7 +7,8 @@
 The time is the run's wall clock (`wall_seconds`: training and evaluation, counted from
 launch and continued across resumes). Logs written before that clock existed show the
 training time summed over epochs instead, marked "train": evaluation is not in it. The
-accuracy is the test accuracy of the weights validation chose that epoch. Times from
+accuracy is the test accuracy of the weights validation chose that epoch. "chosen" is the
+epoch best.pt holds (the highest validation accuracy) and its test accuracy. Times from
 different machines do not compare: the last column names the machine(s) a run trained on.
 """
 
@@ -18,6 +19,7 @@ from pathlib import Path
 from checkpoint import load_checkpoint
 from errors import exit_on_user_error
 from jsonl import read_jsonl
+from training import chosen_by_validation
 
 THRESHOLDS = (99.0, 99.5, 99.6, 99.7)
 
@@ -37,6 +39,7 @@ def first_reached(records: list[dict], threshold: float) -> dict | None:
 
 def summarize(name: str, records: list[dict], thresholds) -> dict:
     tested = [r for r in records if "test_acc" in r]
+    chosen = chosen_by_validation(records)
     reached = {}
     for threshold in thresholds:
         record = first_reached(records, threshold)
@@ -49,6 +52,7 @@ def summarize(name: str, records: list[dict], thresholds) -> dict:
         "run": name,
         "epochs": len(records),
         "final_test_acc": tested[-1]["test_acc"] if tested else None,
+        "chosen": chosen and {key: chosen.get(key) for key in ("epoch", "val_acc", "test_acc")},
         "wall_seconds": records[-1].get("wall_seconds") if records else None,
         "reached": reached,
         "machines": sorted({r["machine"] for r in records if "machine" in r}),  # newer logs
@@ -65,19 +69,28 @@ def cell(reached: dict | None) -> str:
     return f"ep {reached['epoch']} {minutes}:{seconds:02d}"
 
 
+def chosen_cell(chosen: dict | None) -> str:
+    """'99.59% ep 27': the test accuracy of the epoch validation chose ('-' if none)."""
+    if chosen is None:
+        return "-"
+    test = "untested" if chosen["test_acc"] is None else f"{chosen['test_acc']:.2f}%"
+    return f"{test} ep {chosen['epoch']}"
+
+
 def print_table(rows: list[dict], thresholds) -> None:
     width = max(len("run"), *(len(row["run"]) for row in rows))
     header = (
         f"{'run':<{width}}  "
         + "".join(f"{f'{t:.1f}%':>20}" for t in thresholds)
-        + "     final  trained on"
+        + "     final         chosen  trained on"
     )
     print(header)
     for row in rows:
         final = f"{row['final_test_acc']:.2f}%" if row["final_test_acc"] is not None else "-"
         cells = "".join(f"{cell(row['reached'][str(t)]):>20}" for t in thresholds)
         machines = ", ".join(row["machines"]) or "-"
-        print(f"{row['run']:<{width}}  {cells}{final:>10}  {machines}")
+        chosen = chosen_cell(row["chosen"])
+        print(f"{row['run']:<{width}}  {cells}{final:>10}{chosen:>15}  {machines}")
 
 
 def main(argv=None) -> None:

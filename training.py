@@ -534,6 +534,12 @@ class Trainer:
             write_log(self.progress.metrics, self.checkpoint_dir)
 
 
+def chosen_by_validation(metrics: list[dict]) -> dict | None:
+    """The epoch record best.pt holds: the first with the highest validation accuracy, as
+    `save_epoch` keeps only a strict improvement (None for a run without validation)."""
+    return max((r for r in metrics if "val_acc" in r), key=lambda r: r["val_acc"], default=None)
+
+
 def write_log(metrics: list[dict], folder: Path) -> None:
     """metrics.jsonl (one record per epoch) and curve.png, rewritten whole and atomically."""
     write_jsonl(metrics, folder / "metrics.jsonl")

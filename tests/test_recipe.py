@@ -124,6 +124,8 @@ def test_time_to_accuracy_reports_the_first_epoch_at_each_threshold(tmp_path, ca
     ]
     for record, machine in zip(records, ["CPU A", "CPU A", "CPU B", "CPU A"]):
         record["machine"] = machine  # resumed elsewhere
+    for record, val_acc in zip(records, [99.0, 99.4, 99.4, 99.3]):
+        record["val_acc"] = val_acc  # epochs 2 and 3 tie: best.pt keeps the first
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     time_to_accuracy.main([str(tmp_path / "run"), "--json"])
@@ -135,8 +137,11 @@ def test_time_to_accuracy_reports_the_first_epoch_at_each_threshold(tmp_path, ca
         "99.7": None,
     }
     assert row["final_test_acc"] == 99.61 and row["machines"] == ["CPU A", "CPU B"]
+    assert row["chosen"] == {"epoch": 2, "val_acc": 99.4, "test_acc": 99.55}
     time_to_accuracy.main([str(tmp_path / "run")])
-    assert "ep 4 7:05" in (table := capsys.readouterr().out) and table.rstrip().endswith("A, CPU B")
+    table = capsys.readouterr().out
+    assert "ep 4 7:05" in table and "99.55% ep 2" in table
+    assert table.rstrip().endswith("A, CPU B")
 
 
 def test_time_to_accuracy_reads_a_checkpoints_log_and_refuses_what_is_no_log(tmp_path, capsys):
