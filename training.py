@@ -338,8 +338,8 @@ class Trainer:
         self.scheduler.last_epoch = epoch
         for group in self.optimizer.param_groups:
             group["lr"] = self.config.lr * self.config.lr_decay**epoch
-        recorded = [record["val_acc"] for record in self.progress.metrics if "val_acc" in record]
-        self.progress.best_val = max(recorded, default=-1.0)
+        chosen = chosen_by_validation(self.progress.metrics)
+        self.progress.best_val = chosen["val_acc"] if chosen else -1.0
         self.progress.batches_done, self.progress.totals = 0, empty_totals()
 
     def save(self, name: str) -> Path:

@@ -277,6 +277,7 @@ def test_weights_only_checkpoint_continues_at_the_scheduled_lr(data_dir, tmp_pat
     assert continued["epoch"] == 2
     assert [record["epoch"] for record in continued["metrics"]] == [1, 2]
     assert continued["metrics"][1]["lr"] == pytest.approx(0.9e-3)
+    assert continued["best_val"] == max(record["val_acc"] for record in continued["metrics"])
 
 
 def test_export_cli_writes_the_chosen_weights_and_keeps_an_existing_file(trained_run, tmp_path):

@@ -144,6 +144,21 @@ def test_time_to_accuracy_reports_the_first_epoch_at_each_threshold(tmp_path, ca
     assert table.rstrip().endswith("A, CPU B")
 
 
+def test_time_to_accuracy_marks_a_chosen_epoch_whose_test_was_skipped(tmp_path, capsys):
+    """--test-every 2: validation chose epoch 1, which has no test accuracy."""
+    records = [
+        {"epoch": 1, "val_acc": 99.5, "seconds": 80.0, "wall_seconds": 90.0},
+        {"epoch": 2, "val_acc": 99.4, "test_acc": 99.45, "seconds": 80.0, "wall_seconds": 190.0},
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    time_to_accuracy.main([str(tmp_path / "metrics.jsonl"), "--json"])
+    row = json.loads(capsys.readouterr().out)
+    assert row["chosen"] == {"epoch": 1, "val_acc": 99.5, "test_acc": None}
+    assert row["final_test_acc"] == 99.45
+    time_to_accuracy.main([str(tmp_path / "metrics.jsonl")])
+    assert "untested ep 1" in capsys.readouterr().out
+
+
 def test_time_to_accuracy_reads_a_checkpoints_log_and_refuses_what_is_no_log(tmp_path, capsys):
     """A log from before the wall clock shows the summed training time, marked "train"."""
     records = [{"epoch": 1, "test_acc": 99.2, "seconds": 470.0}, {"epoch": 2, "test_acc": 99.6,
