@@ -18,6 +18,7 @@ import train
 from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from errors import UserError
 from hardware import cpu_name, has_native_bf16
+from jsonl import write_jsonl
 from training import TrainConfig, build_scheduler, ema_update
 
 from conftest import (
@@ -127,7 +128,7 @@ def test_time_to_accuracy_reports_the_first_epoch_at_each_threshold(tmp_path, ca
     for record, val_acc in zip(records, [99.0, 99.4, 99.4, 99.3]):
         record["val_acc"] = val_acc  # epochs 2 and 3 tie: best.pt keeps the first
     (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    write_jsonl(records, tmp_path / "run" / "metrics.jsonl")
     time_to_accuracy.main([str(tmp_path / "run"), "--json"])
     row = json.loads(capsys.readouterr().out)
     assert row["reached"] == {
@@ -150,7 +151,7 @@ def test_time_to_accuracy_marks_a_chosen_epoch_whose_test_was_skipped(tmp_path, 
         {"epoch": 1, "val_acc": 99.5, "seconds": 80.0, "wall_seconds": 90.0},
         {"epoch": 2, "val_acc": 99.4, "test_acc": 99.45, "seconds": 80.0, "wall_seconds": 190.0},
     ]
-    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    write_jsonl(records, tmp_path / "metrics.jsonl")
     time_to_accuracy.main([str(tmp_path / "metrics.jsonl"), "--json"])
     row = json.loads(capsys.readouterr().out)
     assert row["chosen"] == {"epoch": 1, "val_acc": 99.5, "test_acc": None}
