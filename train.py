@@ -6,6 +6,8 @@
     python train.py --resume             # continue checkpoints/last.pt exactly where it stopped
     python train.py --resume checkpoints/capsnet_mnist.pt --checkpoint-dir runs/more
                                          # continue a weights-only checkpoint (Adam restarts)
+    python train.py --init-from checkpoints/capsnet_mnist.pt --epochs 5 --lr 3e-4 \
+        --checkpoint-dir runs/finetune   # a new run (any schedule) from the shipped weights
     python train.py --train-subset 2000 --epochs 5 --data-dir ../shared/data
     python train.py --model cnn --checkpoint-dir checkpoints/cnn   # the small CNN baseline
     torchrun --standalone --nproc_per_node 2 train.py ...          # data-parallel (DDP)
@@ -28,9 +30,11 @@ import torch.distributed as dist  # noqa: E402
 from CapsNet import CapsNet, CapsNetConfig  # noqa: E402
 from checkpoint import (  # noqa: E402
     MODEL_KINDS,
+    chosen_weights,
     claim_run_folder,
     config_from_checkpoint,
     load_checkpoint,
+    load_weights,
 )
 from data import DATASETS, add_data_flags, load_split, train_val_split  # noqa: E402
 from errors import UserError, exit_on_user_error  # noqa: E402
@@ -207,6 +211,14 @@ def build_parser() -> argparse.ArgumentParser:
         "and --dry-run (default: off)",
     )
     add(
+        "--init-from",
+        default=None,
+        metavar="PATH",
+        help="start a new run from the weights in PATH (the ones its validation chose): the "
+        "model comes from PATH, every training setting from the flags, and the epochs, "
+        "schedule, Adam and clock start afresh (default: off)",
+    )
+    add(
         "--dry-run",
         action="store_true",
         help="run 2 training and 2 test batches, save nothing (default: off)",
@@ -288,6 +300,34 @@ def configs_from_checkpoint(
         raise as_user_error(error) from error
 
 
+def init_from_checkpoint(args: argparse.Namespace, explicit: set[str], config: TrainConfig):
+    """--init-from: (model class, model config, weights) of the checkpoint, checked against
+    the flags, with a warning when this run's validation split is not the checkpoint's."""
+    path = Path(args.init_from)
+    checkpoint = load_checkpoint(path)
+    model_class, model_config = config_from_checkpoint(checkpoint, path)
+    kind, dataset = checkpoint.get("model_kind", "capsnet"), checkpoint.get("dataset", "mnist")
+    if (kind, dataset) != (config.model, config.dataset):
+        raise UserError(
+            f"{path} holds a {kind} trained on {dataset}: pass --model {kind} --dataset {dataset}"
+        )
+    for name in sorted(explicit & set(MODEL_FLAGS)):
+        if getattr(args, name) != getattr(model_config, name):
+            raise UserError(
+                f"--{name.replace('_', '-')} cannot differ from the {getattr(model_config, name)!r}"
+                f" of {path}: with --init-from the model comes from the checkpoint"
+            )
+    saved = checkpoint.get("train_config") or {}
+    split = ("seed", "val_size", "train_subset")
+    if config.val_size and any(saved.get(name) != getattr(config, name) for name in split):
+        log(
+            f"warning: {path} was trained on another split (--seed {saved.get('seed')} "
+            f"--val-size {saved.get('val_size')}), so this run's validation images may be "
+            "ones it trained on"
+        )
+    return model_class, model_config, chosen_weights(checkpoint)
+
+
 def resume_path(args: argparse.Namespace) -> Path | None:
     """Check the checkpoint folder; the checkpoint to continue, or None for a fresh run."""
     folder = Path(args.checkpoint_dir)
@@ -311,10 +351,20 @@ def resume_path(args: argparse.Namespace) -> Path | None:
 
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
+    if args.init_from is not None and args.resume is not None:
+        raise UserError(
+            "--init-from starts a new run from a checkpoint's weights and --resume continues "
+            "one: pass only one of them"
+        )
     path = resume_path(args)
     checkpoint = None
+    initial_weights = None
     if path is None:
         config, model_class, model_config = configs_from_flags(args)
+        if args.init_from is not None:
+            model_class, model_config, initial_weights = init_from_checkpoint(
+                args, explicit_flags(args, argv), config
+            )
     else:
         checkpoint = load_checkpoint(path)
         if "train_config" not in checkpoint or "epoch" not in checkpoint:
@@ -332,7 +382,11 @@ def main(argv=None) -> None:
         lock = claim_run_folder(Path(args.checkpoint_dir))
     keep_freed_memory()
     try:
-        run(args, config, model_class, model_config, device, checkpoint, path)
+        seed_everything(config.seed)
+        model = model_class(model_config)
+        if initial_weights is not None:
+            load_weights(model, initial_weights, config.init_from)
+        run(args, config, model, device, checkpoint, path)
     finally:
         if lock is not None:
             lock.release()
@@ -343,13 +397,11 @@ def main(argv=None) -> None:
 def run(
     args,
     config: TrainConfig,
-    model_class,
-    model_config,
+    model: torch.nn.Module,
     device,
     checkpoint: dict | None,
     path: Path | None,
 ) -> None:
-    seed_everything(config.seed)
     full_train = load_split(config.dataset, args.data_dir, train=True)
     train_split, val_split = train_val_split(
         full_train, config.val_size, config.train_subset, config.seed
@@ -358,7 +410,7 @@ def run(
     steps_per_epoch = 2 if args.dry_run else -(-len(train_split) // config.batch_size)
     trainer = Trainer(
         config,
-        model_class(model_config),
+        model,
         device,
         steps_per_epoch,
         Path(args.checkpoint_dir),

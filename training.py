@@ -64,6 +64,7 @@ class TrainConfig(SavedSettings):
     on_nonfinite: str = "stop"  # a NaN/inf loss or gradient stops the run, or "skip"s the batch
     bf16: bool | None = None  # bfloat16 autocast in training, routing float32; None: if native
     compile: bool = False  # torch.compile the model
+    init_from: str | None = None  # a fresh run that starts from these weights (fine-tuning)
 
     def __post_init__(self):
         """Refuse settings a run cannot use, naming the setting (train.py shows it as a flag)."""

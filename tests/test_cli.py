@@ -280,6 +280,58 @@ def test_weights_only_checkpoint_continues_at_the_scheduled_lr(data_dir, tmp_pat
     assert continued["best_val"] == max(record["val_acc"] for record in continued["metrics"])
 
 
+@pytest.mark.slow
+def test_init_from_starts_a_new_run_from_the_chosen_weights(data_dir, tmp_path):
+    first = train_in_process(data_dir, tmp_path / "first", "--epochs", 1)
+    export_weights(first, tmp_path / "shipped.pt")
+    # A learning rate too small to move the weights: the run ends where it started.
+    tuned = train_in_process(
+        data_dir,
+        tmp_path / "tuned",
+        *["--init-from", tmp_path / "shipped.pt", "--epochs", 1, "--lr", "1e-12"],
+        *["--schedule", "onecycle", "--ema-decay", 0],
+    )
+    assert [record["epoch"] for record in tuned["metrics"]] == [1]
+    assert tuned["train_config"]["init_from"] == str(tmp_path / "shipped.pt")
+    assert tuned["train_config"]["schedule"] == "onecycle"
+    for name, weight in first["model"].items():
+        torch.testing.assert_close(tuned["model"][name], weight, rtol=0, atol=1e-9)
+    assert not torch.equal(tuned["model"]["conv1.conv.weight"], first["model"]["conv1.conv.weight"])
+
+
+@pytest.mark.parametrize(
+    "flags, named",
+    [
+        (["--resume"], "pass only one of them"),
+        (["--routing-iterations", "1"], "--routing-iterations cannot differ"),
+        (["--model", "cnn"], "--model capsnet"),
+        (["--dataset", "fashion-mnist"], "--dataset mnist"),
+    ],
+)
+def test_init_from_refuses_flags_that_contradict_the_checkpoint(
+    trained_run, data_dir, tmp_path, flags, named
+):
+    folder, _ = trained_run
+    result = train_cli(
+        data_dir, tmp_path, "--init-from", folder / "best.pt", "--dry-run", *flags, check=False
+    )
+    assert_one_line_error(result, named)
+
+
+def test_init_from_warns_when_validation_may_hold_the_checkpoints_training_images(
+    trained_run, data_dir, tmp_path
+):
+    folder, _ = trained_run
+    same = train_cli(data_dir, tmp_path, "--init-from", folder / "best.pt", "--dry-run", *SMALL_RUN)
+    other = train_cli(
+        data_dir,
+        tmp_path,
+        *["--init-from", folder / "best.pt", "--dry-run", *SMALL_RUN, "--seed", "1"],
+    )
+    assert "warning" not in same.stdout
+    assert "trained on another split (--seed 0 --val-size 64)" in other.stdout
+
+
 def test_export_cli_writes_the_chosen_weights_and_keeps_an_existing_file(trained_run, tmp_path):
     folder, _ = trained_run
     shipped = tmp_path / "shipped.pt"
