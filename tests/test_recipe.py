@@ -326,7 +326,7 @@ def grid_configs(grid: str) -> dict[str, TrainConfig]:
     return {run["name"]: train.configs_from_flags(parse(run["flags"]))[0] for run in runs}
 
 
-@pytest.mark.parametrize("grid", ["table1.json", "long.json"])
+@pytest.mark.parametrize("grid", ["table1.json", "long.json", "final.json"])
 def test_grids_that_pin_the_default_recipe_pin_train_pys_defaults(grid):
     prefixes = ("capsnet-", "paper-cnn-", "default-")
     pinned = {name: c for name, c in grid_configs(grid).items() if name.startswith(prefixes)}
