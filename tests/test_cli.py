@@ -296,7 +296,6 @@ def test_init_from_starts_a_new_run_from_the_chosen_weights(data_dir, tmp_path):
     assert tuned["train_config"]["schedule"] == "onecycle"
     for name, weight in first["model"].items():
         torch.testing.assert_close(tuned["model"][name], weight, rtol=0, atol=1e-9)
-    assert not torch.equal(tuned["model"]["conv1.conv.weight"], first["model"]["conv1.conv.weight"])
 
 
 @pytest.mark.parametrize(
