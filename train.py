@@ -30,11 +30,10 @@ import torch.distributed as dist  # noqa: E402
 from CapsNet import CapsNet, CapsNetConfig  # noqa: E402
 from checkpoint import (  # noqa: E402
     MODEL_KINDS,
-    chosen_weights,
     claim_run_folder,
     config_from_checkpoint,
     load_checkpoint,
-    load_weights,
+    model_from_checkpoint,
 )
 from data import DATASETS, add_data_flags, load_split, train_val_split  # noqa: E402
 from errors import UserError, exit_on_user_error  # noqa: E402
@@ -301,11 +300,11 @@ def configs_from_checkpoint(
 
 
 def init_from_checkpoint(args: argparse.Namespace, explicit: set[str], config: TrainConfig):
-    """--init-from: (model class, model config, weights) of the checkpoint, checked against
-    the flags, with a warning when this run's validation split is not the checkpoint's."""
+    """--init-from: the checkpoint, checked against the flags, with a warning when this run's
+    validation split is not the checkpoint's."""
     path = Path(args.init_from)
     checkpoint = load_checkpoint(path)
-    model_class, model_config = config_from_checkpoint(checkpoint, path)
+    _, model_config = config_from_checkpoint(checkpoint, path)
     kind, dataset = checkpoint.get("model_kind", "capsnet"), checkpoint.get("dataset", "mnist")
     if (kind, dataset) != (config.model, config.dataset):
         raise UserError(
@@ -325,7 +324,7 @@ def init_from_checkpoint(args: argparse.Namespace, explicit: set[str], config: T
             f"--val-size {saved.get('val_size')}), so this run's validation images may be "
             "ones it trained on"
         )
-    return model_class, model_config, chosen_weights(checkpoint)
+    return checkpoint
 
 
 def resume_path(args: argparse.Namespace) -> Path | None:
@@ -358,13 +357,11 @@ def main(argv=None) -> None:
         )
     path = resume_path(args)
     checkpoint = None
-    initial_weights = None
+    initial = None  # the --init-from checkpoint
     if path is None:
         config, model_class, model_config = configs_from_flags(args)
         if args.init_from is not None:
-            model_class, model_config, initial_weights = init_from_checkpoint(
-                args, explicit_flags(args, argv), config
-            )
+            initial = init_from_checkpoint(args, explicit_flags(args, argv), config)
     else:
         checkpoint = load_checkpoint(path)
         if "train_config" not in checkpoint or "epoch" not in checkpoint:
@@ -383,9 +380,10 @@ def main(argv=None) -> None:
     keep_freed_memory()
     try:
         seed_everything(config.seed)
-        model = model_class(model_config)
-        if initial_weights is not None:
-            load_weights(model, initial_weights, config.init_from)
+        if initial is None:
+            model = model_class(model_config)
+        else:  # built as model_class(model_config) is, so the seeded stream is the same
+            model = model_from_checkpoint(initial, config.init_from)
         run(args, config, model, device, checkpoint, path)
     finally:
         if lock is not None:
