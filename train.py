@@ -254,6 +254,11 @@ def flag_value(args: argparse.Namespace, name: str):
     return value
 
 
+def contradicted_flag(args: argparse.Namespace, names, saved: dict) -> str | None:
+    """The first of the explicit flag names whose value differs from saved[name], or None."""
+    return next((name for name in sorted(names) if flag_value(args, name) != saved[name]), None)
+
+
 def configs_from_flags(args: argparse.Namespace):
     """A fresh run: (TrainConfig, model class, model config) from the command line."""
     try:
@@ -281,12 +286,11 @@ def configs_from_checkpoint(
         **{name: getattr(saved, name) for name in TrainConfig.__dataclass_fields__},
         **{name: getattr(model_config, name, None) for name in MODEL_FLAGS},
     }
-    for name in sorted(explicit & saved_values.keys() - RESUMABLE):
-        if flag_value(args, name) != saved_values[name]:
-            raise UserError(
-                f"--{name.replace('_', '-')} cannot change when resuming: {path} was trained "
-                f"with {saved_values[name]!r}; start a new run with --checkpoint-dir instead"
-            )
+    if name := contradicted_flag(args, explicit & saved_values.keys() - RESUMABLE, saved_values):
+        raise UserError(
+            f"--{name.replace('_', '-')} cannot change when resuming: {path} was trained "
+            f"with {saved_values[name]!r}; start a new run with --checkpoint-dir instead"
+        )
     changes = {name: getattr(args, name) for name in explicit & RESUMABLE}
     if saved.schedule == "onecycle" and changes.get("epochs", saved.epochs) != saved.epochs:
         raise UserError(
@@ -310,12 +314,12 @@ def init_from_checkpoint(args: argparse.Namespace, explicit: set[str], config: T
         raise UserError(
             f"{path} holds a {kind} trained on {dataset}: pass --model {kind} --dataset {dataset}"
         )
-    for name in sorted(explicit & set(MODEL_FLAGS)):
-        if getattr(args, name) != getattr(model_config, name):
-            raise UserError(
-                f"--{name.replace('_', '-')} cannot differ from the {getattr(model_config, name)!r}"
-                f" of {path}: with --init-from the model comes from the checkpoint"
-            )
+    saved_model = {name: getattr(model_config, name, None) for name in MODEL_FLAGS}
+    if name := contradicted_flag(args, explicit & saved_model.keys(), saved_model):
+        raise UserError(
+            f"--{name.replace('_', '-')} cannot differ from the {saved_model[name]!r}"
+            f" of {path}: with --init-from the model comes from the checkpoint"
+        )
     saved = checkpoint.get("train_config") or {}
     split = ("seed", "val_size", "train_subset")
     if config.val_size and any(saved.get(name) != getattr(config, name) for name in split):
