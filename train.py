@@ -495,7 +495,8 @@ def train_loop(trainer: Trainer, train_split, val_split, test_split) -> None:
             return
     if not config.val_size:
         log(
-            "no validation split (--val-size 0): best.pt is not written; last.pt is the final model"
+            "no validation split (--val-size 0): best.pt is not written; last.pt, with its raw "
+            "weights, is the final model"
         )
     best = "best" if config.val_size else "last"
     log(f"done: python evaluate.py --checkpoint {trainer.checkpoint_dir / best}.pt")

@@ -486,10 +486,11 @@ class Trainer:
             "skipped": self.progress.skipped,
         }
         candidates = {"raw": self.model} | ({"ema": self.ema.module} if self.ema else {})
+        record["chosen"] = "raw"  # without validation there is nothing to choose by
         if val_split is not None:
             for name, model in candidates.items():
                 record[f"{name}_val_acc"] = self.accuracy(model, val_split)
-        record["chosen"] = max(candidates, key=lambda name: record.get(f"{name}_val_acc", 0.0))
+            record["chosen"] = max(candidates, key=lambda name: record[f"{name}_val_acc"])
         last_epoch = epoch == self.config.epochs
         if epoch % self.config.test_every == 0 or last_epoch:
             for name, model in candidates.items():

@@ -23,6 +23,7 @@ from training import TrainConfig, build_scheduler, ema_update
 
 from conftest import (
     REPO,
+    TINY_RUN,
     StopAfterTwoBatches,
     assert_one_line_error,
     evaluate_json,
@@ -86,6 +87,17 @@ def test_training_with_ema_scores_both_and_saves_both(data_dir, tmp_path):
     assert {"raw_test_acc", "ema_test_acc"} <= last["metrics"][-1].keys()  # both at the end
     assert last["ema"].keys() == last["model"].keys() and last["ema_updates"] == 2 * 3
     assert not torch.equal(last["ema"]["digit_caps.W"], last["model"]["digit_caps.W"])
+
+
+@pytest.mark.slow
+def test_without_validation_the_raw_weights_are_kept_and_both_are_tested(data_dir, tmp_path):
+    last = train_in_process(
+        data_dir, tmp_path, "--epochs", 1, "--ema-decay", "0.9", run_flags=TINY_RUN
+    )
+    record = last["metrics"][-1]
+    assert last["chosen"] == record["chosen"] == "raw" and "val_acc" not in record
+    assert record["test_acc"] == record["raw_test_acc"] and "ema_test_acc" in record
+    assert not (tmp_path / "best.pt").exists()
 
 
 @pytest.mark.slow
