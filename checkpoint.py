@@ -3,7 +3,7 @@
 A training checkpoint (`last.pt`, `best.pt`) is one dict of tensors and plain types, so
 `torch.load(..., weights_only=True)` reads it:
 
-    model, ema        raw weights, and their moving average (None without --ema-decay)
+    model, ema        raw weights, and their moving average (None with --ema-decay 0)
     chosen            "raw" or "ema": the weights validation chose at the last epoch
     model_kind        "capsnet", "cnn" or "paper-cnn"; config, the model's config as a dict
     train_config      the training settings (training.TrainConfig as a dict)
@@ -42,6 +42,8 @@ MODEL_KINDS = {
 }
 SHIPPED_KEYS = ("model_kind", "config", "dataset", "epoch", "metrics", "train_config")
 RENAMED_KEYS = {"step": "batches_done", "partial": "totals", "args": "train_config"}  # old -> new
+# Keys added later, with what a file from before each one meant.
+KEYS_ADDED_LATER = {"model_kind": "capsnet", "dataset": "mnist"}
 
 
 def save_checkpoint(checkpoint: dict, path: str | Path) -> None:
@@ -119,11 +121,13 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dic
             "truncated or not a torch file)"
         ) from error
     if not isinstance(checkpoint, dict) or "model" not in checkpoint or "config" not in checkpoint:
-        raise UserError(f"{path} is not a CapsNet checkpoint (it lacks 'model' and 'config')")
+        raise UserError(f"{path} is not a checkpoint of this code (it lacks 'model' and 'config')")
     for old, new in RENAMED_KEYS.items():
         if old in checkpoint and new not in checkpoint:
             checkpoint[new] = checkpoint.pop(old)
-    if checkpoint.get("dataset", "mnist") not in DATASETS:
+    for key, meant in KEYS_ADDED_LATER.items():
+        checkpoint.setdefault(key, meant)
+    if checkpoint["dataset"] not in DATASETS:
         raise UserError(
             f"{path} was trained on an unknown dataset {checkpoint['dataset']!r}: "
             f"this code knows {', '.join(DATASETS)}"
@@ -132,13 +136,14 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dic
 
 
 def chosen_weights(checkpoint: dict) -> dict:
-    """The weights validation chose: the raw ones, or their moving average (--ema-decay)."""
+    """The weights validation chose: the raw ones, or their moving average (--ema-decay);
+    the raw ones where there was no validation (--val-size 0)."""
     return checkpoint["ema"] if checkpoint.get("chosen") == "ema" else checkpoint["model"]
 
 
 def config_from_checkpoint(checkpoint: dict, path: str | Path = "checkpoint"):
     """The model config saved in the checkpoint, validated: (model class, config)."""
-    kind = checkpoint.get("model_kind", "capsnet")
+    kind = checkpoint["model_kind"]
     if kind not in MODEL_KINDS:
         raise UserError(
             f"{path} holds an unknown model kind {kind!r}: choose {', '.join(MODEL_KINDS)}"
@@ -194,7 +199,7 @@ def load_capsnet(path: str | Path, device: torch.device) -> tuple[CapsNet, dict]
     """load_model, refusing other kinds of model: only a CapsNet has capsules and a decoder."""
     model, checkpoint = load_model(path, device)
     if not isinstance(model, CapsNet):
-        kind = checkpoint.get("model_kind")
+        kind = checkpoint["model_kind"]
         raise UserError(f"{path} holds a {kind!r} model; this needs a CapsNet checkpoint")
     return model, checkpoint
 
@@ -202,7 +207,7 @@ def load_capsnet(path: str | Path, device: torch.device) -> tuple[CapsNet, dict]
 def has_trained_decoder(checkpoint: dict) -> bool:
     """A CapsNet trained with the reconstruction loss: its decoder's drawings mean something."""
     weight = checkpoint.get("train_config", {}).get("reconstruction_weight", RECONSTRUCTION_WEIGHT)
-    return trains_decoder(checkpoint.get("model_kind", "capsnet"), weight)
+    return trains_decoder(checkpoint["model_kind"], weight)
 
 
 def export_weights(checkpoint: dict, path: str | Path) -> None:
@@ -247,7 +252,7 @@ def export(source: Path, destination: Path, overwrite: bool) -> None:
     if destination.exists() and not overwrite:
         raise UserError(f"{destination} already exists: pass --overwrite to replace it")
     checkpoint = load_checkpoint(source)
-    model_from_checkpoint({**checkpoint, "model": chosen_weights(checkpoint)}, source)
+    model_from_checkpoint(checkpoint, source)
     export_weights(checkpoint, destination)
 
 

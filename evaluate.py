@@ -4,7 +4,7 @@
     python evaluate.py --checkpoint checkpoints/best.pt --json
     python evaluate.py --figures results/                # confusion, reconstructions, mistakes
     python evaluate.py --affine                          # accuracy under affNIST-like transforms
-    python evaluate.py --routing-stats                   # coupling entropy, dead capsules, r = 1..5
+    python evaluate.py --routing-stats                   # couplings, dead capsules, r = 1, 2, 3, 5
 
 Works on CapsNet and baseline CNN (train.py --model cnn or paper-cnn) checkpoints, on the
 checkpoint's own dataset. --affine places each test image on a 40x40 zero canvas, applies a
@@ -111,10 +111,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def score(args: argparse.Namespace, model, checkpoint: dict, device) -> dict:
     """Every score the flags ask for, as one JSON-ready dict; --figures also writes its files."""
-    dataset = checkpoint.get("dataset", "mnist")
+    dataset = checkpoint["dataset"]
     class_names = CLASS_NAMES[dataset]
     split = load_split(dataset, args.data_dir, train=False).first(args.test_subset)
-    kind = checkpoint.get("model_kind", "capsnet")
+    kind = checkpoint["model_kind"]
     if args.routing_stats and not isinstance(model, CapsNet):
         raise UserError(
             f"--routing-stats needs a CapsNet checkpoint; {args.checkpoint} holds a {kind}, "

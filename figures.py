@@ -62,7 +62,6 @@ def save_figures(
 ) -> list[Path]:
     """Confusion matrix, 16 test digits beside their reconstructions (when the model has a
     trained decoder), and up to 32 mistakes."""
-    folder.mkdir(parents=True, exist_ok=True)
     paths = [
         plot_confusion(
             torch.tensor(result["confusion_matrix"]),

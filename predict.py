@@ -134,7 +134,7 @@ def main(argv=None) -> None:
             f"--show: {args.checkpoint} was trained without the reconstruction loss "
             "(--reconstruction-weight 0), so its decoder draws nothing meaningful"
         )
-    class_names = CLASS_NAMES[checkpoint.get("dataset", "mnist")]
+    class_names = CLASS_NAMES[checkpoint["dataset"]]
     if args.show:
         make_output_folder(args.show, "--show")
     if not args.json:

@@ -39,6 +39,7 @@ from data import DATASETS, add_data_flags, load_split, train_val_split  # noqa: 
 from errors import UserError, exit_on_user_error  # noqa: E402
 from hardware import add_device_flags, has_native_bf16, keep_freed_memory, set_threads  # noqa: E402
 from training import (  # noqa: E402
+    ONECYCLE_WARMUP,
     SCHEDULES,
     StopRequest,
     TrainConfig,
@@ -102,8 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULTS.schedule,
         choices=SCHEDULES,
         help="exponential: --lr decayed by --lr-decay every epoch; onecycle: warm up to --lr "
-        "over 30%% "
-        "of the --epochs budget, then cosine-anneal to about zero (default: %(default)s)",
+        f"over {100 * ONECYCLE_WARMUP:.0f}%% of the --epochs budget, then cosine-anneal to about "
+        "zero (default: %(default)s)",
     )
     add(
         "--adam-betas",
@@ -259,6 +260,11 @@ def contradicted_flag(args: argparse.Namespace, names, saved: dict) -> str | Non
     return next((name for name in sorted(names) if flag_value(args, name) != saved[name]), None)
 
 
+def model_flag_values(model_config) -> dict:
+    """The model config's values of the flags in MODEL_FLAGS (None where it has no such field)."""
+    return {name: getattr(model_config, name, None) for name in MODEL_FLAGS}
+
+
 def configs_from_flags(args: argparse.Namespace):
     """A fresh run: (TrainConfig, model class, model config) from the command line."""
     try:
@@ -284,7 +290,7 @@ def configs_from_checkpoint(
     model_class, model_config = config_from_checkpoint(checkpoint, path)
     saved_values = {
         **{name: getattr(saved, name) for name in TrainConfig.__dataclass_fields__},
-        **{name: getattr(model_config, name, None) for name in MODEL_FLAGS},
+        **model_flag_values(model_config),
     }
     if name := contradicted_flag(args, explicit & saved_values.keys() - RESUMABLE, saved_values):
         raise UserError(
@@ -309,12 +315,12 @@ def init_from_checkpoint(args: argparse.Namespace, explicit: set[str], config: T
     path = Path(args.init_from)
     checkpoint = load_checkpoint(path)
     _, model_config = config_from_checkpoint(checkpoint, path)
-    kind, dataset = checkpoint.get("model_kind", "capsnet"), checkpoint.get("dataset", "mnist")
+    kind, dataset = checkpoint["model_kind"], checkpoint["dataset"]
     if (kind, dataset) != (config.model, config.dataset):
         raise UserError(
             f"{path} holds a {kind} trained on {dataset}: pass --model {kind} --dataset {dataset}"
         )
-    saved_model = {name: getattr(model_config, name, None) for name in MODEL_FLAGS}
+    saved_model = model_flag_values(model_config)
     if name := contradicted_flag(args, explicit & saved_model.keys(), saved_model):
         raise UserError(
             f"--{name.replace('_', '-')} cannot differ from the {saved_model[name]!r}"

@@ -34,6 +34,7 @@ from scoring import count_correct
 from settings import SavedSettings
 
 SCHEDULES = ("exponential", "onecycle")
+ONECYCLE_WARMUP = 0.3  # the share of the budget one-cycle spends warming up
 MODEL_KINDS = tuple(MODEL_CLASSES)  # capsnet, cnn, paper-cnn: the classes are in checkpoint.py
 
 
@@ -221,7 +222,8 @@ def log(*args, **kwargs) -> None:
 
 def build_scheduler(optimizer, config: TrainConfig, steps_per_epoch: int):
     """exponential: stepped per epoch. onecycle: stepped per batch, warming up to config.lr over
-    the first 30% of the budget, then cosine-annealing to lr / 25e4 (not in the paper)."""
+    the first ONECYCLE_WARMUP of the budget, then cosine-annealing to lr / 25e4 (not in the
+    paper)."""
     if config.schedule == "exponential":
         return torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=config.lr_decay)
     # Momentum cycling off: Adam's betas are their own setting.
@@ -229,6 +231,7 @@ def build_scheduler(optimizer, config: TrainConfig, steps_per_epoch: int):
         optimizer,
         max_lr=config.lr,
         total_steps=config.epochs * steps_per_epoch,
+        pct_start=ONECYCLE_WARMUP,
         cycle_momentum=False,
     )
 
