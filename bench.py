@@ -22,21 +22,18 @@ import torch
 from CapsNet import CapsNet, CapsNetConfig
 from checkpoint import MODEL_KINDS
 from data import Split, to_model_input
-from errors import UserError, exit_on_user_error
+from errors import UserError, exit_on_user_error, flag_name
 from hardware import add_device_flags, cpu_name, keep_freed_memory, pick_device, set_threads
 from training import TrainConfig, Trainer, epoch_generator
 
 
-def best_rate(function, images_per_call: int, steps: int, rounds: int) -> list[float]:
-    """Images per second of each round of `steps` calls (after one warm-up call)."""
+def images_per_second(function, images_per_call: int, steps: int) -> float:
+    """Images per second over `steps` calls, after one warm-up call."""
     function()
-    rates = []
-    for _ in range(rounds):
-        started = time.perf_counter()
-        for _ in range(steps):
-            function()
-        rates.append(images_per_call * steps / (time.perf_counter() - started))
-    return rates
+    started = time.perf_counter()
+    for _ in range(steps):
+        function()
+    return images_per_call * steps / (time.perf_counter() - started)
 
 
 def conv_floor(config: CapsNetConfig, device: torch.device):
@@ -53,8 +50,8 @@ def conv_floor(config: CapsNetConfig, device: torch.device):
     return lambda x: primary(torch.relu(conv1(x)))
 
 
-def synthetic_split(size: int, seed: int = 0) -> Split:
-    generator = torch.Generator().manual_seed(seed)
+def synthetic_split(size: int) -> Split:
+    generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (size, 28, 28), dtype=torch.uint8, generator=generator)
     return Split(images, torch.randint(0, 10, (size,), generator=generator))
 
@@ -72,7 +69,7 @@ def measure(args: argparse.Namespace) -> dict:
     )
     split = synthetic_split(args.batch_size)
     model = MODEL_KINDS[args.model][0]()
-    # The first call, then per round a warm-up call (best_rate's) and the timed steps.
+    # The first call, then per round a warm-up call (images_per_second's) and the timed steps.
     steps_taken = 1 + args.rounds * (1 + args.steps)
     trainer = Trainer(
         config,
@@ -104,19 +101,19 @@ def measure(args: argparse.Namespace) -> dict:
         started = time.perf_counter()
         train_step()  # with --compile, this first call compiles
         first_step_seconds = time.perf_counter() - started
-        train_rates, floor_rates, eval_rates, forward_floor_rates = [], [], [], []
+        train_rates, floor_rates, eval_rates, forward_floor_rates, latencies = [], [], [], [], []
         for _ in range(args.rounds):  # alternate, so drift in machine load hits both sides
-            train_rates += best_rate(train_step, args.batch_size, args.steps, 1)
+            train_rates.append(images_per_second(train_step, args.batch_size, args.steps))
             if floor:
-                floor_rates += best_rate(floor_step, args.batch_size, args.steps, 1)
+                floor_rates.append(images_per_second(floor_step, args.batch_size, args.steps))
             with torch.inference_mode():
                 trainer.model.eval()
-                eval_rates += best_rate(eval_step, args.batch_size, args.steps, 1)
+                eval_rates.append(images_per_second(eval_step, args.batch_size, args.steps))
                 if floor:
-                    forward_floor_rates += best_rate(
-                        lambda: floor(x), args.batch_size, args.steps, 1
+                    forward_floor_rates.append(
+                        images_per_second(lambda: floor(x), args.batch_size, args.steps)
                     )
-                latencies = [1000 / rate for rate in best_rate(single_step, 1, 20, 1)]
+                latencies.append(1000 / images_per_second(single_step, 1, 20))
             trainer.model.train()
     result = {
         "device": str(device),
@@ -176,9 +173,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     for name in ("batch_size", "steps", "rounds"):
         if getattr(args, name) < 1:
-            raise UserError(
-                f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}"
-            )
+            raise UserError(f"{flag_name(name)} must be at least 1, got {getattr(args, name)}")
     set_threads(args.threads)
     keep_freed_memory()  # as train.py does, for model and floor alike
     print(json.dumps(measure(args)))

@@ -9,6 +9,11 @@ class UserError(Exception):
     """A problem the user can fix (bad flag, missing file, wrong checkpoint): one line."""
 
 
+def flag_name(setting: str) -> str:
+    """The command-line flag of a setting: batch_size -> --batch-size."""
+    return "--" + setting.replace("_", "-")
+
+
 def first_line(error: Exception) -> str:
     """An exception's message cut to its first line (its type name when it has none)."""
     return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

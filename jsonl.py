@@ -9,7 +9,7 @@ from checkpoint import temporary_path
 from errors import UserError, first_line
 
 
-def read_jsonl(path: Path, what: str = "JSON-lines file") -> list[dict]:
+def read_jsonl(path: Path, what: str) -> list[dict]:
     """One record per non-blank line; a line that is not JSON names the file and its number."""
     try:
         lines = path.read_text().splitlines()

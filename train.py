@@ -36,9 +36,11 @@ from checkpoint import (  # noqa: E402
     model_from_checkpoint,
 )
 from data import DATASETS, add_data_flags, load_split, train_val_split  # noqa: E402
-from errors import UserError, exit_on_user_error  # noqa: E402
+from errors import UserError, exit_on_user_error, flag_name  # noqa: E402
 from hardware import add_device_flags, has_native_bf16, keep_freed_memory, set_threads  # noqa: E402
 from training import (  # noqa: E402
+    DRY_RUN_BATCHES,
+    ON_NONFINITE,
     ONECYCLE_WARMUP,
     SCHEDULES,
     StopRequest,
@@ -130,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--detach-early-routing",
         action="store_true",
+        default=PAPER.detach_early_routing,
         help="stop gradients through u_hat in all but the last routing iteration, as some "
         "public ports do; "
         "not in the paper (default: off)",
@@ -149,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--train-subset",
         type=int,
-        default=None,
+        default=DEFAULTS.train_subset,
         help="train on the first N training images (default: all)",
     )
     add(
@@ -174,13 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--max-grad-norm",
         type=float,
-        default=None,
+        default=DEFAULTS.max_grad_norm,
         help="clip the gradient norm to this (default: no clipping)",
     )
     add(
         "--on-nonfinite",
         default=DEFAULTS.on_nonfinite,
-        choices=("stop", "skip"),
+        choices=ON_NONFINITE,
         help="a NaN/inf loss or gradient stops the run or skips the batch (default: %(default)s)",
     )
     add("--compile", action="store_true", help="torch.compile the model (default: off)")
@@ -205,14 +208,14 @@ def build_parser() -> argparse.ArgumentParser:
         const="last",
         default=None,
         metavar="PATH",
-        help="continue PATH (or CHECKPOINT_DIR/last.pt) with its saved settings; only --epochs "
-        "(not under the onecycle schedule), --bf16 and "
-        "--compile may change, besides --device, --threads, --data-dir, --checkpoint-dir, --quiet "
+        help="continue PATH (or CHECKPOINT_DIR/last.pt) with its saved settings; only "
+        f"{', '.join(map(flag_name, sorted(RESUMABLE)))} may change (--epochs not under the "
+        "onecycle schedule), besides --device, --threads, --data-dir, --checkpoint-dir, --quiet "
         "and --dry-run (default: off)",
     )
     add(
         "--init-from",
-        default=None,
+        default=DEFAULTS.init_from,
         metavar="PATH",
         help="start a new run from the weights in PATH (the ones its validation chose): the "
         "model comes from PATH, every training setting from the flags, and the epochs, "
@@ -221,7 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--dry-run",
         action="store_true",
-        help="run 2 training and 2 test batches, save nothing (default: off)",
+        help=f"run {DRY_RUN_BATCHES} training and {DRY_RUN_BATCHES} test batches, save nothing "
+        "(default: off)",
     )
     add("--quiet", action="store_true", help="no progress bars (default: off)")
     return parser
@@ -242,7 +246,7 @@ def explicit_flags(args: argparse.Namespace, argv) -> set[str]:
 def as_user_error(error: ValueError) -> UserError:
     """A config's "name must be ..." becomes "--name must be ...", the flag the user typed."""
     name, _, rest = str(error).partition(" ")
-    return UserError(f"--{name.replace('_', '-')} {rest}")
+    return UserError(f"{flag_name(name)} {rest}")
 
 
 def flag_value(args: argparse.Namespace, name: str):
@@ -294,7 +298,7 @@ def configs_from_checkpoint(
     }
     if name := contradicted_flag(args, explicit & saved_values.keys() - RESUMABLE, saved_values):
         raise UserError(
-            f"--{name.replace('_', '-')} cannot change when resuming: {path} was trained "
+            f"{flag_name(name)} cannot change when resuming: {path} was trained "
             f"with {saved_values[name]!r}; start a new run with --checkpoint-dir instead"
         )
     changes = {name: getattr(args, name) for name in explicit & RESUMABLE}
@@ -323,7 +327,7 @@ def init_from_checkpoint(args: argparse.Namespace, explicit: set[str], config: T
     saved_model = model_flag_values(model_config)
     if name := contradicted_flag(args, explicit & saved_model.keys(), saved_model):
         raise UserError(
-            f"--{name.replace('_', '-')} cannot differ from the {saved_model[name]!r}"
+            f"{flag_name(name)} cannot differ from the {saved_model[name]!r}"
             f" of {path}: with --init-from the model comes from the checkpoint"
         )
     saved = checkpoint.get("train_config") or {}
@@ -415,7 +419,7 @@ def run(
         full_train, config.val_size, config.train_subset, config.seed
     )
     test_split = load_split(config.dataset, args.data_dir, train=False).first(config.test_subset)
-    steps_per_epoch = 2 if args.dry_run else -(-len(train_split) // config.batch_size)
+    steps_per_epoch = DRY_RUN_BATCHES if args.dry_run else -(-len(train_split) // config.batch_size)
     trainer = Trainer(
         config,
         model,

@@ -30,10 +30,12 @@ from errors import UserError
 from figures import plot_curve
 from hardware import device_name, has_native_bf16, pick_device
 from jsonl import write_jsonl
-from scoring import count_correct
+from scoring import EVAL_BATCH_SIZE, count_correct
 from settings import SavedSettings
 
 SCHEDULES = ("exponential", "onecycle")
+ON_NONFINITE = ("stop", "skip")  # what a NaN/inf loss or gradient does to the run
+DRY_RUN_BATCHES = 2  # a dry run trains this many batches and scores this many eval batches
 ONECYCLE_WARMUP = 0.3  # the share of the budget one-cycle spends warming up
 MODEL_KINDS = tuple(MODEL_CLASSES)  # capsnet, cnn, paper-cnn: the classes are in checkpoint.py
 
@@ -70,23 +72,17 @@ class TrainConfig(SavedSettings):
     def __post_init__(self):
         """Refuse settings a run cannot use, naming the setting (train.py shows it as a flag)."""
         for name in ("epochs", "batch_size", "test_every"):
-            require(
-                isinstance(getattr(self, name), int) and getattr(self, name) >= 1,
-                name,
-                "a whole number >= 1",
-            )
+            require(is_whole(getattr(self, name), 1), name, "a whole number >= 1")
         for name in ("train_subset", "test_subset"):
             value = getattr(self, name)
-            require(
-                value is None or isinstance(value, int) and value >= 1, name, "a whole number >= 1"
-            )
+            require(value is None or is_whole(value, 1), name, "a whole number >= 1")
         require(  # numpy's seed range
-            isinstance(self.seed, int) and 0 <= self.seed < 2**32, "seed", "in 0 .. 2**32 - 1"
+            is_whole(self.seed, 0) and self.seed < 2**32, "seed", "in 0 .. 2**32 - 1"
         )
         require(self.dataset in DATASETS, "dataset", f"one of {', '.join(DATASETS)}")
         require(self.model in MODEL_KINDS, "model", f"one of {', '.join(MODEL_KINDS)}")
         require(self.schedule in SCHEDULES, "schedule", f"one of {', '.join(SCHEDULES)}")
-        require(self.on_nonfinite in ("stop", "skip"), "on_nonfinite", "stop or skip")
+        require(self.on_nonfinite in ON_NONFINITE, "on_nonfinite", " or ".join(ON_NONFINITE))
         require(self.lr > 0 and math.isfinite(self.lr), "lr", "a positive number")
         require(0 < self.lr_decay <= 1, "lr_decay", "in (0, 1]")
         require(
@@ -101,13 +97,11 @@ class TrainConfig(SavedSettings):
         )
         require(self.ema_decay is None or 0 < self.ema_decay < 1, "ema_decay", "in (0, 1)")
         require(
-            isinstance(self.max_shift, int) and 0 <= self.max_shift <= 8,
+            is_whole(self.max_shift, 0) and self.max_shift <= 8,
             "max_shift",
             "between 0 and 8",
         )
-        require(
-            isinstance(self.val_size, int) and self.val_size >= 0, "val_size", "a whole number >= 0"
-        )
+        require(is_whole(self.val_size, 0), "val_size", "a whole number >= 0")
         require(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm", "positive")
 
     @classmethod
@@ -129,6 +123,11 @@ BEFORE_THEY_EXISTED = {
     "reconstruction_weight": RECONSTRUCTION_WEIGHT,
     "bf16": False,
 }
+
+
+def is_whole(value, minimum: int) -> bool:
+    """An int (not a bool, which Python counts as one) of at least `minimum`."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
 
 def require(condition: bool, name: str, expected: str) -> None:
@@ -383,7 +382,7 @@ class Trainer:
             generator.set_state(progress.shift_rng)
         all_batches = list(batches(train_split, self.config.batch_size, order))
         if self.dry_run:
-            all_batches = all_batches[:2]
+            all_batches = all_batches[:DRY_RUN_BATCHES]
         bar = tqdm(
             all_batches[progress.batches_done :],
             desc=f"epoch {epoch + 1}/{self.config.epochs}",
@@ -506,9 +505,9 @@ class Trainer:
         return record
 
     def accuracy(self, model: torch.nn.Module, split: Split) -> float:
-        """Accuracy (%) on `split` (its first 1,000 in a dry run); each rank scores every
-        world_size-th example."""
-        count = min(len(split), 2 * 500) if self.dry_run else len(split)
+        """Accuracy (%) on `split` (its first DRY_RUN_BATCHES evaluation batches in a dry run);
+        each rank scores every world_size-th example."""
+        count = min(len(split), DRY_RUN_BATCHES * EVAL_BATCH_SIZE) if self.dry_run else len(split)
         mine = split.subset(torch.arange(self.rank, count, self.world_size))
         correct = torch.tensor(count_correct(model, mine, self.device) if len(mine) else 0)
         return 100 * self.sum_over_ranks(correct) / count

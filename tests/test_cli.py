@@ -13,6 +13,7 @@ from PIL import Image
 import train
 from checkpoint import export_weights, load_checkpoint
 from data import Split
+from errors import flag_name
 from figures import plot_curve
 
 from conftest import (
@@ -426,7 +427,8 @@ def test_resume_help_names_every_flag_a_resume_may_change():
         "--dry-run",
     ]:
         assert flag in resume_help, flag
-    assert {f"--{name.replace('_', '-')}" for name in train.RESUMABLE} <= set(resume_help.split())
+    named = {word.strip(",;()") for word in resume_help.split()}
+    assert {flag_name(name) for name in train.RESUMABLE} <= named
 
 
 @pytest.mark.slow

@@ -371,3 +371,13 @@ def test_every_config_round_trips_through_json_with_its_tuples(config):
     saved = json.loads(json.dumps(config.to_dict()))
     assert type(config).from_dict(saved) == config
     assert not any(isinstance(value, tuple) for value in config.to_dict().values())
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("epochs", True), ("batch_size", 0), ("seed", -1), ("val_size", False), ("max_shift", 9)],
+)
+def test_training_settings_refuse_what_is_not_a_whole_number_in_range(field, value):
+    """True counts as the int 1 in Python: as an epoch count it would be a silent mistake."""
+    with pytest.raises(ValueError, match=field):
+        TrainConfig(**{field: value})
