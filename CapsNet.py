@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from settings import SavedSettings
+from settings import SavedSettings, is_whole
 
 EPS = 1e-8  # inside every square root, so norms have finite gradients at 0
 CPU_ROUTING_PIECE = 16  # images routed at once on a CPU; see DigitCaps.forward
@@ -90,7 +90,7 @@ class CapsNetConfig(SavedSettings):
 
 
 def check_positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not is_whole(value, 1):
         raise ValueError(f"{name} must be a whole number of at least 1, got {value!r}")
 
 

@@ -3,6 +3,11 @@
 from dataclasses import asdict
 
 
+def is_whole(value, minimum: int) -> bool:
+    """An int (not a bool, which Python counts as one) of at least `minimum`."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
 class SavedSettings:
     """For a dataclass of plain values and tuples. Tuples are saved as lists, the form JSON and
     torch.load(weights_only=True) keep, and come back as tuples."""

@@ -31,7 +31,7 @@ from figures import plot_curve
 from hardware import device_name, has_native_bf16, pick_device
 from jsonl import write_jsonl
 from scoring import EVAL_BATCH_SIZE, count_correct
-from settings import SavedSettings
+from settings import SavedSettings, is_whole
 
 SCHEDULES = ("exponential", "onecycle")
 ON_NONFINITE = ("stop", "skip")  # what a NaN/inf loss or gradient does to the run
@@ -123,11 +123,6 @@ BEFORE_THEY_EXISTED = {
     "reconstruction_weight": RECONSTRUCTION_WEIGHT,
     "bf16": False,
 }
-
-
-def is_whole(value, minimum: int) -> bool:
-    """An int (not a bool, which Python counts as one) of at least `minimum`."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
 
 def require(condition: bool, name: str, expected: str) -> None:
