@@ -21,14 +21,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from settings import SavedSettings, is_whole
-
 EPS = 1e-8  # inside every square root, so norms have finite gradients at 0
 CPU_ROUTING_PIECE = 16  # images routed at once on a CPU; see DigitCaps.forward
 
 
 @dataclass(frozen=True)
-class CapsNetConfig(SavedSettings):
+class CapsNetConfig:
     in_channels: int = 1  # grayscale MNIST
     image_size: int = 28  # square input side in pixels
     num_classes: int = 10  # one digit capsule per class
@@ -90,7 +88,7 @@ class CapsNetConfig(SavedSettings):
 
 
 def check_positive_int(name: str, value) -> None:
-    if not is_whole(value, 1):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:  # bools are ints
         raise ValueError(f"{name} must be a whole number of at least 1, got {value!r}")
 
 
@@ -338,12 +336,6 @@ class CapsNet(nn.Module):
 
 
 RECONSTRUCTION_WEIGHT = 0.0005  # the paper's scale-down of the SSE, so it does not dominate
-
-
-def trains_decoder(model_kind: str, reconstruction_weight: float) -> bool:
-    """Whether training learns a decoder: a CapsNet with the reconstruction loss on. (Weight 0
-    trains the margin loss alone; the decoder stays as initialised.)"""
-    return model_kind == "capsnet" and reconstruction_weight > 0
 
 
 def margin_loss(lengths: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

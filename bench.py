@@ -19,12 +19,12 @@ from pathlib import Path
 
 import torch
 
+from capslab.data import Split, to_model_input
+from capslab.errors import UserError, exit_on_user_error, flag_name
+from capslab.hardware import add_device_flags, cpu_name, keep_freed_memory, pick_device, set_threads
+from capslab.models import MODEL_KINDS
+from capslab.training import TrainConfig, Trainer, epoch_generator
 from CapsNet import CapsNet, CapsNetConfig
-from checkpoint import MODEL_KINDS
-from data import Split, to_model_input
-from errors import UserError, exit_on_user_error, flag_name
-from hardware import add_device_flags, cpu_name, keep_freed_memory, pick_device, set_threads
-from training import TrainConfig, Trainer, epoch_generator
 
 
 def images_per_second(function, images_per_call: int, steps: int) -> float:
@@ -68,7 +68,7 @@ def measure(args: argparse.Namespace) -> dict:
         bf16=args.bf16,
     )
     split = synthetic_split(args.batch_size)
-    model = MODEL_KINDS[args.model][0]()
+    model = MODEL_KINDS[args.model].model_class()
     # The first call, then per round a warm-up call (images_per_second's) and the timed steps.
     steps_taken = 1 + args.rounds * (1 + args.steps)
     trainer = Trainer(

@@ -18,13 +18,13 @@ import argparse
 import json
 from pathlib import Path
 
+from capslab.checkpoint import SHIPPED_CHECKPOINT, has_trained_decoder, load_model
+from capslab.data import CLASS_NAMES, add_data_flags, load_split
+from capslab.errors import UserError, exit_on_user_error, make_output_folder
+from capslab.figures import save_figures
+from capslab.hardware import add_device_flags, pick_device
+from capslab.scoring import affine_accuracy, class_scores, report, routing_stats
 from CapsNet import CapsNet
-from checkpoint import SHIPPED_CHECKPOINT, has_trained_decoder, load_model
-from data import CLASS_NAMES, add_data_flags, load_split
-from errors import UserError, exit_on_user_error, make_output_folder
-from figures import save_figures
-from hardware import add_device_flags, pick_device
-from scoring import affine_accuracy, class_scores, report, routing_stats
 
 
 def print_routing_stats(stats: dict) -> None:

@@ -6,8 +6,8 @@ lengths, reconstructions, v = model(x)  # x (B, 1, 28, 28) in [0, 1], white digi
 
 import torch
 
+from capslab.checkpoint import SHIPPED_CHECKPOINT, load_capsnet
 from CapsNet import CapsNet, CapsNetConfig
-from checkpoint import SHIPPED_CHECKPOINT, load_capsnet
 
 dependencies = ["torch", "torchvision", "numpy"]  # what hub checks before importing this file
 

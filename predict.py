@@ -18,13 +18,13 @@ from pathlib import Path
 
 import torch
 
-from canvas import to_png
-from checkpoint import SHIPPED_CHECKPOINT, has_trained_decoder, load_capsnet
-from data import CLASS_NAMES
-from errors import UserError, exit_on_user_error, make_output_folder
-from hardware import add_device_flags, pick_device
-from inference import classify
-from preprocess import preprocess
+from capslab.canvas import to_png
+from capslab.checkpoint import SHIPPED_CHECKPOINT, has_trained_decoder, load_capsnet
+from capslab.data import CLASS_NAMES
+from capslab.errors import UserError, exit_on_user_error, make_output_folder
+from capslab.hardware import add_device_flags, pick_device
+from capslab.inference import classify
+from capslab.preprocess import preprocess
 
 
 def show(folder: Path, stem: str, image28: torch.Tensor, result: dict) -> None:

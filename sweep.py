@@ -39,12 +39,12 @@ from fnmatch import fnmatchcase
 from itertools import combinations
 from pathlib import Path
 
-from checkpoint import load_checkpoint
-from data import AFFINE_FAMILIES, add_data_flags
-from errors import UserError, exit_on_user_error
-from figures import plot_test_errors
-from jsonl import read_jsonl, write_jsonl
-from training import chosen_by_validation
+from capslab.checkpoint import load_checkpoint
+from capslab.data import AFFINE_FAMILIES, add_data_flags
+from capslab.errors import UserError, exit_on_user_error
+from capslab.figures import plot_test_errors
+from capslab.jsonl import read_jsonl, write_jsonl
+from capslab.training import chosen_by_validation
 
 
 def read_grid(path: Path) -> list[dict]:

@@ -16,10 +16,10 @@ import argparse
 import json
 from pathlib import Path
 
-from checkpoint import load_checkpoint
-from errors import exit_on_user_error
-from jsonl import read_jsonl
-from training import chosen_by_validation
+from capslab.checkpoint import load_checkpoint
+from capslab.errors import exit_on_user_error
+from capslab.jsonl import read_jsonl
+from capslab.training import chosen_by_validation
 
 THRESHOLDS = (99.0, 99.5, 99.6, 99.7)
 

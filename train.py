@@ -19,7 +19,7 @@ give each process more work, scale --lr linearly with it.
 
 import argparse
 import time
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 LAUNCHED = time.perf_counter()  # the run's wall clock counts from here, imports included
@@ -27,18 +27,17 @@ LAUNCHED = time.perf_counter()  # the run's wall clock counts from here, imports
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from CapsNet import CapsNet, CapsNetConfig  # noqa: E402
-from checkpoint import (  # noqa: E402
-    MODEL_KINDS,
+from capslab.checkpoint import (  # noqa: E402
     claim_run_folder,
     config_from_checkpoint,
     load_checkpoint,
     model_from_checkpoint,
 )
-from data import DATASETS, add_data_flags, load_split, train_val_split  # noqa: E402
-from errors import UserError, exit_on_user_error, flag_name  # noqa: E402
-from hardware import add_device_flags, has_native_bf16, keep_freed_memory, set_threads  # noqa: E402
-from training import (  # noqa: E402
+from capslab.data import DATASETS, add_data_flags, load_split, train_val_split  # noqa: E402
+from capslab.errors import UserError, exit_on_user_error, flag_name  # noqa: E402
+from capslab.hardware import add_device_flags, has_native_bf16, keep_freed_memory, set_threads  # noqa: E402
+from capslab.models import MODEL_KINDS  # noqa: E402
+from capslab.training import (  # noqa: E402
     DRY_RUN_BATCHES,
     ON_NONFINITE,
     ONECYCLE_WARMUP,
@@ -51,6 +50,7 @@ from training import (  # noqa: E402
     log,
     seed_everything,
 )
+from CapsNet import CapsNetConfig  # noqa: E402
 
 RESUMABLE = {"epochs", "bf16", "compile"}  # settings a resumed run may change
 RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl")  # a fresh run would overwrite these
@@ -275,10 +275,12 @@ def configs_from_flags(args: argparse.Namespace):
         config = TrainConfig(
             **{name: flag_value(args, name) for name in TrainConfig.__dataclass_fields__}
         )
-        if config.model != "capsnet":
-            model_class, model_config = MODEL_KINDS[config.model]
-            return config, model_class, model_config()
-        return config, CapsNet, CapsNetConfig(**{name: getattr(args, name) for name in MODEL_FLAGS})
+        kind = MODEL_KINDS[config.model]
+        flags = {name: getattr(args, name) for name in MODEL_FLAGS}
+        model_fields = {field.name for field in fields(kind.config_class)}
+        if not flags.keys() <= model_fields:  # the CNNs have no routing
+            flags = {}
+        return config, kind.model_class, kind.config_class(**flags)
     except ValueError as error:
         raise as_user_error(error) from error
 

@@ -15,9 +15,8 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter
-
 from data import load_split
+from PIL import Image, ImageDraw, ImageFilter
 
 HERE = Path(__file__).parent
 PAPER = (236, 232, 220)  # off-white

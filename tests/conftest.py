@@ -16,10 +16,11 @@ sys.path.insert(0, str(REPO))  # import the repository's modules without install
 
 import evaluate  # noqa: E402
 import train  # noqa: E402
+from capslab.checkpoint import SHIPPED_CHECKPOINT, load_checkpoint, save_checkpoint  # noqa: E402
+from capslab.data import load_split  # noqa: E402
+from capslab.settings import settings_to_dict  # noqa: E402
+from capslab.training import TrainConfig, Trainer  # noqa: E402
 from CapsNet import CapsNet, CapsNetConfig  # noqa: E402
-from checkpoint import SHIPPED_CHECKPOINT, load_checkpoint, save_checkpoint  # noqa: E402
-from data import load_split  # noqa: E402
-from training import TrainConfig, Trainer  # noqa: E402
 
 # CAPSNET_DATA_DIR, else the workplace's shared copy, else train.py's default download folder.
 DEFAULT_DATA_DIR = REPO.parent / "shared" / "data"
@@ -170,7 +171,12 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     model = CapsNet(config)
     path = tmp_path_factory.mktemp("tiny") / "tiny.pt"
     save_checkpoint(
-        {"model": model.state_dict(), "config": config.to_dict(), "dataset": "mnist", "epoch": 0},
+        {
+            "model": model.state_dict(),
+            "config": settings_to_dict(config),
+            "dataset": "mnist",
+            "epoch": 0,
+        },
         path,
     )
     return path
@@ -187,7 +193,7 @@ def small_checkpoint(small_model, tmp_path):
     save_checkpoint(
         {
             "model": small_model.state_dict(),
-            "config": small_model.config.to_dict(),
+            "config": settings_to_dict(small_model.config),
             "dataset": "mnist",
             "epoch": 0,
         },

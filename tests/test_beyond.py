@@ -11,12 +11,18 @@ import pytest
 import torch
 
 import evaluate
-from baseline import BaselineCNN, PaperCNN
+from capslab.baseline import BaselineCNN, PaperCNN
+from capslab.checkpoint import export_weights, load_checkpoint, model_from_checkpoint
+from capslab.data import (
+    AFFINE_FAMILIES,
+    DEBIAN_FASHION_DIR,
+    AffineParams,
+    random_affine,
+    to_model_input,
+)
+from capslab.errors import UserError
+from capslab.scoring import affine_accuracy, class_scores, routing_stats
 from CapsNet import CapsNet
-from checkpoint import export_weights, load_checkpoint, model_from_checkpoint
-from data import AFFINE_FAMILIES, DEBIAN_FASHION_DIR, AffineParams, random_affine, to_model_input
-from errors import UserError
-from scoring import affine_accuracy, class_scores, routing_stats
 
 from conftest import CPU, REPO, SMALL, TINY_RUN, evaluate_json
 from conftest import train_in_process as train_small

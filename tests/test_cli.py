@@ -11,10 +11,10 @@ import torch
 from PIL import Image
 
 import train
-from checkpoint import export_weights, load_checkpoint
-from data import Split
-from errors import flag_name
-from figures import plot_curve
+from capslab.checkpoint import export_weights, load_checkpoint
+from capslab.data import Split
+from capslab.errors import flag_name
+from capslab.figures import plot_curve
 
 from conftest import (
     REPO,
@@ -335,14 +335,14 @@ def test_init_from_warns_when_validation_may_hold_the_checkpoints_training_image
 def test_export_cli_writes_the_chosen_weights_and_keeps_an_existing_file(trained_run, tmp_path):
     folder, _ = trained_run
     shipped = tmp_path / "shipped.pt"
-    result = run("checkpoint.py", folder / "best.pt", shipped)
+    result = run("export.py", folder / "best.pt", shipped)
     assert result.stdout.startswith(f"wrote {shipped}")
     exported, source = load_checkpoint(shipped), load_checkpoint(folder / "best.pt")
     assert "optimizer" not in exported and exported["metrics"] == source["metrics"]
     chosen = source["ema"] if source.get("chosen") == "ema" else source["model"]
     assert all(torch.equal(exported["model"][name], chosen[name]) for name in chosen)
     before = shipped.read_bytes()
-    refused = run("checkpoint.py", folder / "last.pt", shipped, check=False)
+    refused = run("export.py", folder / "last.pt", shipped, check=False)
     assert_one_line_error(refused, "already exists", "--overwrite")
     assert shipped.read_bytes() == before
 

@@ -6,11 +6,11 @@ import json
 import pytest
 import torch
 
+from capslab.checkpoint import load_checkpoint
+from capslab.data import to_model_input
+from capslab.hardware import has_native_bf16
+from capslab.training import TrainConfig, Trainer, epoch_generator
 from CapsNet import CapsNet, DynamicRouting
-from checkpoint import load_checkpoint
-from data import to_model_input
-from hardware import has_native_bf16
-from training import TrainConfig, Trainer, epoch_generator
 
 from conftest import CPU, SMALL, SMALL_RUN, run
 

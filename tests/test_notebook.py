@@ -24,10 +24,9 @@ from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 from PIL import Image, ImageDraw
 
-from canvas import DrawingCanvas, to_png
-from CapsNet import CapsNet, CapsNetConfig
-from checkpoint import SHIPPED_CHECKPOINT, load_capsnet, load_checkpoint, save_checkpoint
-from inference import (
+from capslab.canvas import DrawingCanvas, to_png
+from capslab.checkpoint import SHIPPED_CHECKPOINT, load_capsnet, load_checkpoint, save_checkpoint
+from capslab.inference import (
     PERTURBATIONS,
     classify,
     decode_capsule,
@@ -39,7 +38,9 @@ from inference import (
     routing_maps,
     spread_across_inputs,
 )
-from preprocess import preprocess
+from capslab.preprocess import preprocess
+from capslab.settings import settings_to_dict
+from CapsNet import CapsNet, CapsNetConfig
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "inference.ipynb"
@@ -293,7 +294,7 @@ def test_torch_hub_loads_the_shipped_model():
     assert isinstance(model, CapsNet) and not model.training
     assert {parameter.device.type for parameter in model.parameters()} == {"cpu"}
     shipped = load_checkpoint(SHIPPED_CHECKPOINT)
-    assert model.config.to_dict() == shipped["config"]
+    assert settings_to_dict(model.config) == shipped["config"]
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, shipped["model"][name]), name
 

@@ -16,11 +16,12 @@ import torch
 from PIL import Image, ImageDraw, ImageFilter
 
 import predict
-from baseline import BaselineCNN, BaselineConfig
-from checkpoint import load_model, save_checkpoint
-from errors import UserError, exit_on_user_error
-from inference import PERTURBATIONS, classify, perturbed_reconstructions
-from preprocess import open_image, preprocess
+from capslab.baseline import BaselineCNN, BaselineConfig
+from capslab.checkpoint import load_model, save_checkpoint
+from capslab.errors import UserError, exit_on_user_error
+from capslab.inference import PERTURBATIONS, classify, perturbed_reconstructions
+from capslab.preprocess import open_image, preprocess
+from capslab.settings import settings_to_dict
 
 from conftest import REPO
 
@@ -216,7 +217,7 @@ HUGE_SIDE = 13000  # 169 million pixels: over Pillow's 89 M warning, under its 1
 MEASURE_PREPROCESS = """
 import json, resource, sys, warnings
 from PIL import Image
-from preprocess import preprocess
+from capslab.preprocess import preprocess
 warnings.simplefilter("error", Image.DecompressionBombWarning)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 images = [preprocess(path).tolist() for path in sys.argv[1:]]
@@ -541,7 +542,7 @@ def test_cli_refuses_a_model_without_capsules(tmp_path, capsys):
         {
             "model": BaselineCNN(BaselineConfig()).state_dict(),
             "model_kind": "cnn",
-            "config": BaselineConfig().to_dict(),
+            "config": settings_to_dict(BaselineConfig()),
         },
         path,
     )
@@ -567,7 +568,7 @@ def test_cli_predicts_the_bundled_samples(trained_checkpoint):
 
 
 def test_the_background_plane_is_fitted_once(monkeypatch):
-    import preprocess as module
+    from capslab import preprocess as module
 
     calls = []
     fit_plane = module.fit_plane
@@ -580,7 +581,7 @@ def test_the_background_plane_is_fitted_once(monkeypatch):
 
 def test_every_caller_gets_the_same_model_input(mnist_test):
     """A uint8 batch, a float batch and one float (28, 28) image become the same float input."""
-    from data import to_model_input
+    from capslab.data import to_model_input
 
     digits = mnist_test.images[:3]  # (3, 28, 28) uint8
     from_uint8 = to_model_input(digits, "cpu")

@@ -15,11 +15,11 @@ import predict
 import sweep
 import time_to_accuracy
 import train
-from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from errors import UserError
-from hardware import cpu_name, has_native_bf16
-from jsonl import write_jsonl
-from training import TrainConfig, build_scheduler, ema_update
+from capslab.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from capslab.errors import UserError
+from capslab.hardware import cpu_name, has_native_bf16
+from capslab.jsonl import write_jsonl
+from capslab.training import TrainConfig, build_scheduler, ema_update
 
 from conftest import (
     REPO,

@@ -10,10 +10,9 @@ import time
 import pytest
 import torch
 
-import checkpoint
-import training
-from checkpoint import load_checkpoint, save_checkpoint
-from errors import UserError
+from capslab import checkpoint, training
+from capslab.checkpoint import load_checkpoint, save_checkpoint
+from capslab.errors import UserError
 
 from conftest import REPO, SMALL_RUN, assert_one_line_error, run, train_in_process
 

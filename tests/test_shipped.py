@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from checkpoint import SHIPPED_CHECKPOINT, load_model
-from scoring import class_scores
+from capslab.checkpoint import SHIPPED_CHECKPOINT, load_model
+from capslab.scoring import class_scores
 
 pytestmark = pytest.mark.skipif(
     not SHIPPED_CHECKPOINT.is_file(), reason="no shipped checkpoint yet"

@@ -7,13 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import checkpoint
-import training
+from capslab import checkpoint, training
+from capslab.checkpoint import load_checkpoint, save_checkpoint
+from capslab.data import train_val_split
+from capslab.errors import UserError
+from capslab.hardware import cpu_name, has_native_bf16
 from CapsNet import CapsNet, DynamicRouting, capsule_loss
-from checkpoint import load_checkpoint, save_checkpoint
-from data import train_val_split
-from errors import UserError
-from hardware import cpu_name, has_native_bf16
 
 from conftest import make_trainer, train_in_process
 

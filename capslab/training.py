@@ -18,30 +18,28 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from CapsNet import RECONSTRUCTION_WEIGHT, capsule_loss, trains_decoder
-from checkpoint import MODEL_KINDS as MODEL_CLASSES
-from checkpoint import load_weights, save_checkpoint, saved_progress, training_checkpoint
-from data import DATASETS, Split, batches, random_shift, to_model_input
-from errors import UserError
-from figures import plot_curve
-from hardware import device_name, has_native_bf16, pick_device
-from jsonl import write_jsonl
-from scoring import EVAL_BATCH_SIZE, count_correct
-from settings import SavedSettings, is_whole
+from capslab.checkpoint import load_weights, save_checkpoint, saved_progress, training_checkpoint
+from capslab.data import DATASETS, Split, batches, random_shift, to_model_input
+from capslab.errors import UserError
+from capslab.figures import plot_curve
+from capslab.hardware import device_name, has_native_bf16, pick_device
+from capslab.jsonl import write_jsonl
+from capslab.models import MODEL_KINDS, trains_decoder
+from capslab.scoring import EVAL_BATCH_SIZE, count_correct
+from capslab.settings import is_whole, settings_from_dict, settings_to_dict
+from CapsNet import RECONSTRUCTION_WEIGHT
 
 SCHEDULES = ("exponential", "onecycle")
 ON_NONFINITE = ("stop", "skip")  # what a NaN/inf loss or gradient does to the run
 DRY_RUN_BATCHES = 2  # a dry run trains this many batches and scores this many eval batches
 ONECYCLE_WARMUP = 0.3  # the share of the budget one-cycle spends warming up
-MODEL_KINDS = tuple(MODEL_CLASSES)  # capsnet, cnn, paper-cnn: the classes are in checkpoint.py
 
 
 @dataclass(frozen=True)
-class TrainConfig(SavedSettings):
+class TrainConfig:
     """Every setting of a training run; train.py's flags take their defaults from here."""
 
     dataset: str = "mnist"  # or fashion-mnist
@@ -109,9 +107,12 @@ class TrainConfig(SavedSettings):
         """Settings saved by any version: names this version does not know are dropped, and a
         setting added since takes the value every run had before it existed."""
         known = {f.name for f in fields(cls)}
-        return super().from_dict(
-            BEFORE_THEY_EXISTED | {k: v for k, v in values.items() if k in known}
+        return settings_from_dict(
+            cls, BEFORE_THEY_EXISTED | {k: v for k, v in values.items() if k in known}
         )
+
+    def to_dict(self) -> dict:
+        return settings_to_dict(self)
 
 
 # Settings that older checkpoints do not name, with the value their runs had: not today's
@@ -269,7 +270,7 @@ class Trainer:
         )
         self.model = model.to(device)
         self.reconstruct = trains_decoder(config.model, config.reconstruction_weight)
-        if config.model == "capsnet" and not self.reconstruct:
+        if MODEL_KINDS[config.model].has_decoder and not self.reconstruct:
             self.model.decoder.requires_grad_(False)  # untrained; DDP and Adam leave it alone
         replica = self.model
         if self.world_size > 1:  # all-reduces (averages) the gradients inside backward()
@@ -455,13 +456,9 @@ class Trainer:
         return None, float("nan")
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Batch-mean loss: margin + reconstruction for CapsNet, cross-entropy for the CNNs."""
-        if self.config.model != "capsnet":
-            (logits,) = self.step_model(x)  # (b, K)
-            return F.cross_entropy(logits, y)
-        # The decoder is masked by the true label and reconstructs the shifted input.
-        lengths, reconstructions, _ = self.step_model(x, y, reconstruct=self.reconstruct)
-        return capsule_loss(lengths, reconstructions, x, y, self.config.reconstruction_weight)
+        """Batch-mean loss: the model kind's own (margin + reconstruction for CapsNet)."""
+        loss = MODEL_KINDS[self.config.model].loss
+        return loss(self.step_model, x, y, self.config.reconstruction_weight)
 
     # --- end of an epoch ---------------------------------------------------------------
     def score_epoch(self, val_split: Split | None, test_split: Split) -> dict:

@@ -16,10 +16,9 @@ A shipped checkpoint keeps only the chosen weights, the config and the metrics. 
 before this layout ("args" instead of "train_config", "step" instead of "batches_done") load.
 To make one, as checkpoints/capsnet_mnist.pt was made:
 
-    python checkpoint.py runs/long/best.pt checkpoints/capsnet_mnist.pt --overwrite
+    python export.py runs/long/best.pt checkpoints/capsnet_mnist.pt --overwrite
 """
 
-import argparse
 import errno
 import os
 import pickle
@@ -28,18 +27,13 @@ from pathlib import Path
 import torch
 from filelock import FileLock, Timeout
 
-from baseline import BaselineCNN, BaselineConfig, PaperCNN, PaperCNNConfig
-from CapsNet import RECONSTRUCTION_WEIGHT, CapsNet, CapsNetConfig, trains_decoder
-from data import DATASETS
-from errors import UserError, exit_on_user_error, first_line
+from capslab.data import DATASETS
+from capslab.errors import UserError, first_line
+from capslab.models import MODEL_KINDS, trains_decoder
+from capslab.settings import settings_from_dict, settings_to_dict
+from CapsNet import RECONSTRUCTION_WEIGHT, CapsNet
 
-SHIPPED_CHECKPOINT = Path(__file__).parent / "checkpoints" / "capsnet_mnist.pt"
-# A checkpoint's "model_kind" names its class; checkpoints without one are CapsNets.
-MODEL_KINDS = {
-    "capsnet": (CapsNet, CapsNetConfig),
-    "cnn": (BaselineCNN, BaselineConfig),
-    "paper-cnn": (PaperCNN, PaperCNNConfig),
-}
+SHIPPED_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "capsnet_mnist.pt"
 SHIPPED_KEYS = ("model_kind", "config", "dataset", "epoch", "metrics", "train_config")
 RENAMED_KEYS = {"step": "batches_done", "partial": "totals", "args": "train_config"}  # old -> new
 # Keys added later, with what a file from before each one meant.
@@ -148,9 +142,9 @@ def config_from_checkpoint(checkpoint: dict, path: str | Path = "checkpoint"):
         raise UserError(
             f"{path} holds an unknown model kind {kind!r}: choose {', '.join(MODEL_KINDS)}"
         )
-    model_class, config_class = MODEL_KINDS[kind]
+    kind = MODEL_KINDS[kind]
     try:
-        return model_class, config_class.from_dict(checkpoint["config"])
+        return kind.model_class, settings_from_dict(kind.config_class, checkpoint["config"])
     except (AttributeError, TypeError, KeyError, ValueError) as error:  # e.g. not a dict
         raise UserError(f"{path} has an invalid model config ({first_line(error)})") from error
 
@@ -233,7 +227,7 @@ def training_checkpoint(
         "ema_updates": int(ema.n_averaged) if ema is not None else 0,
         "chosen": progress["metrics"][-1].get("chosen", "raw") if progress["metrics"] else "raw",
         "model_kind": model_kind,
-        "config": model.config.to_dict(),
+        "config": settings_to_dict(model.config),
         "train_config": train_config,
         "dataset": dataset,
         "optimizer": optimizer.state_dict(),
@@ -245,33 +239,3 @@ def training_checkpoint(
 def saved_progress(checkpoint: dict, fields: tuple[str, ...]) -> dict:
     """The `fields` of training.Progress that the checkpoint holds (older files lack some)."""
     return {name: checkpoint[name] for name in fields if name in checkpoint}
-
-
-def export(source: Path, destination: Path, overwrite: bool) -> None:
-    """Check that SOURCE's chosen weights rebuild its model, then export them to DESTINATION."""
-    if destination.exists() and not overwrite:
-        raise UserError(f"{destination} already exists: pass --overwrite to replace it")
-    checkpoint = load_checkpoint(source)
-    model_from_checkpoint(checkpoint, source)
-    export_weights(checkpoint, destination)
-
-
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(
-        description="Export a training checkpoint's chosen weights, config and metrics "
-        "(no optimizer state), as the shipped checkpoints/capsnet_mnist.pt holds them."
-    )
-    parser.add_argument("source", type=Path, help="a training checkpoint (best.pt, last.pt)")
-    parser.add_argument("destination", type=Path, help="the file to write")
-    parser.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace DESTINATION if it exists (default: refuse)",
-    )
-    args = parser.parse_args(argv)
-    export(args.source, args.destination, args.overwrite)
-    print(f"wrote {args.destination} ({args.destination.stat().st_size / 2**20:.1f} MiB)")
-
-
-if __name__ == "__main__":
-    exit_on_user_error(main)

@@ -5,8 +5,8 @@ import json
 import os
 from pathlib import Path
 
-from checkpoint import temporary_path
-from errors import UserError, first_line
+from capslab.checkpoint import temporary_path
+from capslab.errors import UserError, first_line
 
 
 def read_jsonl(path: Path, what: str) -> list[dict]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from errors import UserError
+from capslab.errors import UserError
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 

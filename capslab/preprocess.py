@@ -22,7 +22,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from scipy import ndimage
 
-from errors import UserError, first_line
+from capslab.errors import UserError, first_line
 
 MAX_SIDE = 1000  # work at most at this size: a 20 px digit needs no 4000 px photo
 REDUCE_BAND = 64  # rows of the reduced image made at a time from a large one

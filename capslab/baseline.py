@@ -14,11 +14,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from settings import SavedSettings
-
 
 @dataclass(frozen=True)
-class BaselineConfig(SavedSettings):
+class BaselineConfig:
     in_channels: int = 1  # grayscale
     image_size: int = 28  # square input side in pixels
     num_classes: int = 10
@@ -61,7 +59,7 @@ class BaselineCNN(nn.Module):
 
 
 @dataclass(frozen=True)
-class PaperCNNConfig(SavedSettings):
+class PaperCNNConfig:
     """The paper's baseline. It gives channels, kernels, stride and FC sizes; 'same' padding
     (which yields its 35.4M parameters), ReLU and the dropout rate are this code's choices."""
 

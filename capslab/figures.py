@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
+from capslab.data import Split, to_model_input
 from CapsNet import CapsNet
-from data import Split, to_model_input
 
 
 def pyplot():

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torchvision
 
-from errors import UserError
+from capslab.errors import UserError
 
 DEBIAN_FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
 

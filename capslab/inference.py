@@ -5,8 +5,8 @@ the winning capsule's evidence came from. The notebook's widgets are in canvas.p
 
 import torch
 
+from capslab.data import CLASS_NAMES, to_model_input
 from CapsNet import CapsNetConfig, capsule_length
-from data import CLASS_NAMES, to_model_input
 
 PERTURBATIONS = [round(-0.25 + 0.05 * step, 2) for step in range(11)]  # Figure 4's range
 

@@ -9,8 +9,15 @@ import math
 import torch
 from tqdm import tqdm
 
+from capslab.data import (
+    AFFINE_FAMILIES,
+    AffineParams,
+    Split,
+    batches,
+    random_affine,
+    to_model_input,
+)
 from CapsNet import CapsNet, capsule_length
-from data import AFFINE_FAMILIES, AffineParams, Split, batches, random_affine, to_model_input
 
 EVAL_BATCH_SIZE = 500
 ROUTING_ITERATIONS = (1, 2, 3, 5)  # scored by routing_stats, plus the model's own r

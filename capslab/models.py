@@ -1,0 +1,48 @@
+"""The one registry of model kinds: each name maps to its class, its config and its loss.
+
+Nothing else branches on a kind's name; code asks the kind (`MODEL_KINDS[name].loss`,
+`.has_decoder`).
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from capslab.baseline import BaselineCNN, BaselineConfig, PaperCNN, PaperCNNConfig
+from CapsNet import CapsNet, CapsNetConfig, capsule_loss
+
+
+def capsnet_loss(model, x, y, reconstruction_weight: float) -> torch.Tensor:
+    """Margin + reconstruction loss; the decoder is masked by the true label and reconstructs
+    the (shifted) input. Weight 0 skips the decoder."""
+    lengths, reconstructions, _ = model(x, y, reconstruct=reconstruction_weight > 0)
+    return capsule_loss(lengths, reconstructions, x, y, reconstruction_weight)
+
+
+def cross_entropy_loss(model, x, y, reconstruction_weight: float) -> torch.Tensor:
+    """The CNN baselines: cross-entropy on their logits (they have no decoder)."""
+    (logits,) = model(x)  # (B, K)
+    return F.cross_entropy(logits, y)
+
+
+@dataclass(frozen=True)
+class ModelKind:
+    model_class: type
+    config_class: type
+    loss: Callable  # (model, x, y, reconstruction_weight) -> batch-mean loss
+    has_decoder: bool  # digit capsules with a decoder: reconstructions and capsule figures
+
+
+MODEL_KINDS = {
+    "capsnet": ModelKind(CapsNet, CapsNetConfig, capsnet_loss, has_decoder=True),
+    "cnn": ModelKind(BaselineCNN, BaselineConfig, cross_entropy_loss, has_decoder=False),
+    "paper-cnn": ModelKind(PaperCNN, PaperCNNConfig, cross_entropy_loss, has_decoder=False),
+}
+
+
+def trains_decoder(model_kind: str, reconstruction_weight: float) -> bool:
+    """Whether training learns a decoder: a kind with one, and the reconstruction loss on.
+    (Weight 0 trains the margin loss alone; the decoder stays as initialised.)"""
+    return MODEL_KINDS[model_kind].has_decoder and reconstruction_weight > 0
