@@ -15,7 +15,7 @@ Where this code departs from the paper (each is flagged again where it happens):
 - Routing is kept in float32 even under autocast; the paper predates mixed precision.
 """
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn as nn
@@ -35,8 +35,17 @@ class CapsNetConfig:
     primary_channels: int = 32  # paper: 32 channels of primary capsules
     primary_dim: int = 8  # paper: 8-D primary capsules
     digit_dim: int = 16  # paper: 16-D digit capsules
-    routing_iterations: int = 3  # paper: r = 3
-    detach_early_routing: bool = False  # not in the paper; see module docstring
+    # The two fields with help text are train.py's flags.
+    routing_iterations: int = field(  # paper: r = 3
+        default=3, metadata={"help": "routing iterations r"}
+    )
+    detach_early_routing: bool = field(  # not in the paper; see module docstring
+        default=False,
+        metadata={
+            "help": "stop gradients through u_hat in all but the last routing iteration, as "
+            "some public ports do; not in the paper"
+        },
+    )
     decoder_hidden: tuple[int, int] = (512, 1024)  # paper: FC 512 -> 1024 -> pixels
     weight_std: float = 0.01  # W_ij init; std 1 saturates routing and training never starts
 
@@ -321,7 +330,9 @@ class CapsNet(nn.Module):
         v (B, J, 16).
 
         The decoder is masked by `target` (the true label, in training) or else by the
-        longest capsule (the prediction, at test), so one pass gives both outputs.
+        longest capsule (the prediction, at test), so one pass gives both outputs. A target
+        of K labels per example (B, K), as MultiMNIST's pairs have, decodes each from its own
+        capsule: reconstructions (B, K, C, H, W).
         `routing_iterations` scores with another r than the config's, for this call only.
         `reconstruct=False` skips the decoder (reconstructions None), for training without
         the reconstruction loss.
@@ -332,6 +343,9 @@ class CapsNet(nn.Module):
         if not reconstruct:
             return lengths, None, v
         mask_class = lengths.argmax(dim=1) if target is None else target
+        if mask_class.dim() == 2:  # one reconstruction per label: (B, K, C, H, W)
+            drawn = [self.decoder(v, labels) for labels in mask_class.unbind(1)]
+            return lengths, torch.stack(drawn, dim=1), v
         return lengths, self.decoder(v, mask_class), v
 
 
@@ -339,15 +353,18 @@ RECONSTRUCTION_WEIGHT = 0.0005  # the paper's scale-down of the SSE, so it does 
 
 
 def margin_loss(lengths: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Eq. 4, summed over classes: (B, J), (B,) -> (B,). Hinges are squared."""
-    present = F.one_hot(target, lengths.shape[1]).to(lengths.dtype)  # T_k, (B, J)
+    """Eq. 4, summed over classes: (B, J) and labels (B,) or (B, K) -> (B,). Hinges are
+    squared. With K labels (MultiMNIST), T_k = 1 for each of them."""
+    labels = target if target.dim() == 2 else target.unsqueeze(1)  # (B, K)
+    present = F.one_hot(labels, lengths.shape[1]).amax(dim=1).to(lengths.dtype)  # T_k, (B, J)
     loss_present = present * F.relu(0.9 - lengths) ** 2  # m+ = 0.9
     loss_absent = 0.5 * (1.0 - present) * F.relu(lengths - 0.1) ** 2  # lambda = 0.5, m- = 0.1
     return (loss_present + loss_absent).sum(dim=1)
 
 
 def reconstruction_loss(reconstructions: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-    """Sum of squared pixel errors per example: (B, C, H, W) x2 -> (B,)."""
+    """Sum of squared pixel errors per example: (B, C, H, W) x2 -> (B,). MultiMNIST's
+    (B, K, C, H, W), each digit's reconstruction against that digit alone, sums over the K."""
     return ((reconstructions - images) ** 2).flatten(1).sum(dim=1)
 
 
@@ -359,6 +376,9 @@ def capsule_loss(
     reconstruction_weight: float = RECONSTRUCTION_WEIGHT,
 ) -> torch.Tensor:
     """Margin loss + 0.0005 x reconstruction SSE, averaged over the batch (a scalar).
+
+    `images` is what the decoder should draw: the input, or for MultiMNIST (target (B, 2)) each
+    digit of the pair alone, (B, 2, C, H, W).
 
     With reconstruction_weight 0 (Table 1's rows "no reconstruction") it is the margin loss
     alone and `reconstructions` may be None.

@@ -4,6 +4,7 @@
     python bench.py --batch-size 64 --steps 10 --threads 1
     python bench.py --bf16                       # bfloat16 autocast, model and floor alike
     python bench.py --model paper-cnn --bf16     # a baseline CNN's speed (it has no floor)
+    python bench.py --dataset multimnist --bf16  # 36x36 pairs: 3,200 primary capsules
 
 The floor is what Conv1 and the PrimaryCaps convolution alone cost (forward+backward with
 weight gradients for training, forward only for evaluation): ~95% of CapsNet's arithmetic.
@@ -19,10 +20,11 @@ from pathlib import Path
 
 import torch
 
-from capslab.data import Split, to_model_input
+from capslab.data import IMAGE_SIZE, Split, to_model_input
 from capslab.errors import UserError, exit_on_user_error, flag_name
 from capslab.hardware import add_device_flags, cpu_name, keep_freed_memory, pick_device, set_threads
 from capslab.models import MODEL_KINDS
+from capslab.multimnist import PairPool
 from capslab.training import TrainConfig, Trainer, epoch_generator
 from CapsNet import CapsNet, CapsNetConfig
 
@@ -50,10 +52,12 @@ def conv_floor(config: CapsNetConfig, device: torch.device):
     return lambda x: primary(torch.relu(conv1(x)))
 
 
-def synthetic_split(size: int) -> Split:
+def synthetic_split(size: int, dataset: str) -> Split:
+    """Random 28x28 digits; for MultiMNIST a pool that pairs them into 36x36 images."""
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (size, 28, 28), dtype=torch.uint8, generator=generator)
-    return Split(images, torch.randint(0, 10, (size,), generator=generator))
+    split = Split(images, torch.randint(0, 10, (size,), generator=generator))
+    return PairPool(split) if dataset == "multimnist" else split
 
 
 def measure(args: argparse.Namespace) -> dict:
@@ -61,14 +65,16 @@ def measure(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     config = TrainConfig(
         model=args.model,
+        dataset=args.dataset,
         batch_size=args.batch_size,
         epochs=1,  # one "epoch" of steps_taken steps: the schedule spans exactly the calls
         val_size=0,
         compile=args.compile,
         bf16=args.bf16,
     )
-    split = synthetic_split(args.batch_size)
-    model = MODEL_KINDS[args.model].model_class()
+    split = synthetic_split(args.batch_size, args.dataset)
+    kind = MODEL_KINDS[args.model]
+    model = kind.model_class(kind.config_class(image_size=IMAGE_SIZE[args.dataset]))
     # The first call, then per round a warm-up call (images_per_second's) and the timed steps.
     steps_taken = 1 + args.rounds * (1 + args.steps)
     trainer = Trainer(
@@ -81,11 +87,12 @@ def measure(args: argparse.Namespace) -> dict:
     )
     generator = epoch_generator(0, 0)
     images, labels = split.images, split.labels
-    x = to_model_input(images, device)
+    x = to_model_input(split.training_batch(images, labels, 0, generator).images, device)
     floor = conv_floor(trainer.model.config, device) if isinstance(model, CapsNet) else None
 
     def train_step():
-        trainer.train_step(images, labels, generator)  # shifts, forward, loss, backward, Adam
+        # Shifts (or pairs), forward, loss, backward, Adam.
+        trainer.train_step(images, labels, generator, split)
 
     def floor_step():
         floor(x).sum().backward()
@@ -121,6 +128,8 @@ def measure(args: argparse.Namespace) -> dict:
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "model": args.model,
+        "dataset": args.dataset,
+        "image_size": IMAGE_SIZE[args.dataset],
         "batch_size": args.batch_size,
         "steps_per_round": args.steps,
         "rounds": args.rounds,
@@ -154,6 +163,13 @@ def main(argv=None) -> None:
         default="capsnet",
         choices=tuple(MODEL_KINDS),
         help="the model to time; only CapsNet has a convolution floor (default: capsnet)",
+    )
+    parser.add_argument(
+        "--dataset",
+        default="mnist",
+        choices=("mnist", "multimnist"),
+        help="mnist times 28x28 images; multimnist 36x36 pairs, made as training makes them "
+        "(default: mnist)",
     )
     parser.add_argument("--steps", type=int, default=5, help="timed steps per round (default: 5)")
     parser.add_argument(

@@ -18,12 +18,17 @@ import argparse
 import json
 from pathlib import Path
 
-from capslab.checkpoint import SHIPPED_CHECKPOINT, has_trained_decoder, load_model
-from capslab.data import CLASS_NAMES, add_data_flags, load_split
+from capslab.checkpoint import (
+    SHIPPED_CHECKPOINT,
+    SHIPPED_MULTIMNIST,
+    has_trained_decoder,
+    load_model,
+)
+from capslab.data import CLASS_NAMES, DATASETS, IMAGE_SIZE, add_data_flags, load_test_split
 from capslab.errors import UserError, exit_on_user_error, make_output_folder
-from capslab.figures import save_figures
+from capslab.figures import save_figures, save_pair_reconstructions
 from capslab.hardware import add_device_flags, pick_device
-from capslab.scoring import affine_accuracy, class_scores, report, routing_stats
+from capslab.scoring import affine_accuracy, class_scores, pair_report, report, routing_stats
 from CapsNet import CapsNet
 
 
@@ -65,6 +70,17 @@ def print_report(result: dict, class_names: list[str]) -> None:
         print(f"{k:>4}" + "".join(f"{count:>{width}}" for count in row))
 
 
+def print_pair_report(result: dict) -> None:
+    print(
+        f"Test: both digits right {result['correct']}/{result['total']} pairs "
+        f"({result['accuracy']:.2f}%)  error {result['error']:.2f}%  "
+        f"digits right {result['digit_accuracy']:.2f}%"
+    )
+    print("per-class accuracy (digits of the class found among the two longest capsules):")
+    for name, value in result["per_class_accuracy"].items():
+        print(f"  {name:>12}  {value:6.2f}%")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -72,8 +88,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     add = parser.add_argument
     add(
         "--checkpoint",
-        default=str(SHIPPED_CHECKPOINT),
-        help="checkpoint to score (default: checkpoints/capsnet_mnist.pt)",
+        default=None,
+        help="checkpoint to score (default: checkpoints/capsnet_mnist.pt, or "
+        "checkpoints/capsnet_multimnist.pt with --dataset multimnist)",
+    )
+    add(
+        "--dataset",
+        default=None,
+        choices=DATASETS,
+        help="the test set to score; multimnist: the 10,000 fixed test pairs "
+        "(default: the checkpoint's own)",
     )
     add_data_flags(parser)
     add_device_flags(parser, threads=False)
@@ -104,6 +128,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     add("--seed", type=int, default=0, help="seed of the --affine transforms (default: 0)")
     args = parser.parse_args(argv)
+    if args.checkpoint is None:
+        shipped = SHIPPED_MULTIMNIST if args.dataset == "multimnist" else SHIPPED_CHECKPOINT
+        args.checkpoint = str(shipped)
     if args.test_subset is not None and args.test_subset < 1:
         raise UserError(f"--test-subset must be at least 1, got {args.test_subset}")
     return args
@@ -111,10 +138,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def score(args: argparse.Namespace, model, checkpoint: dict, device) -> dict:
     """Every score the flags ask for, as one JSON-ready dict; --figures also writes its files."""
-    dataset = checkpoint["dataset"]
+    dataset = args.dataset or checkpoint["dataset"]
+    check_input_size(model, dataset, args.checkpoint)
     class_names = CLASS_NAMES[dataset]
-    split = load_split(dataset, args.data_dir, train=False).first(args.test_subset)
+    split = load_test_split(dataset, args.data_dir).first(args.test_subset)
     kind = checkpoint["model_kind"]
+    if split.labels.dim() == 2:  # MultiMNIST pairs
+        return score_pairs(args, model, checkpoint, split, device)
     if args.routing_stats and not isinstance(model, CapsNet):
         raise UserError(
             f"--routing-stats needs a CapsNet checkpoint; {args.checkpoint} holds a {kind}, "
@@ -153,12 +183,45 @@ def score(args: argparse.Namespace, model, checkpoint: dict, device) -> dict:
     return result
 
 
+def check_input_size(model, dataset: str, path) -> None:
+    size = getattr(model.config, "image_size", IMAGE_SIZE[dataset])
+    if size != IMAGE_SIZE[dataset]:
+        raise UserError(
+            f"{path} takes {size}x{size} images and {dataset} has "
+            f"{IMAGE_SIZE[dataset]}x{IMAGE_SIZE[dataset]}: pass a checkpoint trained on {dataset}"
+        )
+
+
+def score_pairs(args: argparse.Namespace, model, checkpoint: dict, split, device) -> dict:
+    """MultiMNIST: the paper's error (the two longest capsules are both digits), per-digit
+    accuracy beside it, and with --figures the paper's Figure 5."""
+    if args.routing_stats or args.affine:
+        raise UserError("--routing-stats and --affine score single digits, not multimnist pairs")
+    scores = class_scores(model, split, device, progress=not args.json)  # (N, 10)
+    result = {
+        "checkpoint": str(args.checkpoint),
+        "model_kind": checkpoint["model_kind"],
+        "dataset": "multimnist",
+        "epoch": checkpoint.get("epoch"),
+        **pair_report(split.labels, scores, CLASS_NAMES["multimnist"]),
+    }
+    if args.figures and has_trained_decoder(checkpoint):
+        figure = save_pair_reconstructions(
+            model, split, scores, device, args.figures / "multimnist_reconstructions.png"
+        )
+        result["figures"] = [str(figure)]
+    return result
+
+
 def print_text(result: dict, device) -> None:
     print(
         f"checkpoint {result['checkpoint']}  model {result['model_kind']}  "
         f"dataset {result['dataset']}  epoch {result['epoch']}  device {device}"
     )
-    print_report(result, CLASS_NAMES[result["dataset"]])
+    if "digit_accuracy" in result:
+        print_pair_report(result)
+    else:
+        print_report(result, CLASS_NAMES[result["dataset"]])
     if "routing" in result:
         print_routing_stats(result["routing"])
     if "affine" in result:

@@ -34,6 +34,7 @@ from capslab.settings import settings_from_dict, settings_to_dict
 from CapsNet import RECONSTRUCTION_WEIGHT, CapsNet
 
 SHIPPED_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "capsnet_mnist.pt"
+SHIPPED_MULTIMNIST = SHIPPED_CHECKPOINT.with_name("capsnet_multimnist.pt")
 SHIPPED_KEYS = ("model_kind", "config", "dataset", "epoch", "metrics", "train_config")
 RENAMED_KEYS = {"step": "batches_done", "partial": "totals", "args": "train_config"}  # old -> new
 # Keys added later, with what a file from before each one meant.

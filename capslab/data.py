@@ -29,6 +29,7 @@ DEBIAN_FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian's datas
 
 CLASS_NAMES = {
     "mnist": [str(digit) for digit in range(10)],
+    "multimnist": [str(digit) for digit in range(10)],  # pairs of MNIST digits: multimnist.py
     "fashion-mnist": [
         "T-shirt/top",
         "Trouser",
@@ -43,6 +44,7 @@ CLASS_NAMES = {
     ],
 }
 DATASETS = tuple(CLASS_NAMES)
+IMAGE_SIZE = {"mnist": 28, "fashion-mnist": 28, "multimnist": 36}  # the model's input side
 
 RAW_FILES = (
     "train-images-idx3-ubyte",
@@ -54,16 +56,25 @@ RAW_FILES = (
 
 @dataclass
 class Split:
-    """Images (N, 28, 28) uint8 and labels (N,) int64, on the CPU."""
+    """Images (N, H, W) uint8 and labels (N,) int64, on the CPU; MultiMNIST pairs have labels
+    (N, 2) and keep each pair's two shifted digits alone in `sources` (N, 2, H, W)."""
 
     images: torch.Tensor
     labels: torch.Tensor
+    sources: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def subset(self, indices: torch.Tensor) -> "Split":
-        return Split(self.images[indices], self.labels[indices])
+        sources = None if self.sources is None else self.sources[indices]
+        return Split(self.images[indices], self.labels[indices], sources)
+
+    def training_batch(
+        self, images: torch.Tensor, labels: torch.Tensor, max_shift: int, generator
+    ) -> "Split":
+        """A batch as training sees it: each image shifted at random by up to max_shift px."""
+        return Split(random_shift(images, max_shift, generator), labels)
 
     def first(self, count: int | None) -> "Split":
         """The first `count` images (--test-subset); None: all of them."""
@@ -109,10 +120,43 @@ def read_idx(path: Path) -> torch.Tensor:
     return torch.from_numpy(values.copy()).view(*shape)
 
 
+def load_run_splits(
+    dataset: str,
+    data_dir: str | Path,
+    val_size: int,
+    train_subset: int | None,
+    test_subset: int | None,
+    seed: int,
+) -> tuple[Split, Split | None, Split]:
+    """A run's (train, validation or None, test) splits. For MultiMNIST the training digits
+    form a pool that pairs them afresh each batch, and validation and test are fixed pairs."""
+    full_train = load_split(dataset, data_dir, train=True)
+    train, val = train_val_split(full_train, val_size, train_subset, seed)
+    if dataset == "multimnist":
+        from capslab import multimnist  # it builds on Split, so it imports this module
+
+        train = multimnist.PairPool(train)
+        val = None if val is None else multimnist.fixed_pairs(val, seed)
+    return train, val, load_test_split(dataset, data_dir).first(test_subset)
+
+
+def load_test_split(dataset: str, data_dir: str | Path) -> Split:
+    """The test set, in its fixed order; MultiMNIST's the same seeded pairs everywhere."""
+    test = load_split(dataset, data_dir, train=False)
+    if dataset == "multimnist":
+        from capslab import multimnist
+
+        test = multimnist.fixed_pairs(test, multimnist.TEST_PAIRS_SEED)
+    return test
+
+
 def load_split(dataset: str, data_dir: str | Path, train: bool) -> Split:
-    """One split of `dataset`, downloading it into data_dir when it is absent."""
+    """One split of `dataset` (MultiMNIST: its MNIST digits), downloading it into data_dir when
+    it is absent."""
     if dataset not in CLASS_NAMES:
         raise UserError(f"unknown dataset {dataset!r}: choose {', '.join(DATASETS)}")
+    if dataset == "multimnist":
+        dataset = "mnist"
     data_dir = Path(data_dir)
     folder = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}[dataset]
     local_raw = data_dir / folder / "raw"

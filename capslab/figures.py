@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from capslab.data import Split, to_model_input
+from capslab.multimnist import PairScores
 from CapsNet import CapsNet
 
 
@@ -161,5 +162,45 @@ def save_reconstructions(model: CapsNet, split: Split, device, path: Path) -> Pa
         axis.axis("off")
     figure.suptitle(
         "test digits (top) and their reconstructions from the predicted capsule (bottom)"
+    )
+    return save(figure, path)
+
+
+def save_pair_reconstructions(
+    model: CapsNet, split: Split, scores: torch.Tensor, device, path: Path, per_side: int = 8
+) -> Path:
+    """The paper's Figure 5: MultiMNIST inputs (top) and, below each, the reconstructions from
+    its two longest capsules overlaid in two colours (red: the longer, green: the other),
+    correctly recognised pairs on the left and failures on the right."""
+    both_correct = PairScores.of(scores, split.labels).both_correct  # (N,)
+    chosen = torch.cat(
+        [torch.nonzero(both_correct)[:per_side, 0], torch.nonzero(~both_correct)[:per_side, 0]]
+    )
+    top2 = scores[chosen].topk(2, dim=1).indices  # (n, 2) predicted digits, longer first
+    x = to_model_input(split.images[chosen], device)  # (n, 1, 36, 36)
+    with torch.inference_mode():
+        _, drawn, _ = model(x, top2.to(device))  # (n, 2, 1, 36, 36)
+    drawn = drawn[:, :, 0].float().cpu()  # (n, 2, 36, 36)
+    colour = torch.stack([drawn[:, 0], drawn[:, 1], torch.zeros_like(drawn[:, 0])], -1)
+    figure, axes = pyplot().subplots(
+        2, max(len(chosen), 1), figsize=(1.2 * max(len(chosen), 1), 3.0), squeeze=False
+    )
+    for column, index in enumerate(chosen.tolist()):
+        truth, guess = split.labels[index].tolist(), top2[column].tolist()
+        axes[0, column].imshow(split.images[index], cmap="gray")
+        axes[0, column].set_title(f"{truth[0]}+{truth[1]}", fontsize=10)
+        axes[1, column].imshow(colour[column].clamp(0, 1))
+        ok = sorted(truth) == sorted(guess)
+        axes[1, column].set_title(
+            f"R:{guess[0]} G:{guess[1]}", fontsize=10, color="black" if ok else "crimson"
+        )
+    for axis in axes.flat:
+        axis.axis("off")
+    correct_count = int(both_correct[chosen].sum())
+    figure.suptitle(
+        f"MultiMNIST: input pairs (top, true digits) and the reconstructions from the two "
+        f"longest capsules (bottom); {correct_count} recognised left, "
+        f"{len(chosen) - correct_count} failures right",
+        fontsize=10,
     )
     return save(figure, path)

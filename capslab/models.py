@@ -14,15 +14,18 @@ from capslab.baseline import BaselineCNN, BaselineConfig, PaperCNN, PaperCNNConf
 from CapsNet import CapsNet, CapsNetConfig, capsule_loss
 
 
-def capsnet_loss(model, x, y, reconstruction_weight: float) -> torch.Tensor:
+def capsnet_loss(model, x, y, reconstruction_weight: float, originals=None) -> torch.Tensor:
     """Margin + reconstruction loss; the decoder is masked by the true label and reconstructs
-    the (shifted) input. Weight 0 skips the decoder."""
+    the (shifted) input, or for MultiMNIST (y (B, 2)) each digit alone, `originals`
+    (B, 2, C, H, W). Weight 0 skips the decoder."""
     lengths, reconstructions, _ = model(x, y, reconstruct=reconstruction_weight > 0)
-    return capsule_loss(lengths, reconstructions, x, y, reconstruction_weight)
+    target_images = x if originals is None else originals
+    return capsule_loss(lengths, reconstructions, target_images, y, reconstruction_weight)
 
 
-def cross_entropy_loss(model, x, y, reconstruction_weight: float) -> torch.Tensor:
-    """The CNN baselines: cross-entropy on their logits (they have no decoder)."""
+def cross_entropy_loss(model, x, y, reconstruction_weight: float, originals=None) -> torch.Tensor:
+    """The CNN baselines: cross-entropy on their logits (they have no decoder). One label per
+    image: MultiMNIST's pairs are for CapsNet (TrainConfig refuses the combination)."""
     (logits,) = model(x)  # (B, K)
     return F.cross_entropy(logits, y)
 
@@ -31,7 +34,7 @@ def cross_entropy_loss(model, x, y, reconstruction_weight: float) -> torch.Tenso
 class ModelKind:
     model_class: type
     config_class: type
-    loss: Callable  # (model, x, y, reconstruction_weight) -> batch-mean loss
+    loss: Callable  # (model, x, y, reconstruction_weight, originals) -> batch-mean loss
     has_decoder: bool  # digit capsules with a decoder: reconstructions and capsule figures
 
 

@@ -17,6 +17,7 @@ from capslab.data import (
     random_affine,
     to_model_input,
 )
+from capslab.multimnist import PairScores
 from CapsNet import CapsNet, capsule_length
 
 EVAL_BATCH_SIZE = 500
@@ -46,8 +47,16 @@ def class_scores(model, split: Split, device: torch.device, progress: bool = Fal
     return torch.cat(outputs)  # (N, J)
 
 
+def correct_mask(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(N,) bool from scores (N, J): the top class is the label, or for MultiMNIST's labels
+    (N, 2) the paper's measure, the two longest capsules are the pair's two digits."""
+    if labels.dim() == 2:
+        return PairScores.of(scores, labels).both_correct
+    return scores.argmax(dim=1) == labels
+
+
 def count_correct(model, split: Split, device: torch.device) -> int:
-    return int((class_scores(model, split, device).argmax(dim=1) == split.labels).sum())
+    return int(correct_mask(class_scores(model, split, device), split.labels).sum())
 
 
 def routing_stats(
@@ -145,4 +154,25 @@ def report(labels: torch.Tensor, predictions: torch.Tensor, class_names: list[st
         "error": 100 * (total - correct) / total,
         "per_class_accuracy": dict(zip(class_names, per_class)),
         "confusion_matrix": matrix.tolist(),
+    }
+
+
+def pair_report(labels: torch.Tensor, scores: torch.Tensor, class_names: list[str]) -> dict:
+    """MultiMNIST: the paper's measure (both digits are the two longest capsules) and, beside
+    it, the share of single digits found among the two longest; per class, that share."""
+    pairs = PairScores.of(scores, labels)
+    correct, total = int(pairs.both_correct.sum()), len(labels)
+    top2 = scores.topk(2, dim=1).indices  # (N, 2)
+    found = (labels.unsqueeze(2) == top2.unsqueeze(1)).any(dim=2)  # (N, 2) per true digit
+    per_class = [
+        100 * found[labels == k].float().mean().item() if (labels == k).any() else 0.0
+        for k in range(len(class_names))
+    ]
+    return {
+        "correct": correct,
+        "total": total,
+        "accuracy": 100 * correct / total,
+        "error": 100 * (total - correct) / total,
+        "digit_accuracy": 100 * pairs.digits_found.sum().item() / (2 * total),
+        "per_class_accuracy": dict(zip(class_names, per_class)),
     }

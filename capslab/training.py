@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from capslab.checkpoint import load_weights, save_checkpoint, saved_progress, training_checkpoint
-from capslab.data import DATASETS, Split, batches, random_shift, to_model_input
+from capslab.data import DATASETS, Split, batches, to_model_input
 from capslab.errors import UserError
 from capslab.figures import plot_curve
 from capslab.hardware import device_name, has_native_bf16, pick_device
@@ -40,32 +40,111 @@ ONECYCLE_WARMUP = 0.3  # the share of the budget one-cycle spends warming up
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Every setting of a training run; train.py's flags take their defaults from here."""
+    """Every setting of a training run. Each field is one of train.py's flags, which
+    capslab/flags.py generates from the field's default and the help text in its metadata."""
 
-    dataset: str = "mnist"  # or fashion-mnist
-    model: str = "capsnet"  # or cnn / paper-cnn, the baselines in baseline.py
+    dataset: str = field(
+        default="mnist", metadata={"help": "dataset to train on", "choices": DATASETS}
+    )
+    model: str = field(
+        default="capsnet",
+        metadata={
+            "help": "capsnet; paper-cnn for the paper's 35.4M-parameter baseline, or cnn for a "
+            "small one (baseline.py, cross-entropy loss)",
+            "choices": tuple(MODEL_KINDS),
+        },
+    )
     # The defaults are the winner of results/README.md#time-to-accuracy: 5 epochs fit half an
     # hour on 2 CPU cores. The paper's schedule is "exponentially decaying", rate and batch not
     # given; the old default (30 epochs, batch 128, 1e-3 x 0.9 per epoch) is a flag set away.
-    epochs: int = 5  # the budget; onecycle anneals over all of it
-    batch_size: int = 64  # as fast per image as 128 on a CPU, so twice the steps
-    lr: float = 3e-3  # Adam's learning rate; onecycle's peak
-    lr_decay: float = 0.9  # per epoch, exponential only (XifengGuo's choice)
-    schedule: str = "onecycle"  # warm-up, then annealing to about zero over the budget
-    adam_betas: tuple[float, float] = (0.9, 0.999)  # PyTorch's and TensorFlow's defaults
-    ema_decay: float | None = 0.999  # average the weights per step with this decay; None: off
-    reconstruction_weight: float = RECONSTRUCTION_WEIGHT  # 0: margin loss alone, no decoder
-    max_shift: int = 2  # paper: shifts of up to 2 px, the only augmentation
-    seed: int = 0  # init, validation split, order and shifts
-    train_subset: int | None = None  # the first N training images; None: all
-    val_size: int = 5000  # held-out training images that choose best.pt; 0: none
-    test_subset: int | None = None  # the first N test images; None: all
-    test_every: int = 1  # score the test set every N epochs (and at the end)
-    max_grad_norm: float | None = None  # clip the gradient norm; None: no clipping
-    on_nonfinite: str = "stop"  # a NaN/inf loss or gradient stops the run, or "skip"s the batch
-    bf16: bool | None = None  # bfloat16 autocast in training, routing float32; None: if native
-    compile: bool = False  # torch.compile the model
-    init_from: str | None = None  # a fresh run that starts from these weights (fine-tuning)
+    epochs: int = field(default=5, metadata={"help": "number of epochs"})  # onecycle spans all
+    # 64: as fast per image as 128 on a CPU, so twice the steps
+    batch_size: int = field(
+        default=64,
+        metadata={"help": "training batch size, summed over all torchrun processes"},
+    )
+    lr: float = field(default=3e-3, metadata={"help": "Adam learning rate; onecycle's peak"})
+    lr_decay: float = field(  # 0.9: XifengGuo's choice
+        default=0.9,
+        metadata={"help": "learning rate factor per epoch, --schedule exponential"},
+    )
+    schedule: str = field(
+        default="onecycle",
+        metadata={
+            "help": "exponential: --lr decayed by --lr-decay every epoch; onecycle: warm up to "
+            f"--lr over {100 * ONECYCLE_WARMUP:.0f}% of the --epochs budget, then cosine-anneal "
+            "to about zero",
+            "choices": SCHEDULES,
+        },
+    )
+    adam_betas: tuple[float, float] = field(  # PyTorch's and TensorFlow's defaults
+        default=(0.9, 0.999), metadata={"help": "Adam's betas", "metavar": ("B1", "B2")}
+    )
+    ema_decay: float | None = field(  # None: off
+        default=0.999,
+        metadata={
+            "help": "also keep an exponential moving average of the weights with this decay per "
+            "step; validation chooses raw or averaged weights; 0 turns it off",
+            "off": 0,
+        },
+    )
+    reconstruction_weight: float = field(
+        default=RECONSTRUCTION_WEIGHT,
+        metadata={
+            "help": "weight of the reconstruction SSE in the loss, the paper's by default; 0 "
+            "trains on the margin loss alone and skips the decoder, which then stays untrained"
+        },
+    )
+    max_shift: int = field(  # paper: shifts of up to 2 px, the only augmentation
+        default=2, metadata={"help": "random shift in pixels, 0 for none"}
+    )
+    seed: int = field(default=0, metadata={"help": "seed for init, split, order and shifts"})
+    train_subset: int | None = field(
+        default=None,
+        metadata={"help": "train on the first N training images", "default_text": "all"},
+    )
+    val_size: int = field(
+        default=5000,
+        metadata={"help": "held-out validation images that choose best.pt, 0 for none"},
+    )
+    test_subset: int | None = field(
+        default=None,
+        metadata={"help": "score only the first N test images", "default_text": "all"},
+    )
+    test_every: int = field(
+        default=1, metadata={"help": "score the test set every N epochs and at the end"}
+    )
+    max_grad_norm: float | None = field(
+        default=None,
+        metadata={"help": "clip the gradient norm to this", "default_text": "no clipping"},
+    )
+    on_nonfinite: str = field(
+        default="stop",
+        metadata={
+            "help": "a NaN/inf loss or gradient stops the run or skips the batch",
+            "choices": ON_NONFINITE,
+        },
+    )
+    bf16: bool | None = field(  # None: on where native
+        default=None,
+        metadata={
+            "help": "bfloat16 autocast for the training step's convolutions and decoder; "
+            "routing and the loss stay float32, evaluation is float32",
+            "default_text": "on where it is native, GPUs and CPUs with AVX512-BF16 or AMX; "
+            "else off",
+        },
+    )
+    compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
+    init_from: str | None = field(
+        default=None,
+        metadata={
+            "help": "start a new run from the weights in PATH (the ones its validation chose): "
+            "the model comes from PATH, every training setting from the flags, and the epochs, "
+            "schedule, Adam and clock start afresh",
+            "metavar": "PATH",
+            "default_text": "off",
+        },
+    )
 
     def __post_init__(self):
         """Refuse settings a run cannot use, naming the setting (train.py shows it as a flag)."""
@@ -389,7 +468,7 @@ class Trainer:
         )
         started = time.perf_counter()
         for images, labels in bar:
-            loss, grad_norm = self.train_step(images, labels, generator)
+            loss, grad_norm = self.train_step(images, labels, generator, train_split)
             self.count_batch(loss, grad_norm, len(labels))
             bar.set_postfix(loss=f"{loss if loss is not None else float('nan'):.4f}")
             # Every rank must stop after the same batch, or the others wait in all-reduce forever.
@@ -410,20 +489,30 @@ class Trainer:
             totals["steps"] += 1
 
     def train_step(
-        self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        generator: torch.Generator,
+        split: Split | None = None,
     ) -> tuple[float | None, float]:
-        """One Adam step on a batch (uint8 (B, 28, 28), (B,)), shifted with `generator`.
+        """One Adam step on a batch (uint8 (B, 28, 28), (B,)), made with `generator` by the
+        training split's `training_batch` (MNIST: random shifts; a MultiMNIST PairPool: pairs).
         Returns (loss, grad norm), or (None, nan) for a skipped batch."""
-        # Every rank shifts the whole global batch with the same generator, then takes its share.
-        shifted = random_shift(images, self.config.max_shift, generator)  # (B, 28, 28)
+        # Every rank makes the whole global batch with the same generator, then takes its share.
+        maker = split if split is not None else Split(images, labels)
+        batch = maker.training_batch(images, labels, self.config.max_shift, generator)
         mine = self.local_indices(len(labels))
-        x = to_model_input(shifted[mine], self.device)  # (b, 1, 28, 28) in [0, 1]
-        y = labels[mine].to(self.device)
+        x = to_model_input(batch.images[mine], self.device)  # (b, 1, H, W) in [0, 1]
+        y = batch.labels[mine].to(self.device)  # (b,), or (b, 2) for pairs
+        originals = None  # what the decoder draws: x itself, or each digit of a pair alone
+        if batch.sources is not None:
+            sources = batch.sources[mine]  # (b, 2, H, W)
+            originals = to_model_input(sources.flatten(0, 1), self.device).unflatten(0, y.shape)
         self.optimizer.zero_grad(set_to_none=True)
         # DDP averages gradients over ranks; weighting by the local share makes that the
         # gradient of the global batch mean even when the last batch splits unevenly.
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16):
-            loss = self.loss(x, y) * (len(y) * self.world_size / len(labels))
+            loss = self.loss(x, y, originals) * (len(y) * self.world_size / len(labels))
         loss.backward()
         params = [p for p in self.model.parameters() if p.grad is not None]
         grad_norm = torch.nn.utils.get_total_norm(
@@ -455,10 +544,12 @@ class Trainer:
         self.progress.skipped += 1
         return None, float("nan")
 
-    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def loss(
+        self, x: torch.Tensor, y: torch.Tensor, originals: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Batch-mean loss: the model kind's own (margin + reconstruction for CapsNet)."""
         loss = MODEL_KINDS[self.config.model].loss
-        return loss(self.step_model, x, y, self.config.reconstruction_weight)
+        return loss(self.step_model, x, y, self.config.reconstruction_weight, originals)
 
     # --- end of an epoch ---------------------------------------------------------------
     def score_epoch(self, val_split: Split | None, test_split: Split) -> dict:

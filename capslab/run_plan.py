@@ -1,0 +1,172 @@
+"""What a training run starts from, decided from train.py's flags before anything is set up:
+its settings, its model, and the checkpoint it continues (--resume) or starts from (--init-from).
+
+A fresh run takes every setting from the flags. A resumed run keeps its checkpoint's settings, of
+which only RESUMABLE may change; a flag given explicitly that contradicts any other is refused.
+--init-from takes the model from the checkpoint, so its model flags must agree with it.
+"""
+
+import argparse
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+import torch
+
+from capslab.checkpoint import config_from_checkpoint, load_checkpoint, model_from_checkpoint
+from capslab.data import IMAGE_SIZE
+from capslab.errors import UserError, flag_name
+from capslab.flags import flag_fields, flag_values
+from capslab.models import MODEL_KINDS
+from capslab.training import TrainConfig, log
+from CapsNet import CapsNetConfig
+
+RESUMABLE = {"epochs", "bf16", "compile"}  # settings a resumed run may change
+RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl")  # a fresh run would overwrite these
+MODEL_FLAGS = tuple(field.name for field in flag_fields(CapsNetConfig))  # routing's flags
+
+
+@dataclass
+class RunPlan:
+    config: TrainConfig
+    model_class: type
+    model_config: object
+    checkpoint: dict | None = None  # the run to continue (--resume)
+    path: Path | None = None  # where it came from
+    initial: dict | None = None  # the checkpoint whose weights a fresh run starts from
+
+    def new_model(self) -> torch.nn.Module:
+        """The model, built as model_class(model_config) is (so the seeded stream is the same),
+        with the --init-from weights where there are any."""
+        if self.initial is None:
+            return self.model_class(self.model_config)
+        return model_from_checkpoint(self.initial, self.config.init_from)
+
+
+def plan_run(args: argparse.Namespace, explicit: set[str]) -> RunPlan:
+    """The run the flags ask for; `explicit` names the flags given on the command line."""
+    if args.init_from is not None and args.resume is not None:
+        raise UserError(
+            "--init-from starts a new run from a checkpoint's weights and --resume continues "
+            "one: pass only one of them"
+        )
+    path = resume_path(args)
+    if path is None:
+        plan = RunPlan(*configs_from_flags(args))
+        if args.init_from is not None:
+            plan.initial = init_from_checkpoint(args, explicit, plan.config)
+        return plan
+    checkpoint = load_checkpoint(path)
+    if "train_config" not in checkpoint or "epoch" not in checkpoint:
+        raise UserError(f"{path} has no training settings or epoch, so there is no run to continue")
+    return RunPlan(*configs_from_checkpoint(args, explicit, checkpoint, path), checkpoint, path)
+
+
+def resume_path(args: argparse.Namespace) -> Path | None:
+    """Check the checkpoint folder; the checkpoint to continue, or None for a fresh run."""
+    folder = Path(args.checkpoint_dir)
+    last = folder / "last.pt"
+    if args.resume is None:
+        kept = [folder / name for name in RUN_FILES if (folder / name).exists()]
+        if kept and not args.dry_run:
+            raise UserError(
+                f"{kept[0]} already exists: pass --resume to continue that run, "
+                "or --checkpoint-dir to start a new one elsewhere"
+            )
+        return None
+    path = last if args.resume == "last" else Path(args.resume)
+    if last.exists() and path.resolve() != last.resolve() and not args.dry_run:
+        raise UserError(
+            f"{args.checkpoint_dir} holds another run ({last}): continue {path} "
+            "into an empty --checkpoint-dir"
+        )
+    return path
+
+
+def configs_from_flags(args: argparse.Namespace):
+    """A fresh run: (TrainConfig, model class, model config) from the command line."""
+    try:
+        config = TrainConfig(**flag_values(args, TrainConfig))
+        kind = MODEL_KINDS[config.model]
+        flags = flag_values(args, CapsNetConfig)
+        if not flags.keys() <= {field.name for field in fields(kind.config_class)}:
+            flags = {}  # the CNNs have no routing
+        # The input side follows the dataset: 36x36 MultiMNIST pairs give 3,200 primary capsules.
+        model_config = kind.config_class(**flags, image_size=IMAGE_SIZE[config.dataset])
+        return config, kind.model_class, model_config
+    except ValueError as error:
+        raise as_user_error(error) from error
+
+
+def configs_from_checkpoint(
+    args: argparse.Namespace, explicit: set[str], checkpoint: dict, path: Path
+):
+    """A resumed run: the saved settings, with what the command line may change."""
+    try:
+        saved = TrainConfig.from_dict(checkpoint["train_config"])
+    except (AttributeError, TypeError, ValueError) as error:  # e.g. not a dict
+        raise UserError(f"{path} holds invalid training settings ({error})") from error
+    model_class, model_config = config_from_checkpoint(checkpoint, path)
+    saved_values = {
+        **{field.name: getattr(saved, field.name) for field in fields(TrainConfig)},
+        **model_flag_values(model_config),
+    }
+    if name := contradicted_flag(args, explicit & saved_values.keys() - RESUMABLE, saved_values):
+        raise UserError(
+            f"{flag_name(name)} cannot change when resuming: {path} was trained "
+            f"with {saved_values[name]!r}; start a new run with --checkpoint-dir instead"
+        )
+    changes = {name: getattr(args, name) for name in explicit & RESUMABLE}
+    if saved.schedule == "onecycle" and changes.get("epochs", saved.epochs) != saved.epochs:
+        raise UserError(
+            f"--epochs cannot change when resuming a onecycle run: its schedule spans "
+            f"the {saved.epochs} epochs it was started with"
+        )
+    try:
+        return replace(saved, **changes), model_class, model_config
+    except ValueError as error:
+        raise as_user_error(error) from error
+
+
+def init_from_checkpoint(args: argparse.Namespace, explicit: set[str], config: TrainConfig):
+    """--init-from: the checkpoint, checked against the flags, with a warning when this run's
+    validation split is not the checkpoint's."""
+    path = Path(args.init_from)
+    checkpoint = load_checkpoint(path)
+    _, model_config = config_from_checkpoint(checkpoint, path)
+    kind, dataset = checkpoint["model_kind"], checkpoint["dataset"]
+    if (kind, dataset) != (config.model, config.dataset):
+        raise UserError(
+            f"{path} holds a {kind} trained on {dataset}: pass --model {kind} --dataset {dataset}"
+        )
+    saved_model = model_flag_values(model_config)
+    if name := contradicted_flag(args, explicit & saved_model.keys(), saved_model):
+        raise UserError(
+            f"{flag_name(name)} cannot differ from the {saved_model[name]!r}"
+            f" of {path}: with --init-from the model comes from the checkpoint"
+        )
+    saved = checkpoint.get("train_config") or {}
+    split = ("seed", "val_size", "train_subset")
+    if config.val_size and any(saved.get(name) != getattr(config, name) for name in split):
+        log(
+            f"warning: {path} was trained on another split (--seed {saved.get('seed')} "
+            f"--val-size {saved.get('val_size')}), so this run's validation images may be "
+            "ones it trained on"
+        )
+    return checkpoint
+
+
+def contradicted_flag(args: argparse.Namespace, names, saved: dict) -> str | None:
+    """The first of the explicit flag names whose value differs from saved[name], or None."""
+    values = {**flag_values(args, TrainConfig), **flag_values(args, CapsNetConfig)}
+    return next((name for name in sorted(names) if values[name] != saved[name]), None)
+
+
+def model_flag_values(model_config) -> dict:
+    """The model config's values of the flags in MODEL_FLAGS (None where it has no such field)."""
+    return {name: getattr(model_config, name, None) for name in MODEL_FLAGS}
+
+
+def as_user_error(error: ValueError) -> UserError:
+    """A config's "name must be ..." becomes "--name must be ...", the flag the user typed."""
+    name, _, rest = str(error).partition(" ")
+    return UserError(f"{flag_name(name)} {rest}")
