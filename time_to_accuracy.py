@@ -14,22 +14,61 @@ different machines do not compare: the last column names the machine(s) a run tr
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 from capslab.checkpoint import load_checkpoint
-from capslab.errors import exit_on_user_error
-from capslab.jsonl import read_jsonl
+from capslab.errors import UserError, exit_on_user_error
+from capslab.jsonl import is_number, number_problem, read_jsonl, record_problem
 from capslab.training import chosen_by_validation
 
 THRESHOLDS = (99.0, 99.5, 99.6, 99.7)
+NUMBERS = ("test_acc", "val_acc", "seconds", "wall_seconds")  # what the table computes with
+
+
+def epoch_record_problem(record: dict) -> str | None:
+    """What in one epoch record would make the table wrong or fail (None: nothing)."""
+    if "epoch" not in record:
+        return "the record has no 'epoch'"
+    if not is_number(record["epoch"]):
+        return f"'epoch' is {json.dumps(record['epoch'])[:40]}, not a number"
+    machine = record.get("machine", "")
+    if not isinstance(machine, str):
+        return f"'machine' is {json.dumps(machine)[:40]}, not a string"
+    return number_problem(record, NUMBERS)
 
 
 def read_log(path: Path) -> list[dict]:
     """A run folder, its metrics.jsonl or a checkpoint (.pt) -> the epoch records."""
-    if path.suffix == ".pt":
-        return load_checkpoint(path).get("metrics", [])
-    log = path / "metrics.jsonl" if path.is_dir() else path
-    return read_jsonl(log, "metrics log")
+    if path.suffix != ".pt":
+        log = path / "metrics.jsonl" if path.is_dir() else path
+        return read_jsonl(log, "metrics log", epoch_record_problem)
+    metrics = load_checkpoint(path).get("metrics", [])
+    if not isinstance(metrics, list):
+        raise UserError(f"{path} holds no readable log (its 'metrics' are not a list)")
+    for number, record in enumerate(metrics, start=1):
+        problem = record_problem(record, epoch_record_problem)
+        if problem:
+            raise UserError(f"{path} holds no readable log (epoch record {number}: {problem})")
+    return metrics
+
+
+def accuracy_threshold(value: float) -> float:
+    """A --thresholds value: a test accuracy in %, so a finite number from 0 to 100."""
+    if not (math.isfinite(value) and 0 <= value <= 100):
+        raise UserError(f"--thresholds {value} is not a test accuracy in % (0 to 100)")
+    return value
+
+
+def without_nan(value):
+    """The value with each NaN or infinity as None: JSON has no NaN (JSON's null instead)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: without_nan(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [without_nan(item) for item in value]
+    return value
 
 
 def first_reached(records: list[dict], threshold: float) -> dict | None:
@@ -62,11 +101,13 @@ def summarize(name: str, records: list[dict], thresholds) -> dict:
 def cell(reached: dict | None) -> str:
     if reached is None:
         return "-"
-    if reached["seconds"] is None:
-        minutes, seconds = divmod(round(reached["train_seconds"]), 60)
-        return f"ep {reached['epoch']} train {minutes}:{seconds:02d}"
-    minutes, seconds = divmod(round(reached["seconds"]), 60)
-    return f"ep {reached['epoch']} {minutes}:{seconds:02d}"
+    clock, mark = reached["seconds"], ""
+    if clock is None or not math.isfinite(clock):
+        clock, mark = reached["train_seconds"], "train "
+    if not math.isfinite(clock):  # a NaN time in the log: the epoch alone
+        return f"ep {reached['epoch']}"
+    minutes, seconds = divmod(round(clock), 60)
+    return f"ep {reached['epoch']} {mark}{minutes}:{seconds:02d}"
 
 
 def chosen_cell(chosen: dict | None) -> str:
@@ -111,14 +152,15 @@ def main(argv=None) -> None:
         "--json", action="store_true", help="one JSON object per run (default: a table)"
     )
     args = parser.parse_args(argv)
+    thresholds = [accuracy_threshold(value) for value in args.thresholds]
     rows = []
     for path in args.runs:
         name = path.name if path.is_dir() else f"{path.parent.name}/{path.name}"
-        rows.append(summarize(name, read_log(path), args.thresholds))
+        rows.append(summarize(name, read_log(path), thresholds))
     if args.json:
-        print("\n".join(json.dumps(row) for row in rows))
+        print("\n".join(json.dumps(without_nan(row), allow_nan=False) for row in rows))
     else:
-        print_table(rows, args.thresholds)
+        print_table(rows, thresholds)
 
 
 if __name__ == "__main__":
