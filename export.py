@@ -2,6 +2,12 @@
 the shipped checkpoints hold them:
 
     python export.py runs/long/best.pt checkpoints/capsnet_mnist.pt --overwrite
+
+Only weights that something chose are exported: those validation scored at the end of an
+epoch, or the final weights of a run trained without validation (--val-size 0), which train.py
+names its final model. A file saved before its first epoch ended, partway through an epoch (a
+run stopped by Ctrl-C), or a run without validation stopped before its last epoch, is refused
+unless --unvalidated says that is what you want.
 """
 
 import argparse
@@ -11,11 +17,46 @@ from capslab.checkpoint import export_weights, load_checkpoint, model_from_check
 from capslab.errors import UserError, exit_on_user_error
 
 
-def export(source: Path, destination: Path, overwrite: bool) -> None:
+def unvalidated(checkpoint: dict) -> str | None:
+    """What the file holds, in words, when no validation chose its weights; None when one did."""
+    metrics = checkpoint.get("metrics") or []
+    epoch = checkpoint.get("epoch", 0)
+    batches = checkpoint.get("batches_done", 0)
+    if not metrics or not epoch:
+        into = f", {batches} batches into the first" if batches else ""
+        return (
+            f"weights saved before any epoch ended (epoch 0, no metrics{into}): "
+            "nothing has scored them"
+        )
+    last = metrics[-1] if isinstance(metrics[-1], dict) else {}
+    if batches:
+        return (
+            f"weights saved {batches} batches into epoch {epoch + 1}, after the last scored "
+            f"epoch ({epoch}): the run stopped partway through an epoch"
+        )
+    if "val_acc" in last:
+        return None
+    settings = checkpoint.get("train_config")
+    budget = settings.get("epochs") if isinstance(settings, dict) else None
+    if budget is not None and epoch < budget:
+        return (
+            f"the raw weights of epoch {epoch} of {budget} of a run without validation "
+            "(--val-size 0) that stopped before its last epoch"
+        )
+    return None  # the final weights of a run without validation: train.py's final model
+
+
+def export(source: Path, destination: Path, overwrite: bool, allow_unvalidated: bool) -> None:
     """Check that SOURCE's chosen weights rebuild its model, then export them to DESTINATION."""
     if destination.exists() and not overwrite:
         raise UserError(f"{destination} already exists: pass --overwrite to replace it")
     checkpoint = load_checkpoint(source)
+    held = unvalidated(checkpoint)
+    if held and not allow_unvalidated:
+        raise UserError(
+            f"{source} holds {held}; nothing was exported: pass --unvalidated to export them "
+            "anyway, or export a file saved at the end of a validated epoch (best.pt)"
+        )
     model_from_checkpoint(checkpoint, source)
     export_weights(checkpoint, destination)
 
@@ -32,8 +73,14 @@ def main(argv=None) -> None:
         action="store_true",
         help="replace DESTINATION if it exists (default: refuse)",
     )
+    parser.add_argument(
+        "--unvalidated",
+        action="store_true",
+        help="export weights that no validation chose: a run stopped before its first epoch "
+        "ended or partway through one (default: refuse)",
+    )
     args = parser.parse_args(argv)
-    export(args.source, args.destination, args.overwrite)
+    export(args.source, args.destination, args.overwrite, args.unvalidated)
     print(f"wrote {args.destination} ({args.destination.stat().st_size / 2**20:.1f} MiB)")
 
 
