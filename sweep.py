@@ -12,9 +12,16 @@ A grid file is a JSON list of runs, {"name": ..., "flags": [...]} for train.py, 
 final checkpoint (last.pt) when it ends; a run's own "evaluate" list replaces the grid's. A run
 may also carry "paper", the paper's figure for it, which the table shows.
 
+The whole grid is checked before any run trains: each name a string, unique (also ignoring
+case) and usable as one folder name; the flags lists of strings that train.py accepts, without
+the flags the sweep sets itself; every problem is named in one error.
+
 Each run trains in runs/sweep/NAME (or --runs-dir); a finished run is skipped, an interrupted
 one resumed. When a run ends, its final and best epochs (and its evaluation) go as one line to
-the results file beside the grid file (GRID.results.jsonl). The grid file is read again before
+the results file beside the grid file (GRID.results.jsonl). A run whose train.py or evaluate.py
+fails goes there too, with the exit status and the last lines of its output, and the sweep
+moves on to the next run; a later sweep skips it unless given --retry-failed, and a sweep that
+leaves a failed run behind exits with an error naming them. The grid file is read again before
 each run, so runs can be added or reordered while a sweep is going. Ctrl-C or SIGTERM stops the
 current run resumably (it saves after its current batch) and ends the sweep; a run that stopped
 before the end of its budget is never recorded as finished.
@@ -23,46 +30,163 @@ The table has one row per recipe: runs whose names differ only in a final "-sN" 
 are one row, with the mean and sample standard deviation over them, and the machine(s) and
 precision they trained on. --compare A B sets the test errors (or another --column) of the
 recipes matching the shell pattern A against those matching B: the difference of the means,
-its standard error, and an exact two-sided permutation test (every way of splitting the pooled
-runs into groups of those sizes), which assumes no distribution.
+its standard error, and a two-sided permutation test, which assumes no distribution: exact
+(every way of splitting the pooled runs into groups of those sizes) up to EXACT_SPLITS splits,
+beyond that Monte-Carlo (PERMUTATIONS random splits drawn with a fixed seed, so a rerun gives
+the same p).
 """
 
 import argparse
 import json
 import math
+import random
 import re
 import signal
 import statistics
 import subprocess
 import sys
+from collections import deque
 from fnmatch import fnmatchcase
 from itertools import combinations
 from pathlib import Path
 
 from capslab.checkpoint import load_checkpoint
 from capslab.data import AFFINE_FAMILIES, add_data_flags
-from capslab.errors import UserError, exit_on_user_error
+from capslab.errors import UserError, exit_on_user_error, first_line, flag_name
 from capslab.figures import plot_test_errors
-from capslab.jsonl import read_jsonl, write_jsonl
+from capslab.jsonl import is_number, json_type, read_jsonl, write_jsonl
 from capslab.training import chosen_by_validation
+
+RUN_KEYS = ("name", "flags", "evaluate", "paper")  # what a run of the grid may hold
+GRID_KEYS = ("evaluate", "runs")  # and the grid object
+# train.py settings the sweep sets itself, or that would never leave a finished run.
+SWEEP_SETS = ("checkpoint_dir", "data_dir", "resume", "dry_run")
+EVALUATE_SETS = ("--checkpoint", "--data-dir", "--json")  # evaluate.py flags the sweep sets
+LOG_TAIL = 20  # lines of a failed run's output kept in the results file
+EXACT_SPLITS = 200_000  # beyond this many splits, --compare draws PERMUTATIONS of them
+PERMUTATIONS = 100_000
+PERMUTATION_SEED = 0
+
+
+class FlagError(Exception):
+    """train.py's parser refused a grid's flags (instead of printing usage and exiting)."""
 
 
 def read_grid(path: Path) -> list[dict]:
-    """The runs, each with its "evaluate" flags (the grid's unless it has its own)."""
+    """The runs, each with its "evaluate" flags (the grid's unless it has its own), after
+    checking the whole grid: every problem is named in one UserError."""
     try:
         grid = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise UserError(f"{path} is not a readable grid file ({error})") from error
+    except (OSError, ValueError) as error:  # ValueError: not JSON, or not even text
+        raise UserError(f"{path} is not a readable grid file ({first_line(error)})") from error
     runs = grid.get("runs") if isinstance(grid, dict) else grid
-    if not isinstance(runs, list) or not all(
-        isinstance(run, dict) and {"name", "flags"} <= set(run) for run in runs
-    ):
+    if not isinstance(runs, list):
         raise UserError(
             f"{path} must hold a JSON list of {{'name': ..., 'flags': [...]}} objects, "
             "or {'evaluate': [...], 'runs': [that list]}"
         )
     evaluate = grid.get("evaluate", []) if isinstance(grid, dict) else []
+    problems = (
+        [f"unknown key {key!r}" for key in grid if key not in GRID_KEYS]
+        if isinstance(grid, dict)
+        else []
+    )
+    problems += flag_list_problems("the grid's 'evaluate'", evaluate, evaluate_flags_problem)
+    problems += runs_problems(runs)
+    if problems:
+        raise UserError(
+            f"{path}: {len(problems)} problem(s), no run started: " + "; ".join(problems)
+        )
     return [{"evaluate": evaluate, **run} for run in runs]
+
+
+def runs_problems(runs: list) -> list[str]:
+    """Every problem of the grid's runs: their names, keys and flags."""
+    problems, seen = [], {}
+    for number, run in enumerate(runs, start=1):
+        if not isinstance(run, dict):
+            problems.append(f"run {number} is a {json_type(run)}, not an object")
+            continue
+        name = run.get("name")
+        where = f"run {number} ({name!r})" if isinstance(name, str) else f"run {number}"
+        problem = name_problem(name)
+        if problem:
+            problems.append(f"{where}: {problem}")
+        elif name.casefold() in seen:
+            problems.append(f"{where}: run {seen[name.casefold()]} has the same name")
+        else:
+            seen[name.casefold()] = number  # same folder on case-insensitive disks
+        problems += [f"{where}: unknown key {key!r}" for key in run if key not in RUN_KEYS]
+        if "flags" not in run:
+            problems.append(f"{where}: no 'flags' (a list, [] for train.py's defaults)")
+        else:
+            problems += flag_list_problems(f"{where}: 'flags'", run["flags"], train_flags_problem)
+        if "evaluate" in run:
+            problems += flag_list_problems(
+                f"{where}: 'evaluate'", run["evaluate"], evaluate_flags_problem
+            )
+        if "paper" in run:
+            try:
+                paper_error(run["paper"] if isinstance(run["paper"], str) else "")
+            except UserError as error:
+                problems.append(f"{where}: {error}")
+    return problems
+
+
+def name_problem(name) -> str | None:
+    """What keeps `name` from naming one folder inside --runs-dir (None: nothing)."""
+    if not isinstance(name, str):
+        return "no 'name'" if name is None else f"its name is a {json_type(name)}, not a string"
+    if not name.strip() or name in (".", ".."):
+        return "its name is empty or a dot: it names no folder of its own"
+    if "/" in name or "\\" in name or name.startswith("."):
+        return "its name has a path separator or a leading dot: it would leave --runs-dir"
+    if name != name.strip() or any(ord(character) < 32 for character in name):
+        return "its name has leading or trailing spaces or control characters"
+    return None
+
+
+def flag_list_problems(where: str, flags, check) -> list[str]:
+    if not isinstance(flags, list) or not all(isinstance(flag, str) for flag in flags):
+        return [f"{where} must be a list of strings, as on a command line"]
+    problem = check(flags)
+    return [f"{where}: {problem}"] if problem else []
+
+
+def train_flags_problem(flags: list[str]) -> str | None:
+    """What train.py would refuse in these flags, found with train.py's own parser and
+    configs, or a flag the sweep sets itself (None: nothing)."""
+    # The sweep launches train.py, so it checks the flags where they are defined: a typo in
+    # the grid's last run is found before the first run spends hours training.
+    import train
+
+    def parser_refusing() -> argparse.ArgumentParser:
+        parser = train.build_parser()
+        parser.error, parser.exit = refuse, lambda *_: refuse()  # no usage, no exit
+        parser.print_help = lambda *_: None
+        return parser
+
+    try:
+        args = parser_refusing().parse_args(flags)
+        train.configs_from_flags(args)  # the values: "--epochs must be ..."
+    except (FlagError, UserError) as error:
+        return first_line(error)
+    # argparse sets a default only where the namespace lacks it: markers show what was given.
+    unset = object()
+    given = parser_refusing().parse_args(
+        flags, argparse.Namespace(**dict.fromkeys(vars(args), unset))
+    )
+    taken = [flag_name(name) for name in SWEEP_SETS if getattr(given, name, unset) is not unset]
+    return f"{', '.join(taken)}: the sweep sets these itself" if taken else None
+
+
+def refuse(message: str = "") -> None:
+    raise FlagError(message.strip() or "the flags ask for train.py's help")
+
+
+def evaluate_flags_problem(flags: list[str]) -> str | None:
+    taken = [flag for flag in EVALUATE_SETS if flag in flags]
+    return f"{', '.join(taken)}: the sweep sets these itself" if taken else None
 
 
 def records(folder: Path) -> list[dict]:
@@ -70,16 +194,65 @@ def records(folder: Path) -> list[dict]:
     return read_jsonl(log, "metrics log") if log.exists() else []
 
 
+def result_problem(record: dict) -> str | None:
+    """What in one results line would break --table, --compare or --plot (None: nothing)."""
+    name = record.get("name")
+    if not isinstance(name, str):
+        return "no run 'name'" if name is None else f"its 'name' is a {json_type(name)}"
+    if "failed" in record:
+        failed = record["failed"]
+        return None if isinstance(failed, dict) else f"run {name}: 'failed' is not an object"
+    if not isinstance(record.get("final"), dict):
+        return f"run {name} has no 'final' epoch record (an object)"
+    for column, keys in COLUMNS.items():
+        value = measure(record, keys)
+        if value is not None and not is_number(value):
+            shown = json.dumps(value)[:40]
+            return f"run {name}: {'.'.join(keys)} is {shown}, not a number ({column!r})"
+    log = record.get("log", [])
+    if not isinstance(log, list) or not all(isinstance(entry, dict) for entry in log):
+        return f"run {name}: 'log' is not a list of epoch records (objects)"
+    if "paper" in record and not isinstance(record["paper"], str):
+        return f"run {name}: 'paper' is not a string like '0.34 ± 0.032%'"
+    return None
+
+
 def read_results(results: Path) -> list[dict]:
-    """The finished runs' summaries, one JSON line each; none before the first has finished."""
-    return read_jsonl(results, "results file") if results.exists() else []
+    """The runs' results, finished or failed, one JSON line each; none before the first ends."""
+    return read_jsonl(results, "results file", result_problem) if results.exists() else []
+
+
+def latest_results(results: Path) -> dict[str, dict]:
+    """Each run's latest result (a retried run's replaces its failure)."""
+    return {record["name"]: record for record in read_results(results)}
 
 
 def finished_names(results: Path) -> set[str]:
-    return {run["name"] for run in read_results(results)}
+    return {name for name, record in latest_results(results).items() if "failed" not in record}
 
 
-def train(run: dict, folder: Path, data_dir: str) -> int:
+def record_result(record: dict, results: Path) -> None:
+    """Add a run's result to the results file, replacing any earlier one of the same run."""
+    kept = [old for old in read_results(results) if old["name"] != record["name"]]
+    write_jsonl([*kept, record], results)
+
+
+def failure(run: dict, script: str, code: int, tail: list[str]) -> dict:
+    """A failed run's results line: which script, its exit status, its output's last lines."""
+    return {
+        "name": run["name"],
+        "flags": run["flags"],
+        "failed": {"script": script, "exit_status": code, "log_tail": tail},
+    }
+
+
+def exit_status(code: int) -> str:
+    """'exit 1', or 'killed by signal 9' (a negative code from subprocess)."""
+    return f"killed by signal {-code}" if code < 0 else f"exit {code}"
+
+
+def train(run: dict, folder: Path, data_dir: str) -> tuple[int, list[str]]:
+    """train.py on the run, its output echoed; its exit status and its last LOG_TAIL lines."""
     command = [
         sys.executable,
         str(Path(__file__).parent / "train.py"),
@@ -95,22 +268,31 @@ def train(run: dict, folder: Path, data_dir: str) -> int:
     print(f"[{run['name']}] {' '.join(command[1:])}", flush=True)
     # In a session of its own, the run hears a Ctrl-C or SIGTERM once, from here, however it
     # was sent (a terminal's Ctrl-C alone would reach it directly; a kill of the sweep not).
-    process = subprocess.Popen(command, start_new_session=True)
-    try:
-        return process.wait()
-    except KeyboardInterrupt:
-        process.send_signal(signal.SIGINT)  # the run saves after its current batch
-        wait_through_interrupts(process)
-        raise
-
-
-def wait_through_interrupts(process: subprocess.Popen) -> None:
+    # Its stderr joins its stdout on ours, in order, so that a failure's tail reads as it ran.
+    process = subprocess.Popen(
+        command,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+    )
+    tail: deque[str] = deque(maxlen=LOG_TAIL)
+    interrupted = False
     while True:
         try:
-            process.wait()
-            return
+            for line in process.stdout:
+                print(line, end="", flush=True)
+                tail.append(line.rstrip("\n"))
+            code = process.wait()
+            break
         except KeyboardInterrupt:
-            process.send_signal(signal.SIGINT)  # a second one: the run stops without saving
+            # The first: the run saves after its current batch; a second: it stops unsaved.
+            interrupted = True
+            process.send_signal(signal.SIGINT)
+    if interrupted:
+        raise KeyboardInterrupt
+    return code, list(tail)
 
 
 def finished(folder: Path) -> bool:
@@ -120,10 +302,19 @@ def finished(folder: Path) -> bool:
     return checkpoint["epoch"] >= checkpoint["train_config"]["epochs"]
 
 
-def evaluation(run: dict, folder: Path, data_dir: str) -> dict | None:
-    """evaluate.py --json with the run's "evaluate" flags on its final checkpoint, or None."""
+def complete(folder: Path) -> bool:
+    """finished(), and False where last.pt is missing or unreadable."""
+    try:
+        return finished(folder)
+    except (UserError, KeyError, TypeError):  # no file, or one without its budget
+        return False
+
+
+def evaluation(run: dict, folder: Path, data_dir: str) -> tuple[int, list[str], dict | None]:
+    """evaluate.py --json with the run's "evaluate" flags on its final checkpoint: its exit
+    status, the last lines of its other output, and its scores (None without flags)."""
     if not run["evaluate"]:
-        return None
+        return 0, [], None
     command = [
         sys.executable,
         str(Path(__file__).parent / "evaluate.py"),
@@ -135,12 +326,18 @@ def evaluation(run: dict, folder: Path, data_dir: str) -> dict | None:
         *run["evaluate"],
     ]
     print(f"[{run['name']}] {' '.join(command[1:])}", flush=True)
-    done = subprocess.run(command, stdout=subprocess.PIPE, text=True)
-    if done.returncode != 0:
-        raise UserError(f"evaluating run {run['name']} failed (exit {done.returncode})")
-    result = json.loads(done.stdout)
+    done = subprocess.run(command, capture_output=True, text=True, errors="replace")
+    print(done.stderr, end="", flush=True)  # its messages, on our stdout as a run's are
+    tail = done.stderr.splitlines()[-LOG_TAIL:]
+    try:
+        result = json.loads(done.stdout) if done.returncode == 0 else None
+    except ValueError:
+        result = None
+    if not isinstance(result, dict):
+        tail = (tail + done.stdout.splitlines())[-LOG_TAIL:]
+        return done.returncode or 1, tail, None  # exit 0 without a JSON object fails too
     result.pop("confusion_matrix", None)  # in the run's own evaluation when wanted, not here
-    return result
+    return 0, tail, result
 
 
 def summary(run: dict, folder: Path, scores: dict | None) -> dict:
@@ -178,10 +375,16 @@ COLUMNS = {
 UNITS = {"coupling entropy (nats)": "", "std of c_ij across inputs": "", "wall (min)": ""}
 
 
-def measured(run: dict, column: str) -> float | None:
+def measure(run: dict, keys: tuple[str, ...]):
+    """The value at the path `keys` inside the run's record, None where it stops short."""
     value = run
-    for key in COLUMNS[column]:
+    for key in keys:
         value = value.get(key) if isinstance(value, dict) else None
+    return value
+
+
+def measured(run: dict, column: str) -> float | None:
+    value = measure(run, COLUMNS[column])
     if value is None:
         return None
     if column == "test error":
@@ -192,9 +395,9 @@ def measured(run: dict, column: str) -> float | None:
 def trained_on(runs: list[dict]) -> str:
     """Where a row's runs trained: each machine and precision their epoch records name."""
     places = {
-        f"{record['machine']} ({'bf16' if record['bf16'] else 'float32'})"
+        f"{record['machine']} ({'bf16' if record.get('bf16') else 'float32'})"
         for run in runs
-        for record in run["log"]
+        for record in run.get("log", [])
         if "machine" in record
     }
     return ", ".join(sorted(places)) or "-"
@@ -220,10 +423,12 @@ def mean_and_spread(values: list[float], unit: str) -> str:
 
 
 def finished_runs(results: Path, per_run: bool = False) -> dict[str, list[dict]]:
-    """The results file's runs, grouped by recipe (their names without the seed), in order;
-    with per_run, each run on its own."""
+    """The results file's finished runs (not the failed), grouped by recipe (their names
+    without the seed), in order; with per_run, each run on its own."""
     recipes: dict[str, list[dict]] = {}
-    for run in read_results(results):
+    for run in latest_results(results).values():
+        if "failed" in run:
+            continue
         recipes.setdefault(run["name"] if per_run else recipe_name(run["name"]), []).append(run)
     return recipes
 
@@ -243,7 +448,7 @@ def errors_by_recipe(
     """Each recipe's test errors (%, one per seed) and the paper's (mean, std), if it has one."""
     return {
         name: (
-            [measured(run, "test error") for run in group],
+            [error for run in group if (error := measured(run, "test error")) is not None],
             paper_error(group[0]["paper"]) if "paper" in group[0] else None,
         )
         for name, group in finished_runs(results).items()
@@ -309,6 +514,37 @@ def permutation_test(first: list[float], second: list[float]) -> tuple[float, in
     return as_large / len(differences), len(differences)
 
 
+def sampled_permutation_test(
+    first: list[float], second: list[float], draws: int = PERMUTATIONS, seed: int = PERMUTATION_SEED
+) -> float:
+    """Two-sided Monte-Carlo permutation test, for when the splits are too many to count: the
+    share of `draws` seeded random splits (the observed one counted once more, so p > 0, as
+    Phipson and Smyth 2010 advise) whose difference of the means is at least the observed."""
+    pooled, size = first + second, len(first)
+    total = sum(pooled)
+    observed = abs(statistics.mean(first) - statistics.mean(second))
+    generator = random.Random(seed)
+    as_large = 0
+    for _ in range(draws):
+        in_first = sum(generator.sample(pooled, size))
+        difference = abs(in_first / size - (total - in_first) / len(second))
+        as_large += difference >= observed - 1e-9
+    return (as_large + 1) / (draws + 1)
+
+
+def permutation_line(first: list[float], second: list[float]) -> str:
+    """The permutation test that fits the sizes, in words: exact, or Monte-Carlo."""
+    splits = math.comb(len(first) + len(second), len(first))
+    if splits <= EXACT_SPLITS:
+        p_value, splits = permutation_test(first, second)
+        return f"exact permutation test p = {p_value:.2f} over {splits} splits"
+    p_value = sampled_permutation_test(first, second)
+    return (
+        f"Monte-Carlo permutation test p = {p_value:.3f} over {PERMUTATIONS} random splits "
+        f"(seed {PERMUTATION_SEED}) of the {splits:.2e} possible"
+    )
+
+
 def contrast(
     results: Path, first_pattern: str, second_pattern: str, column: str = "test error"
 ) -> str:
@@ -327,25 +563,46 @@ def contrast(
     standard_error = math.sqrt(
         statistics.variance(first) / len(first) + statistics.variance(second) / len(second)
     )
-    p_value, splits = permutation_test(first, second)
     return (
         f"{first_pattern} ({len(first)} runs) minus {second_pattern} ({len(second)} runs): "
         f"{column} {difference:+.3f}, standard error {standard_error:.3f}; "
-        f"exact permutation test p = {p_value:.2f} over {splits} splits"
+        + permutation_line(first, second)
     )
 
 
-def next_run(grid_path: Path, results: Path, runs_dir: Path, listing: bool) -> dict | None:
-    """The first run of the grid that has no result yet (printing each one's state)."""
-    done = finished_names(results)
+def next_run(
+    grid_path: Path,
+    results: Path,
+    runs_dir: Path,
+    listing: bool,
+    retry_failed: bool = False,
+    tried: frozenset[str] = frozenset(),
+) -> dict | None:
+    """The first run of the grid that has no result yet, or a failed one with retry_failed,
+    that this sweep has not tried (printing each one's state)."""
+    outcomes = latest_results(results)
     for run in read_grid(grid_path):
-        if run["name"] in done:
-            print(f"[{run['name']}] done")
+        name, outcome = run["name"], outcomes.get(run["name"])
+        failed = outcome is not None and "failed" in outcome
+        if outcome is not None and not failed:
+            print(f"[{name}] done")
+        elif failed and (name in tried or not (retry_failed or listing)):
+            print(f"[{name}] failed ({failure_line(outcome)}); retry with --retry-failed")
         elif listing:
-            print(f"[{run['name']}] {len(records(runs_dir / run['name']))} epochs logged")
-        else:
+            state = f"failed ({failure_line(outcome)}), " if failed else ""
+            print(f"[{name}] {state}{len(records(runs_dir / name))} epochs logged")
+        elif name not in tried:
             return run
     return None
+
+
+def failure_line(outcome: dict) -> str:
+    """'train.py exit 1' for a failed run's results line."""
+    failed = outcome["failed"]
+    code = failed.get("exit_status")
+    return (
+        f"{failed.get('script', 'train.py')} {exit_status(code) if isinstance(code, int) else ''}"
+    )
 
 
 def main(argv=None) -> None:
@@ -362,6 +619,12 @@ def main(argv=None) -> None:
     )
     parser.add_argument(
         "--list", action="store_true", help="print each run's state and stop (default: off)"
+    )
+    parser.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="run again the runs whose last try failed, as recorded in the results file "
+        "(default: skip them)",
     )
     parser.add_argument(
         "--table",
@@ -417,7 +680,7 @@ def main(argv=None) -> None:
         return
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # acts as Ctrl-C does
     try:
-        sweep(args.grid, results, args.runs_dir, args.data_dir, args.list)
+        sweep(args.grid, results, args.runs_dir, args.data_dir, args.list, args.retry_failed)
     except KeyboardInterrupt:
         message = "interrupted: finished runs are kept; run the sweep again to resume"
         raise UserError(message) from None
@@ -425,16 +688,51 @@ def main(argv=None) -> None:
         signal.signal(signal.SIGTERM, previous)
 
 
-def sweep(grid: Path, results: Path, runs_dir: Path, data_dir: str, listing: bool) -> None:
-    while (run := next_run(grid, results, runs_dir, listing)) is not None:
-        folder = runs_dir / run["name"]
-        code = train(run, folder, data_dir)
-        if code != 0 or not finished(folder):
-            raise UserError(
-                f"run {run['name']} stopped early (exit {code}); run the sweep again to resume it"
-            )
-        scores = evaluation(run, folder, data_dir)
-        write_jsonl([*read_results(results), summary(run, folder, scores)], results)
+def sweep(
+    grid: Path,
+    results: Path,
+    runs_dir: Path,
+    data_dir: str,
+    listing: bool,
+    retry_failed: bool = False,
+) -> None:
+    """Train and record each run in turn; a failed run is recorded and the next one goes on.
+    At the end, a UserError names the grid's runs whose latest try failed."""
+    tried: set[str] = set()
+    while run := next_run(grid, results, runs_dir, listing, retry_failed, frozenset(tried)):
+        tried.add(run["name"])
+        record_result(run_once(run, runs_dir / run["name"], data_dir), results)
+    if listing:
+        return
+    outcomes = latest_results(results)
+    failed = [
+        f"{run['name']} ({failure_line(outcomes[run['name']])})"
+        for run in read_grid(grid)
+        if "failed" in outcomes.get(run["name"], {})
+    ]
+    if failed:
+        raise UserError(
+            f"{len(failed)} run(s) failed: {', '.join(failed)}; each one's exit status and last "
+            f"output lines are in {results}; fix them and run again with --retry-failed"
+        )
+
+
+def run_once(run: dict, folder: Path, data_dir: str) -> dict:
+    """Train (or resume) one run and evaluate it: its results line, finished or failed."""
+    code, tail = train(run, folder, data_dir)
+    if code != 0:
+        print(f"[{run['name']}] failed: train.py {exit_status(code)}", flush=True)
+        return failure(run, "train.py", code, tail)
+    if not complete(folder):  # train.py exits 0 when a signal sent to it alone stopped it
+        raise UserError(
+            f"run {run['name']} ended (exit 0) before the end of its budget; "
+            "run the sweep again to resume it"
+        )
+    code, tail, scores = evaluation(run, folder, data_dir)
+    if code != 0:
+        print(f"[{run['name']}] failed: evaluate.py {exit_status(code)}", flush=True)
+        return failure(run, "evaluate.py", code, tail)
+    return summary(run, folder, scores)
 
 
 if __name__ == "__main__":
