@@ -1,0 +1,328 @@
+"""The research tools around train.py (sweep.py, time_to_accuracy.py, export.py) refuse bad
+input in one line, name the file and line at fault, and lose or misplace nothing."""
+
+import json
+import math
+
+import pytest
+
+import export
+import sweep
+import time_to_accuracy
+import train
+from capslab.checkpoint import load_checkpoint, save_checkpoint
+from capslab.errors import UserError
+from capslab.jsonl import write_jsonl
+
+from conftest import TINY_RUN, StopAfterTwoBatches, assert_one_line_error, run, train_in_process
+
+# A real run that train.py refuses once it has read the data: a batch larger than the subset.
+REFUSED = ["--train-subset", "64", "--batch-size", "100", "--val-size", "0", "--test-subset", "40"]
+
+
+def files_under(folder) -> set[str]:
+    return {str(path.relative_to(folder)) for path in folder.rglob("*")}
+
+
+# --- sweep.py: the grid --------------------------------------------------------------------
+
+
+def test_a_bad_grid_is_refused_whole_in_one_line_before_any_run_trains(tmp_path):
+    runs = [
+        {"name": "good", "flags": ["--epochs", "1"]},
+        {"name": 7, "flags": []},
+        {"name": "twin", "flags": []},
+        {"name": "Twin", "flags": []},
+        {"name": "../outside", "flags": []},
+        {"name": "typo", "flags": ["--epocks", "1"]},
+        {"name": "zero", "flags": ["--epochs", "0"]},
+        {"name": "own", "flags": ["--checkpoint-dir", str(tmp_path / "elsewhere")]},
+        {"name": "words", "flags": "--epochs 1"},
+    ]
+    grid = tmp_path / "grid.json"
+    grid.write_text(json.dumps(runs))
+    before = files_under(tmp_path)
+    result = run("sweep.py", grid, "--runs-dir", tmp_path / "runs", check=False)
+    assert_one_line_error(
+        result,
+        f"{grid}: 7 problem(s), no run started",
+        "run 2: its name is a number, not a string",
+        "run 4 ('Twin'): run 3 has the same name",
+        "run 5 ('../outside'): its name has a path separator",
+        "run 6 ('typo'): 'flags': unrecognized arguments: --epocks 1",
+        "run 7 ('zero'): 'flags': --epochs must be",
+        "run 8 ('own'): 'flags': --checkpoint-dir: the sweep sets these itself",
+        "run 9 ('words'): 'flags' must be a list of strings",
+    )
+    assert files_under(tmp_path) == before  # no run folder, no results file, nothing outside
+
+
+@pytest.mark.parametrize(
+    "name", ["", ".", "..", ".hidden", "a/b", "a\\b", " padded", "tab\tname", None, ["a"]]
+)
+def test_a_run_name_that_names_no_folder_of_its_own_is_refused(name):
+    assert sweep.name_problem(name)
+
+
+def test_the_committed_grids_pass_the_check():
+    for grid in sorted((sweep.Path(sweep.__file__).parent / "results" / "grids").glob("*.json")):
+        assert sweep.read_grid(grid), grid
+
+
+# --- sweep.py: failed runs -----------------------------------------------------------------
+
+
+class FakeRuns:
+    """Stands in for train.py: the named runs fail (exit 1, two lines of output), the others
+    finish with one logged epoch; it counts who trained."""
+
+    def __init__(self, monkeypatch, failing: set[str]):
+        self.failing, self.trained = failing, []
+        monkeypatch.setattr(sweep, "train", self.train)
+        monkeypatch.setattr(sweep, "complete", lambda folder: True)
+        monkeypatch.setattr(sweep, "records", lambda folder: [{"epoch": 1, "test_acc": 99.0}])
+
+    def train(self, run, folder, data_dir):
+        self.trained.append(run["name"])
+        if run["name"] in self.failing:
+            return 1, ["epoch 1/1 ...", "error: something the run cannot get past"]
+        return 0, []
+
+
+def test_a_failed_run_is_recorded_the_next_runs_go_on_and_the_sweep_fails_at_the_end(
+    tmp_path, monkeypatch
+):
+    grid = tmp_path / "grid.json"
+    grid.write_text(json.dumps([{"name": n, "flags": []} for n in ("a", "bad", "c")]))
+    results = grid.with_suffix(".results.jsonl")
+    flags = [str(grid), "--runs-dir", str(tmp_path / "runs")]
+    fake = FakeRuns(monkeypatch, failing={"bad"})
+    with pytest.raises(UserError, match=r"1 run\(s\) failed: bad \(train.py exit 1\).*--retry-f"):
+        sweep.main(flags)
+    assert fake.trained == ["a", "bad", "c"]
+    lines = [json.loads(line) for line in results.read_text().splitlines()]
+    assert [line["name"] for line in lines] == ["a", "bad", "c"]
+    assert lines[1]["failed"] == {
+        "script": "train.py",
+        "exit_status": 1,
+        "log_tail": ["epoch 1/1 ...", "error: something the run cannot get past"],
+    }
+    assert "failed" not in lines[0] and lines[0]["final"] == {"epoch": 1, "test_acc": 99.0}
+
+    fake.trained.clear()  # again, as it was: nothing trains, and it still fails
+    with pytest.raises(UserError, match="1 run"):
+        sweep.main(flags)
+    assert fake.trained == []
+
+    fake.failing.clear()  # the cause is fixed: --retry-failed retries it alone
+    sweep.main([*flags, "--retry-failed"])
+    assert fake.trained == ["bad"]
+    lines = [json.loads(line) for line in results.read_text().splitlines()]
+    assert [line["name"] for line in lines] == ["a", "c", "bad"]  # its failure replaced
+    assert not any("failed" in line for line in lines)
+    assert sweep.finished_names(results) == {"a", "bad", "c"}
+
+
+def test_a_run_that_fails_again_on_retry_is_tried_once_per_sweep(tmp_path, monkeypatch):
+    grid = tmp_path / "grid.json"
+    grid.write_text(json.dumps([{"name": "bad", "flags": []}]))
+    fake = FakeRuns(monkeypatch, failing={"bad"})
+    flags = [str(grid), "--runs-dir", str(tmp_path / "runs")]
+    for _ in range(2):
+        with pytest.raises(UserError, match="bad"):
+            sweep.main([*flags, "--retry-failed"])
+    assert fake.trained == ["bad", "bad"]
+
+
+def test_failed_runs_stay_out_of_the_table_and_the_comparison(tmp_path, capsys):
+    grid = tmp_path / "grid.json"
+    finished = [{"name": f"r-s{seed}", "final": {"test_acc": 99.0 + seed / 10}} for seed in (0, 1)]
+    failed = {"name": "r-s2", "flags": [], "failed": {"script": "train.py", "exit_status": 1}}
+    write_jsonl([*finished, failed], grid.with_suffix(".results.jsonl"))
+    sweep.main([str(grid), "--table"])
+    assert "| r | 0, 1 | " in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_real_sweep_records_a_refused_run_and_trains_the_next(data_dir, tmp_path):
+    """End to end: train.py refuses the first run's batch size, the second run trains."""
+    grid = tmp_path / "grid.json"
+    tiny = [*TINY_RUN, "--epochs", "1", "--device", "cpu"]
+    grid.write_text(
+        json.dumps([{"name": "refused", "flags": REFUSED}, {"name": "tiny", "flags": tiny}])
+    )
+    runs = tmp_path / "runs"
+    result = run("sweep.py", grid, "--data-dir", data_dir, "--runs-dir", runs, check=False)
+    assert_one_line_error(result, "1 run(s) failed: refused (train.py exit 2)", "--retry-failed")
+    lines = [
+        json.loads(line)
+        for line in grid.with_suffix(".results.jsonl").read_text().split("\n")
+        if line
+    ]
+    assert [line["name"] for line in lines] == ["refused", "tiny"]
+    assert lines[0]["failed"]["exit_status"] == 2
+    assert "larger than the 64 training images" in lines[0]["failed"]["log_tail"][-1]
+    assert lines[1]["final"]["epoch"] == 1 and "test_acc" in lines[1]["final"]
+    assert "larger than the 64" in result.stdout  # the run's own message, echoed
+    assert {path.name for path in runs.iterdir()} <= {"refused", "tiny"}
+    assert (runs / "tiny" / "last.pt").is_file()
+
+
+# --- sweep.py: the results file ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "line, problem",
+    [
+        ('{"final": {"test_acc": 99.5}}', "line 2: no run 'name'"),
+        ('["r-s1", 99.5]', 'line 2: ["r-s1", 99.5] is a list, not a JSON object'),
+        ('{"name": "r-s1"}', "line 2: run r-s1 has no 'final' epoch record"),
+        ('{"name": "r-s1", "final": {"test_acc": "99.5"}}', 'final.test_acc is "99.5", not a'),
+        ('{"name": "r-s1", "final": {}, "log": [1]}', "'log' is not a list of epoch records"),
+    ],
+)
+def test_a_bad_results_line_is_named_by_file_and_line(tmp_path, line, problem):
+    grid = tmp_path / "grid.json"
+    results = grid.with_suffix(".results.jsonl")
+    results.write_text(json.dumps({"name": "r-s0", "final": {"test_acc": 99.4}}) + "\n" + line)
+    with pytest.raises(UserError) as error:
+        sweep.main([str(grid), "--table"])
+    assert str(error.value).startswith(f"{results} is not a readable results file (")
+    assert problem in str(error.value)
+
+
+def test_a_bad_results_line_stops_compare_in_one_line(tmp_path):
+    grid = tmp_path / "grid.json"
+    results = grid.with_suffix(".results.jsonl")
+    results.write_text('{"name": "a-s0", "final": {"test_acc": 99.4}}\n{"name": "a-s1"}\n')
+    before = results.read_bytes()
+    result = run("sweep.py", grid, "--compare", "a-*", "b-*", check=False)
+    assert_one_line_error(result, f"{results} is not a readable results file (line 2:")
+    assert results.read_bytes() == before
+
+
+def test_compare_with_many_runs_a_side_draws_a_seeded_monte_carlo_sample(tmp_path, capsys):
+    grid = tmp_path / "grid.json"
+    lines = [
+        {"name": f"{arm}-s{seed}", "final": {"test_acc": 99.5 + shift + seed / 100}}
+        for arm, shift in (("r3", 0.05), ("r1", 0.0))
+        for seed in range(18)
+    ]
+    write_jsonl(lines, grid.with_suffix(".results.jsonl"))
+    sweep.main([str(grid), "--compare", "r3", "r1"])
+    first = capsys.readouterr().out.strip()
+    assert first.startswith("r3 (18 runs) minus r1 (18 runs): test error -0.050")
+    assert "Monte-Carlo permutation test p = " in first
+    assert f"over {sweep.PERMUTATIONS} random splits (seed {sweep.PERMUTATION_SEED})" in first
+    sweep.main([str(grid), "--compare", "r3", "r1"])
+    assert capsys.readouterr().out.strip() == first  # seeded: the same p every time
+    p_value = float(first.split("p = ")[1].split()[0])
+    assert 0 < p_value < 0.05  # 18 against 18, shifted by 0.05 with a spread of 0.05
+
+
+def test_the_monte_carlo_test_agrees_with_the_exact_one():
+    first, second = [0.1, 0.2, 0.3, 0.35], [0.4, 0.5, 0.6, 0.45]
+    exact, _ = sweep.permutation_test(first, second)
+    assert sweep.sampled_permutation_test(first, second, draws=20_000) == pytest.approx(
+        exact, abs=0.01
+    )
+
+
+# --- time_to_accuracy.py -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "line, problem",
+    [
+        ('{"test_acc": 99.1}', "line 2: the record has no 'epoch'"),
+        ("99.1", "line 2: 99.1 is a number, not a JSON object"),
+        ('{"epoch": 2, "test_acc": "99.1"}', "line 2: 'test_acc' is \"99.1\", not a number"),
+        ('{"epoch": "2", "test_acc": 99.1}', "line 2: 'epoch' is \"2\", not a number"),
+    ],
+)
+def test_time_to_accuracy_names_the_log_and_line_of_a_bad_record(tmp_path, line, problem):
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"epoch": 1, "test_acc": 99.0}\n' + line + "\n")
+    with pytest.raises(UserError) as error:
+        time_to_accuracy.main([str(log)])
+    assert str(error.value).startswith(f"{log} is not a readable metrics log (")
+    assert problem in str(error.value)
+
+
+def test_time_to_accuracy_stops_at_a_bad_record_in_one_line_and_exit_status_2(tmp_path):
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"epoch": 1, "test_acc": 99.0}\n99.5\n')
+    result = run("time_to_accuracy.py", log, "--thresholds", "nan", check=False)
+    assert result.returncode == 2 and result.stdout == ""
+    assert_one_line_error(result, "--thresholds nan is not a test accuracy in % (0 to 100)")
+    result = run("time_to_accuracy.py", log, check=False)
+    assert result.returncode == 2 and result.stdout == ""
+    assert_one_line_error(result, f"{log} is not a readable metrics log (line 2: 99.5 is a")
+
+
+def test_time_to_accuracy_names_a_bad_record_in_a_checkpoints_log(tmp_path, tiny_checkpoint):
+    checkpoint = load_checkpoint(tiny_checkpoint)
+    path = tmp_path / "bad.pt"
+    save_checkpoint({**checkpoint, "metrics": [{"test_acc": 99.0}]}, path)
+    with pytest.raises(UserError, match="epoch record 1: the record has no 'epoch'"):
+        time_to_accuracy.main([str(path)])
+
+
+def test_time_to_accuracy_writes_null_where_the_log_holds_nan(tmp_path, capsys):
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"epoch": 1, "test_acc": 99.2, "val_acc": NaN, "wall_seconds": NaN}\n')
+    time_to_accuracy.main([str(log), "--json", "--thresholds", "99.0"])
+    out = capsys.readouterr().out
+    row = json.loads(out, parse_constant=lambda name: pytest.fail(f"bare {name} in {out}"))
+    assert row["reached"]["99.0"] == {"epoch": 1, "seconds": None, "train_seconds": 0}
+    assert row["chosen"]["val_acc"] is None
+    time_to_accuracy.main([str(log), "--thresholds", "99.0"])
+    assert "ep 1 train 0:00" in capsys.readouterr().out  # the clock is NaN: training time
+
+
+@pytest.mark.parametrize("threshold", ["nan", "inf", "-1", "101"])
+def test_time_to_accuracy_refuses_a_threshold_that_is_no_accuracy(tmp_path, threshold, capsys):
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"epoch": 1, "test_acc": 99.2}\n')
+    with pytest.raises(UserError, match=f"--thresholds {float(threshold)} is not a test accuracy"):
+        time_to_accuracy.main([str(log), "--thresholds", "99.0", threshold])
+    assert capsys.readouterr().out == ""
+
+
+def test_nan_becomes_none_all_the_way_down():
+    row = {"a": math.nan, "b": [1.0, math.inf], "c": {"d": -math.inf, "e": "x"}}
+    assert time_to_accuracy.without_nan(row) == {
+        "a": None,
+        "b": [1.0, None],
+        "c": {"d": None, "e": "x"},
+    }
+
+
+# --- export.py -----------------------------------------------------------------------------
+
+
+def test_export_refuses_a_run_stopped_before_its_first_epoch_ended(data_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "StopRequest", StopAfterTwoBatches)
+    folder = tmp_path / "stopped"
+    stopped = train_in_process(data_dir, folder, "--epochs", 1, run_flags=TINY_RUN)
+    assert stopped["epoch"] == 0 and stopped["metrics"] == []
+    out = tmp_path / "out.pt"
+    result = run("export.py", folder / "last.pt", out, check=False)
+    assert_one_line_error(
+        result, "holds weights saved before any epoch ended (epoch 0, no metrics", "--unvalidated"
+    )
+    assert not out.exists()
+    export.main([str(folder / "last.pt"), str(out), "--unvalidated"])
+    assert load_checkpoint(out)["epoch"] == 0
+
+
+def test_export_names_what_an_unvalidated_file_holds():
+    scored = {"epoch": 3, "metrics": [{"epoch": 3, "val_acc": 99.1}], "batches_done": 0}
+    assert export.unvalidated(scored) is None
+    midway = {**scored, "batches_done": 7}
+    assert "7 batches into epoch 4, after the last scored epoch (3)" in export.unvalidated(midway)
+    no_validation = {"epoch": 3, "metrics": [{"epoch": 3, "test_acc": 98.0}]}
+    stopped = {**no_validation, "train_config": {"epochs": 5}}
+    assert "epoch 3 of 5 of a run without validation" in export.unvalidated(stopped)
+    whole = {**no_validation, "train_config": {"epochs": 3}}
+    assert export.unvalidated(whole) is None  # train.py's final model of a --val-size 0 run
