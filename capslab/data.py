@@ -14,6 +14,7 @@ original image (up to float rounding); a digit translated to the canvas edge can
 """
 
 import argparse
+import contextlib
 import gzip
 import math
 from dataclasses import dataclass
@@ -162,19 +163,29 @@ def load_split(dataset: str, data_dir: str | Path, train: bool) -> Split:
     local_raw = data_dir / folder / "raw"
     if dataset == "fashion-mnist" and not local_raw.is_dir() and DEBIAN_FASHION_DIR.is_dir():
         return read_raw(DEBIAN_FASHION_DIR, train, suffix=".gz")
-    if all((local_raw / name).is_file() for name in RAW_FILES):
-        return read_raw(local_raw, train)
+    for suffix in ("", ".gz"):  # the files as torchvision unpacks them, or as downloaded
+        if all((local_raw / f"{name}{suffix}").is_file() for name in RAW_FILES):
+            return read_raw(local_raw, train, suffix)
+    return download(dataset, data_dir, train, local_raw)
+
+
+def download(dataset: str, data_dir: Path, train: bool, local_raw: Path) -> Split:
+    """torchvision's download into data_dir; a failed one leaves no new empty folders behind."""
     dataset_class = {
         "mnist": torchvision.datasets.MNIST,
         "fashion-mnist": torchvision.datasets.FashionMNIST,
     }
+    new_folders = [f for f in (local_raw, *local_raw.parents) if not f.exists()]
     try:
         loaded = dataset_class[dataset](root=str(data_dir), train=train, download=True)
     except Exception as error:  # torchvision raises RuntimeError, URLError or OSError offline
+        for folder in new_folders:  # innermost first; rmdir refuses a folder that holds files
+            with contextlib.suppress(OSError):
+                folder.rmdir()
         raise UserError(
             f"{dataset} is not in {local_raw} and could not be downloaded "
-            f"({type(error).__name__}). "
-            f"Put the files {', '.join(RAW_FILES)} in {local_raw}, or pass --data-dir"
+            f"({type(error).__name__}). Put the files {', '.join(RAW_FILES)} (or their .gz) "
+            f"in {local_raw}, or pass --data-dir"
         ) from error
     return Split(loaded.data.clone(), loaded.targets.clone())
 
