@@ -39,6 +39,7 @@ the same p).
 import argparse
 import json
 import math
+import os
 import random
 import re
 import signal
@@ -95,7 +96,8 @@ def read_grid(path: Path) -> list[dict]:
     problems += runs_problems(runs)
     if problems:
         raise UserError(
-            f"{path}: {len(problems)} problem(s), no run started: " + "; ".join(problems)
+            f"{path} has {len(problems)} problem(s); no run of it trains until they are fixed: "
+            + "; ".join(problems)
         )
     return [{"evaluate": evaluate, **run} for run in runs]
 
@@ -125,9 +127,11 @@ def runs_problems(runs: list) -> list[str]:
             problems += flag_list_problems(
                 f"{where}: 'evaluate'", run["evaluate"], evaluate_flags_problem
             )
-        if "paper" in run:
+        if "paper" in run and not isinstance(run["paper"], str):
+            problems.append(f"{where}: 'paper' must be a string like '0.34 ± 0.032%'")
+        elif "paper" in run:
             try:
-                paper_error(run["paper"] if isinstance(run["paper"], str) else "")
+                paper_error(run["paper"])
             except UserError as error:
                 problems.append(f"{where}: {error}")
     return problems
@@ -268,10 +272,12 @@ def train(run: dict, folder: Path, data_dir: str) -> tuple[int, list[str]]:
     print(f"[{run['name']}] {' '.join(command[1:])}", flush=True)
     # In a session of its own, the run hears a Ctrl-C or SIGTERM once, from here, however it
     # was sent (a terminal's Ctrl-C alone would reach it directly; a kill of the sweep not).
-    # Its stderr joins its stdout on ours, in order, so that a failure's tail reads as it ran.
+    # Its stderr joins its stdout on ours, in order, so that a failure's tail reads as it ran;
+    # unbuffered, so that each line shows as it is printed.
     process = subprocess.Popen(
         command,
         start_new_session=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -600,9 +606,8 @@ def failure_line(outcome: dict) -> str:
     """'train.py exit 1' for a failed run's results line."""
     failed = outcome["failed"]
     code = failed.get("exit_status")
-    return (
-        f"{failed.get('script', 'train.py')} {exit_status(code) if isinstance(code, int) else ''}"
-    )
+    status = exit_status(code) if isinstance(code, int) else "failed"
+    return f"{failed.get('script', 'train.py')} {status}"
 
 
 def main(argv=None) -> None:

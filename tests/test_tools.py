@@ -45,7 +45,7 @@ def test_a_bad_grid_is_refused_whole_in_one_line_before_any_run_trains(tmp_path)
     result = run("sweep.py", grid, "--runs-dir", tmp_path / "runs", check=False)
     assert_one_line_error(
         result,
-        f"{grid}: 7 problem(s), no run started",
+        f"{grid} has 7 problem(s); no run of it trains until they are fixed: ",
         "run 2: its name is a number, not a string",
         "run 4 ('Twin'): run 3 has the same name",
         "run 5 ('../outside'): its name has a path separator",
