@@ -326,3 +326,18 @@ def test_export_names_what_an_unvalidated_file_holds():
     assert "epoch 3 of 5 of a run without validation" in export.unvalidated(stopped)
     whole = {**no_validation, "train_config": {"epochs": 3}}
     assert export.unvalidated(whole) is None  # train.py's final model of a --val-size 0 run
+
+
+def test_a_failed_evaluation_is_recorded_as_the_runs_failure(tmp_path, monkeypatch):
+    def evaluate_fails(command, **_):
+        return sweep.subprocess.CompletedProcess(command, 2, "", "error: --affine needs ...\n")
+
+    FakeRuns(monkeypatch, failing=set())
+    monkeypatch.setattr(sweep.subprocess, "run", evaluate_fails)
+    run_record = {"name": "a", "flags": [], "evaluate": ["--affine"]}
+    record = sweep.run_once(run_record, tmp_path / "a", "data")
+    assert record["failed"] == {
+        "script": "evaluate.py",
+        "exit_status": 2,
+        "log_tail": ["error: --affine needs ..."],
+    }
