@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from capslab.checkpoint import load_weights, save_checkpoint, saved_progress, training_checkpoint
-from capslab.data import DATASETS, Split, batches, to_model_input
+from capslab.data import CLASS_NAMES, DATASETS, Split, batches, to_model_input
 from capslab.errors import UserError
 from capslab.figures import plot_curve
 from capslab.hardware import device_name, has_native_bf16, pick_device
@@ -35,6 +35,8 @@ from CapsNet import RECONSTRUCTION_WEIGHT
 SCHEDULES = ("exponential", "onecycle")
 ON_NONFINITE = ("stop", "skip")  # what a NaN/inf loss or gradient does to the run
 DRY_RUN_BATCHES = 2  # a dry run trains this many batches and scores this many eval batches
+DIVERGED_FACTOR = 1e3  # a loss this many times the first step's has diverged
+AT_CHANCE = 2  # validation accuracy under twice chance after an epoch is warned about
 ONECYCLE_WARMUP = 0.3  # the share of the budget one-cycle spends warming up
 
 
@@ -221,6 +223,7 @@ class Progress:
     metrics: list = field(default_factory=list)  # one record per completed epoch
     best_val: float = -1.0  # the best validation accuracy so far, which best.pt holds
     skipped: int = 0  # batches skipped for a non-finite loss (--on-nonfinite skip)
+    initial_loss: float | None = None  # the run's first loss, which divergence is judged by
     wall_seconds: float = 0.0  # the run's wall clock when saved, evaluation included
 
 
@@ -521,6 +524,7 @@ class Trainer:
         loss_value = self.sum_over_ranks(loss.detach()) / self.world_size
         if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
             return self.nonfinite(loss_value, grad_norm)
+        self.check_divergence(loss_value)
         if self.config.max_grad_norm is not None:
             torch.nn.utils.clip_grads_with_norm_(
                 params, self.config.max_grad_norm, torch.tensor(grad_norm)
@@ -539,10 +543,29 @@ class Trainer:
             raise NonFiniteError(
                 f"non-finite loss or gradient at {where} "
                 f"(loss {loss_value}, grad norm {grad_norm}); "
-                f"stopped, the last good checkpoint is {self.checkpoint_dir / 'last.pt'}"
+                f"stopped, {self.last_good_checkpoint()}"
             )
         self.progress.skipped += 1
         return None, float("nan")
+
+    def last_good_checkpoint(self) -> str:
+        last = self.checkpoint_dir / "last.pt"
+        return f"the last good checkpoint is {last}" if last.exists() else "nothing was saved yet"
+
+    def check_divergence(self, loss_value: float) -> None:
+        """A loss DIVERGED_FACTOR times the run's first (the untrained model's, which theory
+        fixes) has diverged while staying finite: stop as for a non-finite one, before the step,
+        so last.pt stays the last good checkpoint. --on-nonfinite skip does not apply: a
+        diverged run does not come back by skipping a batch."""
+        if self.progress.initial_loss is None:
+            self.progress.initial_loss = loss_value
+        elif loss_value > DIVERGED_FACTOR * self.progress.initial_loss:
+            where = f"epoch {self.progress.epoch + 1} step {self.progress.batches_done + 1}"
+            raise NonFiniteError(
+                f"the loss diverged at {where}: {loss_value:.3g}, over {DIVERGED_FACTOR:g} times "
+                f"the first step's {self.progress.initial_loss:.3g} (lower --lr); stopped, "
+                f"{self.last_good_checkpoint()}"
+            )
 
     def loss(
         self, x: torch.Tensor, y: torch.Tensor, originals: torch.Tensor | None = None
@@ -585,7 +608,25 @@ class Trainer:
             if f"{record['chosen']}_{key}" in record:
                 record[key] = record[f"{record['chosen']}_{key}"]
         record["wall_seconds"] = self.wall_seconds()
+        self.warn_at_chance(record, val_split)
         return record
+
+    def warn_at_chance(self, record: dict, val_split: Split | None) -> None:
+        """A run that trains to chance (too high an --lr, say) ends with exit 0: say so, when
+        validation is at chance and the epoch's loss is no lower than the first step's (a short
+        run that is learning can still be near chance after one epoch)."""
+        initial = self.progress.initial_loss
+        if "val_acc" not in record or initial is None or record["train_loss"] < initial:
+            return
+        classes = len(CLASS_NAMES[self.config.dataset])
+        # One digit: 1 in K; a MultiMNIST pair: 1 in K choose 2 for the two longest capsules.
+        chance = 100 / (math.comb(classes, 2) if val_split.labels.dim() == 2 else classes)
+        if record["val_acc"] < AT_CHANCE * chance:
+            log(
+                f"warning: validation accuracy {record['val_acc']:.2f}% after epoch "
+                f"{record['epoch']} is at chance ({chance:.1f}%) and the loss is no lower than "
+                "at the start: the model is not learning; try a lower --lr"
+            )
 
     def accuracy(self, model: torch.nn.Module, split: Split) -> float:
         """Accuracy (%) on `split` (its first DRY_RUN_BATCHES evaluation batches in a dry run);
