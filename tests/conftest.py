@@ -1,13 +1,22 @@
 """Shared fixtures and helpers: real MNIST from CAPSNET_DATA_DIR (default ../shared/data),
-small models, checkpoints (a tiny untrained one for plumbing, the trained one for accuracy),
-and the scripts run as a user runs them."""
+small models, checkpoints (a tiny untrained one for plumbing, a small trained run shared by the
+session, the shipped one for accuracy), and the scripts run as a user runs them: in this process
+(`run_in_process`, fast) or, for tests about the process itself, in their own (`run`)."""
 
+import contextlib
+import importlib
+import io
 import json
 import os
+import random
+import signal
 import subprocess
 import sys
+import time
+import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -18,6 +27,7 @@ import evaluate  # noqa: E402
 import train  # noqa: E402
 from capslab.checkpoint import SHIPPED_CHECKPOINT, load_checkpoint, save_checkpoint  # noqa: E402
 from capslab.data import load_split  # noqa: E402
+from capslab.errors import exit_on_user_error  # noqa: E402
 from capslab.settings import settings_to_dict  # noqa: E402
 from capslab.training import TrainConfig, Trainer  # noqa: E402
 from CapsNet import CapsNet, CapsNetConfig  # noqa: E402
@@ -67,7 +77,9 @@ TINY_RUN = [
 def run(
     script: str, *args, check: bool = True, timeout: float = 600
 ) -> subprocess.CompletedProcess:
-    """A script in its own process, as a user runs it."""
+    """A script in its own process, as a user runs it: for tests about the process itself
+    (signals, locks between processes, the interpreter's exit). Importing torch costs each call
+    2-4 s; `run_in_process` gives the same result object without it."""
     result = subprocess.run(
         [sys.executable, str(REPO / script), *map(str, args)],
         capture_output=True,
@@ -78,6 +90,101 @@ def run(
     if check:
         assert result.returncode == 0, result.stderr
     return result
+
+
+# The interpreter's own warning filters (python -W unset): DeprecationWarning shows in __main__
+# only. pytest's filters differ; a script run in-process prints what it would print alone.
+INTERPRETER_WARNING_FILTERS = [
+    ("default", DeprecationWarning, "__main__"),
+    ("ignore", DeprecationWarning, ""),
+    ("ignore", PendingDeprecationWarning, ""),
+    ("ignore", ImportWarning, ""),
+    ("ignore", ResourceWarning, ""),
+]
+
+
+def print_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """warnings.showwarning onto the sys.stderr of the moment, as the interpreter prints it."""
+    sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
+@contextlib.contextmanager
+def own_process_state():
+    """Put back what a script's main changes in the process it runs in: the SIGINT and SIGTERM
+    handlers (train.py's StopRequest installs its own and leaves them), torch's thread count
+    (--threads) and deterministic mode, and the random generators (seed_everything)."""
+    handlers = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    threads = torch.get_num_threads()
+    deterministic = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
+    generators = torch.get_rng_state(), random.getstate(), np.random.get_state()
+    try:
+        yield
+    finally:
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
+        torch.set_rng_state(generators[0])
+        random.setstate(generators[1])
+        np.random.set_state(generators[2])
+
+
+def exit_status(code) -> int:
+    """The status `sys.exit(code)` gives the interpreter: None is 0; a message is printed, 1."""
+    if code is None or isinstance(code, int):
+        return code or 0
+    print(code, file=sys.stderr)
+    return 1
+
+
+def run_in_process(script: str, *args, check: bool = True) -> subprocess.CompletedProcess:
+    """A script's `main(argv)` in this process, as `python script args...` runs it: through
+    `exit_on_user_error` (a UserError is one `error: ...` line on stderr and status 2), with
+    sys.argv, the working directory, stdout, stderr and the warning filters a fresh process
+    would have, and its clock (train.LAUNCHED) starting now. A SystemExit (argparse, the
+    scripts' own) becomes the exit status; any other exception propagates, as a traceback
+    would. Returns a subprocess.CompletedProcess, as `run` does."""
+    module = importlib.import_module(Path(script).stem)
+    argv = list(map(str, args))
+    stdout, stderr = io.StringIO(), io.StringIO()
+    launched = getattr(module, "LAUNCHED", None)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(own_process_state())
+        stack.enter_context(contextlib.chdir(REPO))
+        stack.enter_context(redirect_attribute(sys, "argv", [str(REPO / script), *argv]))
+        if launched is not None:
+            stack.enter_context(redirect_attribute(module, "LAUNCHED", time.perf_counter()))
+        stack.enter_context(warnings.catch_warnings())
+        warnings.resetwarnings()
+        for action, category, module_name in INTERPRETER_WARNING_FILTERS:
+            warnings.filterwarnings(action, category=category, module=module_name, append=True)
+        warnings.showwarning = print_warning
+        stack.enter_context(contextlib.redirect_stdout(stdout))
+        stack.enter_context(contextlib.redirect_stderr(stderr))
+        try:
+            exit_on_user_error(lambda: module.main(argv))
+            returncode = 0
+        except SystemExit as exit:
+            returncode = exit_status(exit.code)
+    result = subprocess.CompletedProcess(
+        [script, *argv], returncode, stdout.getvalue(), stderr.getvalue()
+    )
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+@contextlib.contextmanager
+def redirect_attribute(owner, name: str, value):
+    before = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, before)
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
@@ -102,10 +209,16 @@ class StopAfterTwoBatches:
 
 
 def train_in_process(data_dir, folder, *extra, run_flags=SMALL_RUN) -> dict:
-    """train.main in this process; returns the run's last.pt."""
-    train.main(
-        ["--data-dir", str(data_dir), "--checkpoint-dir", str(folder), *run_flags, *map(str, extra)]
-    )
+    """train.main in this process, its UserError raised and its output in capsys; returns the
+    run's last.pt."""
+    with own_process_state():
+        train.main(
+            [
+                *["--data-dir", str(data_dir), "--checkpoint-dir", str(folder)],
+                *run_flags,
+                *map(str, extra),
+            ]
+        )
     return load_checkpoint(folder / "last.pt")
 
 
@@ -180,6 +293,19 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
         path,
     )
     return path
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, data_dir) -> tuple[Path, str]:
+    """One small run, trained once per session through train.py's main: SMALL_RUN for 2 epochs
+    (exponential lr, 96 training digits). Returns its folder (last.pt, best.pt, metrics.jsonl,
+    curve.png) and what it printed. Shared: read it, never write into it (train into a folder
+    of your own, or copy the file you change)."""
+    folder = tmp_path_factory.mktemp("trained_run")
+    result = run_in_process(
+        "train.py", "--data-dir", data_dir, "--checkpoint-dir", folder, "--epochs", 2, *SMALL_RUN
+    )
+    return folder, result.stdout
 
 
 @pytest.fixture

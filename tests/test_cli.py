@@ -1,13 +1,16 @@
-"""train.py and evaluate.py end to end on a small subset of real MNIST, resume, bad input."""
+"""train.py and evaluate.py end to end on a small subset of real MNIST, resume, bad input.
+
+The scripts run in this process through their main(argv) (conftest.run_in_process): the same
+stdout, stderr and exit status as `python train.py ...`, without importing torch each time.
+trained_run, conftest's small run trained once per session, is shared by many tests here."""
 
 import json
-import subprocess
-import sys
 import warnings
 
 import numpy as np
 import pytest
 import torch
+import torchvision
 from PIL import Image
 
 import train
@@ -21,19 +24,9 @@ from conftest import (
     SMALL_RUN,
     StopAfterTwoBatches,
     assert_one_line_error,
-    run,
+    run_in_process,
     train_in_process,
 )
-
-
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory, data_dir):
-    """One small training run through the real CLI, shared by the tests below."""
-    folder = tmp_path_factory.mktemp("run")
-    result = run(
-        "train.py", "--data-dir", data_dir, "--checkpoint-dir", folder, "--epochs", 2, *SMALL_RUN
-    )
-    return folder, result.stdout
 
 
 def test_train_writes_checkpoints_and_log(trained_run):
@@ -66,7 +59,7 @@ def test_curve_draws_before_the_first_test_score(tmp_path):
 
 
 def test_evaluate_figures_of_fewer_than_16_test_digits(tiny_checkpoint, data_dir, tmp_path):
-    result = run(
+    result = run_in_process(
         "evaluate.py",
         *["--checkpoint", tiny_checkpoint, "--data-dir", data_dir],
         *["--test-subset", 5, "--figures", tmp_path, "--json"],
@@ -76,7 +69,7 @@ def test_evaluate_figures_of_fewer_than_16_test_digits(tiny_checkpoint, data_dir
 
 
 def test_evaluate_figures_into_a_file_is_refused_before_scoring(tiny_checkpoint, data_dir):
-    result = run(
+    result = run_in_process(
         "evaluate.py",
         *["--checkpoint", tiny_checkpoint, "--data-dir", data_dir],
         *["--figures", REPO / "evaluate.py"],
@@ -90,7 +83,7 @@ def test_evaluate_reports_what_training_reported(trained_run, data_dir):
     folder, _ = trained_run
     best = load_checkpoint(folder / "best.pt")
     reported = best["metrics"][-1]["test_acc"]
-    result = run(
+    result = run_in_process(
         "evaluate.py",
         "--checkpoint",
         folder / "best.pt",
@@ -107,7 +100,7 @@ def test_evaluate_reports_what_training_reported(trained_run, data_dir):
 
 def test_evaluate_text_report_and_figures(trained_run, data_dir, tmp_path):
     folder, _ = trained_run
-    result = run(
+    result = run_in_process(
         "evaluate.py",
         "--checkpoint",
         folder / "last.pt",
@@ -137,7 +130,7 @@ def assert_is_a_drawing(path, size: tuple[int, int]) -> None:
 def test_fresh_run_refuses_to_overwrite_a_previous_run(trained_run, data_dir):
     folder, _ = trained_run
     before = (folder / "last.pt").read_bytes()
-    result = run(
+    result = run_in_process(
         "train.py", "--data-dir", data_dir, "--checkpoint-dir", folder, *SMALL_RUN, check=False
     )
     assert_one_line_error(result, "--resume")
@@ -154,7 +147,7 @@ def test_fresh_run_refuses_to_overwrite_a_kept_best_checkpoint(trained_run, data
 
 
 def test_dry_run_saves_nothing(data_dir, tmp_path):
-    result = run(
+    result = run_in_process(
         "train.py", "--data-dir", data_dir, "--checkpoint-dir", tmp_path, "--dry-run", *SMALL_RUN
     )
     assert "dry run" in result.stdout
@@ -214,7 +207,7 @@ def test_interrupt_mid_epoch_saves_and_resumes_exactly(data_dir, tmp_path, monke
     ],
 )
 def test_train_rejects_bad_values(flags, fragment, data_dir, tmp_path):
-    result = run(
+    result = run_in_process(
         "train.py", "--data-dir", data_dir, "--checkpoint-dir", tmp_path, *flags, check=False
     )
     assert_one_line_error(result, fragment)
@@ -222,21 +215,20 @@ def test_train_rejects_bad_values(flags, fragment, data_dir, tmp_path):
 
 def test_missing_data_offline_names_the_expected_path(tmp_path, monkeypatch):
     empty = tmp_path / "nowhere"
-    result = run("evaluate.py", "--checkpoint", REPO / "tests" / "missing.pt", check=False)
+    result = run_in_process(
+        "evaluate.py", "--checkpoint", REPO / "tests" / "missing.pt", check=False
+    )
     assert_one_line_error(result, "missing.pt")
     # Download is impossible here: point every mirror at an unreachable local port.
-    code = (
-        "import torchvision, train, errors;"
-        "torchvision.datasets.MNIST.mirrors = ['http://127.0.0.1:9/'];"
-        f"flags = ['--data-dir', {str(empty)!r}, '--checkpoint-dir', {str(tmp_path)!r}];"
-        "errors.exit_on_user_error(lambda: train.main(flags))"
+    monkeypatch.setattr(torchvision.datasets.MNIST, "mirrors", ["http://127.0.0.1:9/"])
+    result = run_in_process(
+        "train.py", "--data-dir", empty, "--checkpoint-dir", tmp_path, check=False
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert_one_line_error(result, str(empty / "MNIST" / "raw"))
 
 
 def test_resume_without_a_checkpoint_is_a_clear_error(data_dir, tmp_path):
-    result = run(
+    result = run_in_process(
         "train.py", "--data-dir", data_dir, "--checkpoint-dir", tmp_path, "--resume", check=False
     )
     assert_one_line_error(result, "last.pt", "does not exist")
@@ -263,7 +255,9 @@ def test_evaluate_rejects_bad_checkpoints(kind, tmp_path, data_dir):
             },
             path,
         )
-    result = run("evaluate.py", "--checkpoint", path, "--data-dir", data_dir, check=False)
+    result = run_in_process(
+        "evaluate.py", "--checkpoint", path, "--data-dir", data_dir, check=False
+    )
     assert_one_line_error(result, str(path))
 
 
@@ -335,20 +329,22 @@ def test_init_from_warns_when_validation_may_hold_the_checkpoints_training_image
 def test_export_cli_writes_the_chosen_weights_and_keeps_an_existing_file(trained_run, tmp_path):
     folder, _ = trained_run
     shipped = tmp_path / "shipped.pt"
-    result = run("export.py", folder / "best.pt", shipped)
+    result = run_in_process("export.py", folder / "best.pt", shipped)
     assert result.stdout.startswith(f"wrote {shipped}")
     exported, source = load_checkpoint(shipped), load_checkpoint(folder / "best.pt")
     assert "optimizer" not in exported and exported["metrics"] == source["metrics"]
     chosen = source["ema"] if source.get("chosen") == "ema" else source["model"]
     assert all(torch.equal(exported["model"][name], chosen[name]) for name in chosen)
     before = shipped.read_bytes()
-    refused = run("export.py", folder / "last.pt", shipped, check=False)
+    refused = run_in_process("export.py", folder / "last.pt", shipped, check=False)
     assert_one_line_error(refused, "already exists", "--overwrite")
     assert shipped.read_bytes() == before
 
 
 def train_cli(data_dir, folder, *flags, check: bool = True):
-    return run("train.py", "--data-dir", data_dir, "--checkpoint-dir", folder, *flags, check=check)
+    return run_in_process(
+        "train.py", "--data-dir", data_dir, "--checkpoint-dir", folder, *flags, check=check
+    )
 
 
 def snapshot(folder) -> dict:
@@ -398,7 +394,7 @@ def test_resume_into_a_folder_of_another_run_is_refused(trained_run, data_dir, t
     other = tmp_path / "other"
     train_in_process(data_dir, other, "--epochs", 1)
     before = snapshot(other)
-    result = run(
+    result = run_in_process(
         "train.py",
         "--data-dir",
         data_dir,
@@ -463,7 +459,7 @@ def test_bench_prints_its_speeds_as_json(model):
     More timed steps than the default one-cycle budget of 5 epochs x 1 step, which once crashed it.
     """
     flags = ["--model", model, "--batch-size", 4, "--steps", 3, "--rounds", 2, "--device", "cpu"]
-    result = json.loads(run("bench.py", *flags).stdout)
+    result = json.loads(run_in_process("bench.py", *flags).stdout)
     assert result["model"] == model and result["batch_size"] == 4
     assert result["train_img_per_s"] > 0 and result["eval_img_per_s"] > 0
     if model == "capsnet":
@@ -475,14 +471,16 @@ def test_bench_prints_its_speeds_as_json(model):
 
 
 def test_bench_refuses_bad_flags():
-    assert_one_line_error(run("bench.py", "--steps", 0, check=False), "--steps must be at least 1")
     assert_one_line_error(
-        run("bench.py", "--threads", 0, check=False), "--threads must be at least 1"
+        run_in_process("bench.py", "--steps", 0, check=False), "--steps must be at least 1"
+    )
+    assert_one_line_error(
+        run_in_process("bench.py", "--threads", 0, check=False), "--threads must be at least 1"
     )
 
 
 def test_train_refuses_zero_threads_before_reading_data(tmp_path):
-    result = run(
+    result = run_in_process(
         "train.py", "--threads", 0, "--data-dir", tmp_path / "absent", "--dry-run", check=False
     )
     assert_one_line_error(result, "--threads must be at least 1")

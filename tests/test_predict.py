@@ -23,7 +23,7 @@ from capslab.inference import PERTURBATIONS, classify, perturbed_reconstructions
 from capslab.preprocess import open_image, preprocess
 from capslab.settings import settings_to_dict
 
-from conftest import REPO
+from conftest import REPO, run_in_process
 
 SAMPLES = sorted(path for path in (REPO / "samples").iterdir() if path.suffix in {".jpg", ".png"})
 PHOTO_DIGITS = range(10)  # the first ten MNIST test digits (classes 7 2 1 0 4 1 4 9 5 9)
@@ -86,7 +86,8 @@ def assert_mnist_format(image28: torch.Tensor) -> None:
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    """predict.py in its own process, as a user runs it (4 s, mostly importing torch)."""
+    """predict.py in its own process, as a user runs it (4 s, mostly importing torch): for the
+    test of the process itself. The others run its main here (conftest.run_in_process)."""
     return subprocess.run(
         [sys.executable, str(REPO / "predict.py"), *args],
         capture_output=True,
@@ -257,7 +258,9 @@ def test_huge_images_are_decoded_reduced_in_bounded_memory(huge_sevens):
 
 def test_cli_reads_a_huge_image_quietly_and_refuses_a_bomb(huge_sevens, tmp_path, tiny_checkpoint):
     bomb = write(tmp_path / "bomb.png", png_header_only(20000, 20000))  # 400 M pixels
-    result = run_cli(str(huge_sevens[0]), str(bomb), "--checkpoint", str(tiny_checkpoint))
+    result = run_in_process(
+        "predict.py", huge_sevens[0], bomb, "--checkpoint", tiny_checkpoint, check=False
+    )
     assert result.returncode == 2
     assert result.stderr == "error: 1 of 2 images could not be classified\n"  # and no warning
     _, huge, refused = result.stdout.splitlines()
@@ -358,7 +361,9 @@ def test_cli_process_reports_every_file_without_traceback(tmp_path, tiny_checkpo
 def test_cli_json_has_an_entry_for_every_file(tmp_path, tiny_checkpoint):
     blank = write(tmp_path / "blank.png", png_bytes(Image.new("L", (300, 200), 255)))
     files = [str(SAMPLES[0]), str(tmp_path / "missing.png"), str(blank), str(SAMPLES[1])]
-    result = run_cli(*files, "--checkpoint", str(tiny_checkpoint), "--json")
+    result = run_in_process(
+        "predict.py", *files, "--checkpoint", tiny_checkpoint, "--json", check=False
+    )
     assert result.returncode == 2
     assert result.stderr == "error: 2 of 4 images could not be classified\n"
     records = json.loads(result.stdout)
@@ -500,7 +505,9 @@ def test_cli_show_gives_inputs_of_the_same_name_their_own_files(tiny_checkpoint,
         (tmp_path / folder).mkdir()
         inputs.append(write(tmp_path / folder / f"{name}{sample.suffix}", sample.read_bytes()))
     out = tmp_path / "out"
-    result = run_cli(*map(str, inputs), "--checkpoint", str(tiny_checkpoint), "--show", str(out))
+    result = run_in_process(
+        "predict.py", *inputs, "--checkpoint", tiny_checkpoint, "--show", out, check=False
+    )
     assert result.returncode == 0, result.stderr
     stems = ["digit", "digit-2", "DIGIT-3"]
     assert sorted(path.name for path in out.iterdir()) == sorted(

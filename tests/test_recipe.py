@@ -28,6 +28,7 @@ from conftest import (
     assert_one_line_error,
     evaluate_json,
     make_trainer,
+    run_in_process,
     train_in_process,
 )
 
@@ -270,13 +271,16 @@ def test_a_signal_stops_the_sweep_in_one_line_and_its_run_resumably_never_record
     assert not (tmp_path / "grid.results.jsonl").exists()
 
 
-def test_sweep_counts_a_run_finished_only_at_the_end_of_its_budget(data_dir, tmp_path, monkeypatch):
-    """train.py exits 0 after a signal stops it and it saves: the checkpoint decides."""
+def test_sweep_counts_a_run_finished_only_at_the_end_of_its_budget(
+    data_dir, tmp_path, monkeypatch, trained_run
+):
+    """train.py exits 0 after a signal stops it and it saves: the checkpoint decides. The
+    session's trained_run is the same run (SMALL_RUN, --epochs 2) left to finish."""
     monkeypatch.setattr(train, "StopRequest", StopAfterTwoBatches)
-    train_in_process(data_dir, tmp_path / "stopped", "--epochs", 1)
+    train_in_process(data_dir, tmp_path / "stopped", "--epochs", 2)
     monkeypatch.undo()
-    train_in_process(data_dir, tmp_path / "whole", "--epochs", 1)
-    assert not sweep.finished(tmp_path / "stopped") and sweep.finished(tmp_path / "whole")
+    whole, _ = trained_run
+    assert not sweep.finished(tmp_path / "stopped") and sweep.finished(whole)
 
 
 def test_training_without_reconstruction_leaves_the_decoder_as_initialised(mnist_train, tmp_path):
@@ -297,7 +301,9 @@ def test_a_run_without_reconstruction_is_saved_as_such_and_shows_no_reconstructi
     data_dir, tmp_path, capsys
 ):
     folder = tmp_path / "margin-only"
-    checkpoint = train_in_process(data_dir, folder, "--epochs", 1, "--reconstruction-weight", 0)
+    checkpoint = train_in_process(
+        data_dir, folder, "--epochs", 1, "--reconstruction-weight", 0, run_flags=TINY_RUN
+    )
     assert checkpoint["train_config"]["reconstruction_weight"] == 0
     result = evaluate_json(
         capsys, "--checkpoint", folder / "last.pt", "--data-dir", data_dir, "--test-subset", 40,
@@ -312,7 +318,10 @@ def test_a_run_without_reconstruction_is_saved_as_such_and_shows_no_reconstructi
                       "--show", str(tmp_path / "show")])  # fmt: skip
     with pytest.raises(UserError, match="--reconstruction-weight cannot change when resuming"):
         train_in_process(
-            data_dir, folder, "--resume", "--epochs", 2, "--reconstruction-weight", 0.0005
+            data_dir,
+            folder,
+            *["--resume", "--epochs", 2, "--reconstruction-weight", 0.0005],
+            run_flags=TINY_RUN,
         )
 
 
@@ -396,11 +405,7 @@ def test_a_paper_figure_that_is_not_an_error_is_named(figure):
 def test_plotting_a_grid_with_no_finished_run_is_one_line(tmp_path):
     grid = tmp_path / "grid.json"
     grid.write_text("[]")
-    result = subprocess.run(
-        [sys.executable, str(REPO / "sweep.py"), str(grid), "--plot", str(tmp_path / "a.png")],
-        capture_output=True,
-        text=True,
-    )
+    result = run_in_process("sweep.py", grid, "--plot", tmp_path / "a.png", check=False)
     assert_one_line_error(result, "no run of", "has finished yet")
     assert not (tmp_path / "a.png").exists()
 
@@ -411,11 +416,7 @@ def test_a_torn_results_line_is_named_in_one_line_and_a_blank_one_skipped(tmp_pa
     results.write_text(json.dumps({"name": "a-s0", "final": {"test_acc": 99.5}}) + "\n\n")
     assert sweep.finished_names(results) == {"a-s0"}
     results.write_text(results.read_text() + '{"name": "a-s1", "fin\n')
-    result = subprocess.run(
-        [sys.executable, str(REPO / "sweep.py"), str(grid), "--table"],
-        capture_output=True,
-        text=True,
-    )
+    result = run_in_process("sweep.py", grid, "--table", check=False)
     assert_one_line_error(result, f"{results} is not a readable results file (line 3:")
 
 

@@ -1,5 +1,7 @@
 """Nothing lost, nothing silent: concurrent runs, signals, crash points, full disks, broken data
-and broken checkpoints. The CLI tests run the real process."""
+and broken checkpoints. Signals, the lock between runs, kill -9 and a closed pipe need the real
+process (`run`, subprocess.Popen); the other CLI tests call the script's main in this process
+(`run_in_process`), with the same output and exit status."""
 
 import shutil
 import signal
@@ -14,7 +16,14 @@ from capslab import checkpoint, training
 from capslab.checkpoint import load_checkpoint, save_checkpoint
 from capslab.errors import UserError
 
-from conftest import REPO, SMALL_RUN, assert_one_line_error, run, train_in_process
+from conftest import (
+    REPO,
+    SMALL_RUN,
+    assert_one_line_error,
+    run,
+    run_in_process,
+    train_in_process,
+)
 
 RAW = (
     "train-images-idx3-ubyte",
@@ -125,7 +134,7 @@ def test_stale_temporary_files_are_removed_at_start(data_dir, tmp_path):
 def test_an_unwritable_checkpoint_dir_is_refused_before_training(data_dir, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
-    result = run(
+    result = run_in_process(
         "train.py", "--data-dir", data_dir, "--checkpoint-dir", blocker, *SMALL_RUN, check=False
     )
     assert_one_line_error(result, "cannot write checkpoints to", str(blocker))
@@ -157,7 +166,7 @@ def test_a_damaged_mnist_file_is_named(data_dir, tmp_path, damage):
     broken = raw / "train-labels-idx1-ubyte"
     content = broken.read_bytes()
     broken.write_bytes(content[:5000] if damage == "truncated" else b"GIF89a" + content[6:])
-    result = run(
+    result = run_in_process(
         "train.py",
         "--data-dir",
         tmp_path / "data",
@@ -170,7 +179,7 @@ def test_a_damaged_mnist_file_is_named(data_dir, tmp_path, damage):
 
 
 def test_batch_size_beyond_the_data_is_a_clear_error(data_dir, tmp_path):
-    result = run(
+    result = run_in_process(
         "train.py",
         "--data-dir",
         data_dir,
@@ -196,10 +205,9 @@ def test_out_of_memory_is_one_line_and_keeps_last(data_dir, tmp_path, monkeypatc
 
 
 @pytest.fixture(scope="module")
-def saved_run(tmp_path_factory, data_dir):
-    folder = tmp_path_factory.mktemp("saved")
-    train_in_process(data_dir, folder, "--epochs", 1)
-    return load_checkpoint(folder / "last.pt")
+def saved_run(trained_run):
+    """The last.pt of conftest's trained_run, the session's small run."""
+    return load_checkpoint(trained_run[0] / "last.pt")
 
 
 @pytest.mark.slow
@@ -231,12 +239,12 @@ def test_a_broken_checkpoint_is_refused_in_one_line(
     }
     break_it(broken)
     torch.save(broken, tmp_path / "last.pt")
-    resumed = run(
+    resumed = run_in_process(
         "train.py", "--data-dir", data_dir, "--checkpoint-dir", tmp_path, "--resume", check=False
     )
     assert_one_line_error(resumed, str(tmp_path / "last.pt"), fragment)
     if "train_config" not in fragment and "training settings" not in fragment:
-        scored = run(
+        scored = run_in_process(
             "evaluate.py", "--checkpoint", tmp_path / "last.pt", "--data-dir", data_dir, check=False
         )
         assert_one_line_error(scored, str(tmp_path / "last.pt"), fragment)
