@@ -5,6 +5,7 @@
     python bench.py --bf16                       # bfloat16 autocast, model and floor alike
     python bench.py --model paper-cnn --bf16     # a baseline CNN's speed (it has no floor)
     python bench.py --dataset multimnist --bf16  # 36x36 pairs: 3,200 primary capsules
+    python bench.py --bf16 --batch-size 64 --profile results/profile.txt  # time by op, too
 
 The floor is what Conv1 and the PrimaryCaps convolution alone cost (forward+backward with
 weight gradients for training, forward only for evaluation): ~95% of CapsNet's arithmetic.
@@ -58,6 +59,17 @@ def synthetic_split(size: int, dataset: str) -> Split:
     images = torch.randint(0, 256, (size, 28, 28), dtype=torch.uint8, generator=generator)
     split = Split(images, torch.randint(0, 10, (size,), generator=generator))
     return PairPool(split) if dataset == "multimnist" else split
+
+
+def profile_training(train_step, steps: int, path: Path) -> None:
+    """torch.profiler over `steps` training steps: a table of self time by op, into `path`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        for _ in range(steps):
+            train_step()
+    table = profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
+    path.write_text(f"{steps} training steps, {cpu_name()}, torch {torch.__version__}\n{table}")
 
 
 def measure(args: argparse.Namespace) -> dict:
@@ -122,6 +134,8 @@ def measure(args: argparse.Namespace) -> dict:
                     )
                 latencies.append(1000 / images_per_second(single_step, 1, 20))
             trainer.model.train()
+        if args.profile:
+            profile_training(train_step, args.steps, args.profile)
     result = {
         "device": str(device),
         "cpu": cpu_name(),
@@ -185,6 +199,13 @@ def main(argv=None) -> None:
         "--bf16",
         action="store_true",
         help="bfloat16 autocast for model and floor alike (default: off)",
+    )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="also profile --steps training steps and write the time by op to FILE (default: no)",
     )
     args = parser.parse_args(argv)
     for name in ("batch_size", "steps", "rounds"):

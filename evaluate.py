@@ -16,6 +16,7 @@ alone and all together.
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from capslab.checkpoint import (
@@ -23,6 +24,7 @@ from capslab.checkpoint import (
     SHIPPED_MULTIMNIST,
     has_trained_decoder,
     load_model,
+    unvalidated_weights,
 )
 from capslab.data import CLASS_NAMES, DATASETS, IMAGE_SIZE, add_data_flags, load_test_split
 from capslab.errors import UserError, exit_on_user_error, make_output_folder
@@ -236,6 +238,8 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     device = pick_device(args.device)
     model, checkpoint = load_model(args.checkpoint, device)
+    if held := unvalidated_weights(checkpoint):
+        print(f"note: {args.checkpoint} holds {held}", file=sys.stderr)
     if args.figures:
         make_output_folder(args.figures, "--figures")  # before the scoring pass, not after it
     result = score(args, model, checkpoint, device)

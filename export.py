@@ -13,37 +13,13 @@ unless --unvalidated says that is what you want.
 import argparse
 from pathlib import Path
 
-from capslab.checkpoint import export_weights, load_checkpoint, model_from_checkpoint
+from capslab.checkpoint import (
+    export_weights,
+    load_checkpoint,
+    model_from_checkpoint,
+    unvalidated_weights,
+)
 from capslab.errors import UserError, exit_on_user_error
-
-
-def unvalidated(checkpoint: dict) -> str | None:
-    """What the file holds, in words, when no validation chose its weights; None when one did."""
-    metrics = checkpoint.get("metrics") or []
-    epoch = checkpoint.get("epoch", 0)
-    batches = checkpoint.get("batches_done", 0)
-    if not metrics or not epoch:
-        into = f", {batches} batches into the first" if batches else ""
-        return (
-            f"weights saved before any epoch ended (epoch 0, no metrics{into}): "
-            "nothing has scored them"
-        )
-    last = metrics[-1] if isinstance(metrics[-1], dict) else {}
-    if batches:
-        return (
-            f"weights saved {batches} batches into epoch {epoch + 1}, after the last scored "
-            f"epoch ({epoch}): the run stopped partway through an epoch"
-        )
-    if "val_acc" in last:
-        return None
-    settings = checkpoint.get("train_config")
-    budget = settings.get("epochs") if isinstance(settings, dict) else None
-    if budget is not None and epoch < budget:
-        return (
-            f"the raw weights of epoch {epoch} of {budget} of a run without validation "
-            "(--val-size 0) that stopped before its last epoch"
-        )
-    return None  # the final weights of a run without validation: train.py's final model
 
 
 def export(source: Path, destination: Path, overwrite: bool, allow_unvalidated: bool) -> None:
@@ -51,7 +27,7 @@ def export(source: Path, destination: Path, overwrite: bool, allow_unvalidated: 
     if destination.exists() and not overwrite:
         raise UserError(f"{destination} already exists: pass --overwrite to replace it")
     checkpoint = load_checkpoint(source)
-    held = unvalidated(checkpoint)
+    held = unvalidated_weights(checkpoint)
     if held and not allow_unvalidated:
         raise UserError(
             f"{source} holds {held}; nothing was exported: pass --unvalidated to export them "

@@ -199,6 +199,35 @@ def load_capsnet(path: str | Path, device: torch.device) -> tuple[CapsNet, dict]
     return model, checkpoint
 
 
+def unvalidated_weights(checkpoint: dict) -> str | None:
+    """What the file holds, in words, when no validation chose its weights; None when one did."""
+    metrics = checkpoint.get("metrics") or []
+    epoch = checkpoint.get("epoch", 0)
+    batches = checkpoint.get("batches_done", 0)
+    if not metrics or not epoch:
+        into = f", {batches} batches into the first" if batches else ""
+        return (
+            f"weights saved before any epoch ended (epoch 0, no metrics{into}): "
+            "nothing has scored them"
+        )
+    last = metrics[-1] if isinstance(metrics[-1], dict) else {}
+    if batches:
+        return (
+            f"weights saved {batches} batches into epoch {epoch + 1}, after the last scored "
+            f"epoch ({epoch}): the run stopped partway through an epoch"
+        )
+    if "val_acc" in last:
+        return None
+    settings = checkpoint.get("train_config")
+    budget = settings.get("epochs") if isinstance(settings, dict) else None
+    if budget is not None and epoch < budget:
+        return (
+            f"the raw weights of epoch {epoch} of {budget} of a run without validation "
+            "(--val-size 0) that stopped before its last epoch"
+        )
+    return None  # the final weights of a run without validation: train.py's final model
+
+
 def has_trained_decoder(checkpoint: dict) -> bool:
     """A CapsNet trained with the reconstruction loss: its decoder's drawings mean something."""
     weight = checkpoint.get("train_config", {}).get("reconstruction_weight", RECONSTRUCTION_WEIGHT)

@@ -10,7 +10,7 @@ import export
 import sweep
 import time_to_accuracy
 import train
-from capslab.checkpoint import load_checkpoint, save_checkpoint
+from capslab.checkpoint import load_checkpoint, save_checkpoint, unvalidated_weights
 from capslab.errors import UserError
 from capslab.jsonl import write_jsonl
 
@@ -314,18 +314,23 @@ def test_export_refuses_a_run_stopped_before_its_first_epoch_ended(data_dir, tmp
     assert not out.exists()
     export.main([str(folder / "last.pt"), str(out), "--unvalidated"])
     assert load_checkpoint(out)["epoch"] == 0
+    # evaluate.py scores such a file, saying first on stderr what it holds.
+    scored = run("evaluate.py", "--checkpoint", out, "--data-dir", data_dir, "--test-subset", 40,
+                 "--json")  # fmt: skip
+    assert "note:" in scored.stderr and "nothing has scored them" in scored.stderr
+    assert json.loads(scored.stdout)["total"] == 40
 
 
 def test_export_names_what_an_unvalidated_file_holds():
     scored = {"epoch": 3, "metrics": [{"epoch": 3, "val_acc": 99.1}], "batches_done": 0}
-    assert export.unvalidated(scored) is None
+    assert unvalidated_weights(scored) is None
     midway = {**scored, "batches_done": 7}
-    assert "7 batches into epoch 4, after the last scored epoch (3)" in export.unvalidated(midway)
+    assert "7 batches into epoch 4, after the last scored epoch (3)" in unvalidated_weights(midway)
     no_validation = {"epoch": 3, "metrics": [{"epoch": 3, "test_acc": 98.0}]}
     stopped = {**no_validation, "train_config": {"epochs": 5}}
-    assert "epoch 3 of 5 of a run without validation" in export.unvalidated(stopped)
+    assert "epoch 3 of 5 of a run without validation" in unvalidated_weights(stopped)
     whole = {**no_validation, "train_config": {"epochs": 3}}
-    assert export.unvalidated(whole) is None  # train.py's final model of a --val-size 0 run
+    assert unvalidated_weights(whole) is None  # train.py's final model of a --val-size 0 run
 
 
 def test_a_failed_evaluation_is_recorded_as_the_runs_failure(tmp_path, monkeypatch):
