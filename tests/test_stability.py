@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from capslab import checkpoint, training
+from capslab import checkpoint, models, training
 from capslab.checkpoint import load_checkpoint, save_checkpoint
 from capslab.data import train_val_split
 from capslab.errors import UserError
@@ -136,7 +136,7 @@ def test_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
     data_dir, tmp_path, monkeypatch
 ):
     steps_per_epoch = 96 // 32
-    monkeypatch.setattr(training, "capsule_loss", nan_on_call(steps_per_epoch + 2))
+    monkeypatch.setattr(models, "capsule_loss", nan_on_call(steps_per_epoch + 2))
     with pytest.raises(UserError, match="non-finite loss or gradient at epoch 2 step 2"):
         train_in_process(data_dir, tmp_path, "--epochs", 3)
     last = load_checkpoint(tmp_path / "last.pt")
@@ -146,7 +146,7 @@ def test_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
 
 @pytest.mark.slow
 def test_skip_mode_counts_skipped_batches(data_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(training, "capsule_loss", nan_on_call(2))
+    monkeypatch.setattr(models, "capsule_loss", nan_on_call(2))
     last = train_in_process(data_dir, tmp_path, "--epochs", 1, "--on-nonfinite", "skip")
     assert last["skipped"] == 1 and last["metrics"][-1]["skipped"] == 1
     assert math.isfinite(last["metrics"][-1]["train_loss"])
