@@ -18,12 +18,11 @@ from pathlib import Path
 
 import torch
 
-from capslab.canvas import to_png
 from capslab.checkpoint import SHIPPED_CHECKPOINT, has_trained_decoder, load_capsnet
 from capslab.data import CLASS_NAMES
 from capslab.errors import UserError, exit_on_user_error, make_output_folder
 from capslab.hardware import add_device_flags, pick_device
-from capslab.inference import classify
+from capslab.inference import classify, to_png
 from capslab.preprocess import preprocess
 
 

@@ -1,4 +1,4 @@
-"""The notebook's drawing canvas, and PNG bytes for its image widgets.
+"""The notebook's drawing canvas.
 
 The canvas is an anywidget: a few lines of JavaScript in this file, shipped to the browser at
 run time, so nothing is built and a pointer (mouse, pen or finger) draws locally without a
@@ -6,24 +6,8 @@ round trip to the kernel per move. ipycanvas would draw from Python, one kernel 
 pointer move, for what needs only the finished stroke.
 """
 
-import io
-
 import anywidget
-import torch
 import traitlets
-from PIL import Image
-
-
-def to_png(image: torch.Tensor, scale: int = 5) -> bytes:
-    """(H, W) in [0, 1] -> PNG bytes, white on black, each pixel a scale x scale square."""
-    pixels = (image.clamp(0, 1) * 255).round().to(torch.uint8).numpy()  # (H, W)
-    picture = Image.fromarray(pixels).resize(
-        (image.shape[1] * scale, image.shape[0] * scale), Image.NEAREST
-    )
-    buffer = io.BytesIO()
-    picture.save(buffer, format="PNG")
-    return buffer.getvalue()
-
 
 CANVAS_ESM = """
 function render({ model, el }) {

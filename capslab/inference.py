@@ -1,14 +1,29 @@
 """What the notebook and predict.py ask of a trained CapsNet for one digit: the prediction with
-every capsule's length and the reconstruction, the paper's Figure 4 perturbations, and where
-the winning capsule's evidence came from. The notebook's widgets are in canvas.py.
+every capsule's length and the reconstruction, the paper's Figure 4 perturbations, where the
+winning capsule's evidence came from, and a 28x28 image as PNG bytes. It needs torch and Pillow
+only; the notebook's figures and widgets are in notebook.py, its drawing canvas in canvas.py.
 """
 
+import io
+
 import torch
+from PIL import Image
 
 from capslab.data import CLASS_NAMES, to_model_input
 from CapsNet import CapsNetConfig, capsule_length
 
 PERTURBATIONS = [round(-0.25 + 0.05 * step, 2) for step in range(11)]  # Figure 4's range
+
+
+def to_png(image: torch.Tensor, scale: int = 5) -> bytes:
+    """(H, W) in [0, 1] -> PNG bytes, white on black, each pixel a scale x scale square."""
+    pixels = (image.clamp(0, 1) * 255).round().to(torch.uint8).numpy()  # (H, W)
+    picture = Image.fromarray(pixels).resize(
+        (image.shape[1] * scale, image.shape[0] * scale), Image.NEAREST
+    )
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 @torch.no_grad()
