@@ -1,5 +1,9 @@
 """inference.ipynb: executed headless with nbclient, and driven in JupyterLab by a real browser;
-the functions its widgets use (inference.py), and the torch.hub entry point (hubconf.py)."""
+the functions its widgets use (inference.py), and the torch.hub entry point (hubconf.py).
+notebook.py's figures and widgets are tested in test_notebook_helpers.py.
+
+The browser test can save a picture of the notebook in use for the README:
+CAPSNET_NOTEBOOK_SCREENSHOT=results/notebook.png pytest tests/test_notebook.py -k jupyterlab"""
 
 import base64
 import io
@@ -24,7 +28,7 @@ from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 from PIL import Image, ImageDraw
 
-from capslab.canvas import DrawingCanvas, to_png
+from capslab.canvas import DrawingCanvas
 from capslab.checkpoint import SHIPPED_CHECKPOINT, load_capsnet, load_checkpoint, save_checkpoint
 from capslab.inference import (
     PERTURBATIONS,
@@ -37,6 +41,7 @@ from capslab.inference import (
     receptive_field,
     routing_maps,
     spread_across_inputs,
+    to_png,
 )
 from capslab.preprocess import preprocess
 from capslab.settings import settings_to_dict
@@ -53,6 +58,8 @@ EVIDENCE = re.compile(
     r"the agreement (\d+\.\d)%"
 )
 STRONGEST = re.compile(r"(\S+), capsule (\S+): dimension (\d+) changes the reconstruction most")
+STRIPPED_METADATA = "metadata.language_info"  # Python's version, written by each run
+SAMPLES_SHOWN = 4  # the notebook's first screen: these samples, then drawing and upload
 CHROMIUM = Path("/usr/bin/chromium")  # Debian's package; `playwright install` is not used
 SETTINGS = {  # JupyterLab settings for the browser test, by plugin
     # Render every cell: with JupyterLab's default windowing, cells out of view may be hidden.
@@ -76,13 +83,17 @@ CHROMIUM_ARGS = [
 ]
 
 
-def execute_notebook(checkpoint: Path, monkeypatch) -> tuple[list[str], dict]:
-    """Run every cell in the repository root as "Run All" does; return the printed lines and
-    the widgets the notebook left, by model name (each a list of states)."""
+def execute_notebook(checkpoint: Path, monkeypatch, flags: dict | None = None):
+    """Run every cell in the repository root as "Run All" does, after replacing each line
+    `flags` names (a flag as it is committed) with its value there; return the printed lines,
+    the widgets the notebook left, by model name (each a list of states), and the notebook."""
     monkeypatch.setenv(
         "CAPSNET_CHECKPOINT", str(checkpoint)
     )  # the kernel inherits this environment
     notebook = nbformat.read(NOTEBOOK, as_version=4)
+    for committed, value in (flags or {}).items():
+        (cell,) = [cell for cell in notebook.cells if committed in cell.source]
+        cell.source = cell.source.replace(committed, value)
     NotebookClient(
         notebook, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}
     ).execute()
@@ -94,7 +105,7 @@ def execute_notebook(checkpoint: Path, monkeypatch) -> tuple[list[str], dict]:
     ]
     assert all(output["name"] == "stdout" for output in streams), "the notebook wrote to stderr"
     lines = "".join(output["text"] for output in streams).splitlines()
-    return lines, widgets_by_model(notebook)
+    return lines, widgets_by_model(notebook), notebook
 
 
 def widgets_by_model(notebook) -> dict:
@@ -117,29 +128,57 @@ def test_notebook_is_committed_without_outputs():
     assert "widgets" not in notebook.metadata  # no saved widget state either
 
 
-def test_notebook_runs_headless(tiny_checkpoint, monkeypatch):
-    lines, widgets = execute_notebook(tiny_checkpoint, monkeypatch)
+def strip_outputs(notebook: Path) -> str:
+    """The notebook as the git filter that .gitattributes names, set up as the README says,
+    hands it to git."""
+    command = ["nbstripout", "--textconv", "--extra-keys", STRIPPED_METADATA, str(notebook)]
+    return subprocess.run(command, capture_output=True, text=True, check=True).stdout
+
+
+def test_notebook_is_committed_as_the_git_filter_strips_it():
+    attributes = (REPO / ".gitattributes").read_text()
+    assert "*.ipynb filter=nbstripout" in attributes
+    assert f"git config filter.nbstripout.extrakeys {STRIPPED_METADATA}" in attributes
+    if not shutil.which("nbstripout"):
+        pytest.skip("nbstripout is not installed: pip install nbstripout")
+    assert strip_outputs(NOTEBOOK) == NOTEBOOK.read_text()
+
+
+def test_notebook_runs_headless(tiny_checkpoint, monkeypatch, tmp_path):
+    lines, widgets, executed = execute_notebook(tiny_checkpoint, monkeypatch)
     assert lines[0].startswith(f"checkpoint {tiny_checkpoint}")
-    assert [LINE.fullmatch(line)[1] for line in lines[1 : 1 + len(SAMPLES)]] == [
-        path.name for path in SAMPLES
+    shown = SAMPLES[:SAMPLES_SHOWN]  # the rest one click away
+    assert [LINE.fullmatch(line)[1] for line in lines[1 : 1 + len(shown)]] == [
+        path.name for path in shown
     ]
-    assert EVIDENCE.fullmatch(lines[1 + len(SAMPLES)])[1] == str(len(SAMPLES))
-    assert lines[-1].startswith(f"perturbing the capsule of {SAMPLES[0].name}")
+    (more,) = (state for state in widgets["ButtonModel"] if state["description"] != "Reset")
+    assert more["description"] == f"Show the other {len(SAMPLES) - len(shown)} samples"
+    assert EVIDENCE.fullmatch(lines[-1])[1] == str(len(SAMPLES))  # measured over them all
     # The canvas, waiting for a stroke.
     (canvas,) = widgets["AnyModel"]
     assert (canvas["size"], canvas["pen_width"], canvas["png"]) == (280, 18, b"")
     assert "pointerup" in canvas["_esm"]
-    # 16 sliders at the first sample's winning capsule, and its reconstruction drawn.
-    expected = classify(load_capsnet(tiny_checkpoint, "cpu")[0], preprocess(SAMPLES[0]))
+    # 16 sliders at the first sample's winning capsule, offsets 0; the digit and its
+    # reconstruction beside them.
+    image28 = preprocess(SAMPLES[0])
+    expected = classify(load_capsnet(tiny_checkpoint, "cpu")[0], image28)
     sliders = sorted(widgets["FloatSliderModel"], key=lambda state: int(state["description"][4:]))
     assert [state["description"] for state in sliders] == [f"dim {d}" for d in range(16)]
-    assert [state["value"] for state in sliders] == pytest.approx(expected["capsule"].tolist())
-    (dragged,) = widgets["ImageModel"]
-    assert (
-        png_pixels(dragged["value"]) - png_pixels(to_png(expected["reconstruction"]))
-    ).abs().max() <= 1
+    assert [state["value"] for state in sliders] == [0.0] * 16
+    assert {(state["min"], state["max"]) for state in sliders} == {(-0.5, 0.5)}
+    images = {state["_dom_classes"][0]: state["value"] for state in widgets["ImageModel"]}
+    assert images.keys() == {"capsule-digit", "capsule-reconstruction", "figure-4"}
+    for name, image in (
+        ("capsule-digit", image28),
+        ("capsule-reconstruction", expected["reconstruction"]),
+    ):
+        assert (png_pixels(images[name]) - png_pixels(to_png(image))).abs().max() <= 1, name
     (strongest,) = (state["value"] for state in widgets["HTMLModel"])
     assert STRONGEST.match(strongest).group(1, 2) == (SAMPLES[0].name, expected["label"])
+    # What the git filter of .gitattributes commits of the notebook once run: itself.
+    if shutil.which("nbstripout"):
+        nbformat.write(executed, tmp_path / NOTEBOOK.name)
+        assert strip_outputs(tmp_path / NOTEBOOK.name) == NOTEBOOK.read_text()
 
 
 def test_notebook_refuses_a_model_without_a_trained_decoder(tiny_checkpoint, tmp_path, monkeypatch):
@@ -152,7 +191,8 @@ def test_notebook_refuses_a_model_without_a_trained_decoder(tiny_checkpoint, tmp
 
 @pytest.mark.slow
 def test_notebook_predicts_the_samples(trained_checkpoint, monkeypatch):
-    lines, _ = execute_notebook(trained_checkpoint, monkeypatch)
+    flags = {"SHOW_ALL_SAMPLES = False": "SHOW_ALL_SAMPLES = True"}
+    lines, _, _ = execute_notebook(trained_checkpoint, monkeypatch, flags)
     predictions = {match[1]: match[2] for match in map(LINE.fullmatch, lines) if match}
     assert predictions == {
         path.name: path.name[0] for path in SAMPLES
@@ -244,14 +284,6 @@ def test_spread_across_inputs():
 def png_pixels(png: bytes) -> torch.Tensor:
     """PNG bytes -> (H, W) grey levels 0..255 as floats."""
     return torch.from_numpy(np.asarray(Image.open(io.BytesIO(png)).convert("L"), dtype=np.float32))
-
-
-def test_to_png_shows_each_pixel_as_a_square():
-    image = torch.rand(28, 28)
-    pixels = png_pixels(to_png(image, scale=5))  # (140, 140)
-    assert pixels.shape == (140, 140)
-    assert (pixels[::5, ::5] - image * 255).abs().max() <= 0.5
-    assert torch.equal(pixels[4::5, 4::5], pixels[::5, ::5])  # 5x5 squares
 
 
 def drawing(stroke: list[tuple[float, float]]) -> bytes:
@@ -420,48 +452,92 @@ FIGURE_INK = """() => Array.from(document.querySelectorAll('.widget-output img')
 })"""
 
 
-def run_all_and_upload(page, url: str, uploads: list[Path]) -> tuple[list[str], list[float]]:
-    """Open the notebook, Run All, upload images with the FileUpload button; return the lines
-    the upload printed and the share of dark pixels in each figure it drew."""
+def run_all(page, url: str) -> None:
+    """Open the notebook and Run All; return once the last of its cells tested here has run."""
     page.goto(url)
     # The toolbar's indicator says idle before the kernel is up; the status bar waits for it.
     page.get_by_text(re.compile(r"Python 3 \(ipykernel\) \| Idle")).wait_for()
     page.get_by_role("menuitem", name="Run", exact=True).click()
     page.get_by_role("menuitem", name="Run All Cells", exact=True).click()
-    page.get_by_text(f"perturbing the capsule of {SAMPLES[0].name}").wait_for()  # the last cell ran
+    page.get_by_text(re.compile(r"evidence maps of \d+ samples")).wait_for()
+
+
+def upload(page, files: list[Path]) -> list[str]:
+    """Upload images with the FileUpload button; return the lines printed for them."""
     # ipywidgets 8 keeps its <input type=file> off the page: catch the chooser its click opens.
     with page.expect_file_chooser() as chooser:
         page.locator("button.widget-upload").click()
-    chooser.value.set_files([str(path) for path in uploads])
+    chooser.value.set_files([str(path) for path in files])
     lines = [
-        page.get_by_text(re.compile(rf"{re.escape(path.name)}: predicted")).first
-        for path in uploads
+        page.get_by_text(re.compile(rf"{re.escape(path.name)}: predicted")).first for path in files
     ]
     for line in lines:
         line.wait_for()
-    page.locator(".widget-output img").nth(len(uploads) - 1).wait_for()
-    return [LINE.search(line.inner_text())[0] for line in lines], page.evaluate(FIGURE_INK)
+    page.locator(".widget-output img").nth(len(files) - 1).wait_for()
+    return [LINE.search(line.inner_text())[0] for line in lines]
 
 
-# A digest of the pixels of the sliders' reconstruction, null until the image has loaded.
-RECONSTRUCTION_DIGEST = """() => {
-    const img = document.querySelector('img.capsule-reconstruction');
+def wait_for_caption(page, name: str) -> None:
+    """Wait until the sliders hold the capsule of the image called `name`."""
+    page.get_by_text(re.compile(rf"{re.escape(name)}, capsule \S+: dimension")).wait_for()
+
+
+# Where the canvas starts, in screens of the notebook's scrolling panel from its top.
+CANVAS_DEPTH = """() => {
+    const canvas = document.querySelector('canvas.capsnet-canvas');
+    const panel = canvas.closest('.jp-WindowedPanel-outer');
+    const top = canvas.getBoundingClientRect().top - panel.getBoundingClientRect().top;
+    return (top + panel.scrollTop) / panel.clientHeight;
+}"""
+
+# Each image widget's shape on the page against its own: 1 where the aspect ratio is kept.
+IMAGE_STRETCH = """() => Object.fromEntries(
+    Array.from(document.querySelectorAll('img.widget-image')).map(img => {
+        const box = img.getBoundingClientRect();
+        const drawn = box.width / box.height, own = img.naturalWidth / img.naturalHeight;
+        const name = ['capsule-digit', 'capsule-reconstruction', 'figure-4']
+            .find(name => img.classList.contains(name));
+        return [name, [drawn / own, box.width, box.height]];
+    }))"""
+
+# Share of dark pixels in each figure of the upload's Output widget: a blank figure has ~0.
+FIGURE_INK = """() => Array.from(document.querySelectorAll('.widget-output img')).map(img => {
+    const canvas = document.createElement('canvas');
+    [canvas.width, canvas.height] = [img.naturalWidth, img.naturalHeight];
+    const context = canvas.getContext('2d');
+    context.drawImage(img, 0, 0);
+    const pixels = context.getImageData(0, 0, canvas.width, canvas.height).data;
+    let dark = 0;
+    for (let i = 0; i < pixels.length; i += 4) dark += pixels[i + 3] > 0 && pixels[i] < 128;
+    return dark / (canvas.width * canvas.height);
+})"""
+
+
+def digest(selector: str) -> str:
+    """JavaScript: a digest of the pixels of the image `selector` finds, null until loaded."""
+    return f"""() => {{
+    const img = document.querySelector('{selector}');
     if (!img || !img.complete || !img.naturalWidth) return null;
     const canvas = document.createElement('canvas');
     [canvas.width, canvas.height] = [img.naturalWidth, img.naturalHeight];
     const context = canvas.getContext('2d');
     context.drawImage(img, 0, 0);
     let digest = 0;
-    for (const value of context.getImageData(0, 0, canvas.width, canvas.height).data) {
+    for (const value of context.getImageData(0, 0, canvas.width, canvas.height).data) {{
         digest = (digest * 31 + value) >>> 0;
-    }
+    }}
     return digest;
-}"""
+}}"""
 
 
-def draw_on_canvas(page, stroke: list[tuple[float, float]]) -> str:
+RECONSTRUCTION_DIGEST = digest("img.capsule-reconstruction")
+FIGURE_4_DIGEST = digest("img.figure-4")
+
+
+def draw_on_canvas(page, stroke: list[tuple[float, float]]) -> tuple[str, float]:
     """Clear the canvas, draw one stroke through `stroke` (fractions of the canvas's side) with
-    the mouse, and return the line the notebook printed for the drawing."""
+    the mouse; return the line the notebook printed for the drawing, and the seconds from the
+    end of the stroke until that line showed."""
     line = page.get_by_text(re.compile(r"drawing: predicted"))
     page.locator("button.capsnet-clear").click()
     line.wait_for(state="detached")
@@ -474,8 +550,9 @@ def draw_on_canvas(page, stroke: list[tuple[float, float]]) -> str:
     for point in points[1:]:
         page.mouse.move(*point, steps=4)
     page.mouse.up()
+    start = time.perf_counter()
     line.wait_for()
-    return LINE.search(line.inner_text())[0]
+    return LINE.search(line.inner_text())[0], time.perf_counter() - start
 
 
 def readout(slider) -> float:
@@ -504,10 +581,30 @@ def drag_strongest_slider(page, label: str) -> tuple[float, float]:
     return start, readout(slider)
 
 
+def save_screenshot(page, path: Path) -> None:
+    """The drawing with its prediction above the sliders, as one PNG (the README's picture)."""
+    parts = []
+    for inside in ("canvas.capsnet-canvas", ".capsule-sliders"):
+        output = page.locator(".jp-OutputArea-output", has=page.locator(inside))
+        output.scroll_into_view_if_needed()
+        parts.append(Image.open(io.BytesIO(output.screenshot())).convert("RGB"))
+    gap = 16
+    width, height = max(part.width for part in parts), sum(part.height + gap for part in parts)
+    picture = Image.new("RGB", (width + 2 * gap, height + gap), "white")
+    top = gap
+    for part in parts:
+        picture.paste(part, (gap, top))
+        top += part.height + gap
+    path.parent.mkdir(parents=True, exist_ok=True)
+    picture.save(path, optimize=True)
+
+
 @pytest.mark.slow
 @pytest.mark.browser
 def test_notebook_in_jupyterlab(playwright_api, jupyterlab, tiny_checkpoint, tmp_path):
-    """Upload two photos, draw a 1 and a 0 with the mouse, drag a capsule's slider."""
+    """Run All; upload two photos, draw a 1 and a 0 with the mouse, drag a capsule's slider,
+    upload the same two photos again. Prints the time from the end of a stroke to its
+    prediction; saves a screenshot where CAPSNET_NOTEBOOK_SCREENSHOT names a file."""
     url, checkpoint = jupyterlab
     uploads = [
         tmp_path / "upload_test_7.jpg",
@@ -515,21 +612,40 @@ def test_notebook_in_jupyterlab(playwright_api, jupyterlab, tiny_checkpoint, tmp
     ]  # names no sample has
     shutil.copy(REPO / "samples" / "7_blue_ballpoint.jpg", uploads[0])
     shutil.copy(REPO / "samples" / "2_scan_16bit.png", uploads[1])
+    screenshot = os.environ.get("CAPSNET_NOTEBOOK_SCREENSHOT")
     with playwright_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1600, "height": 1000})
         page.set_default_timeout(120_000)
         try:
-            lines, figure_ink = run_all_and_upload(page, url, uploads)
-            drawn = [draw_on_canvas(page, stroke) for stroke in (ONE, ZERO)]
+            run_all(page, url)
+            canvas_depth = page.evaluate(CANVAS_DEPTH)
+            first_figure_4 = page.wait_for_function(FIGURE_4_DIGEST).json_value()
+            lines = upload(page, uploads)
+            figure_ink = page.evaluate(FIGURE_INK)
+            wait_for_caption(page, uploads[-1].name)
+            drawn, seconds = zip(*[draw_on_canvas(page, stroke) for stroke in (ONE, ZERO)])
             readouts = drag_strongest_slider(page, LINE.fullmatch(drawn[-1])[2])
+            figure_4 = page.wait_for_function(FIGURE_4_DIGEST).json_value()
+            stretch = page.evaluate(IMAGE_STRETCH)
+            if screenshot:
+                save_screenshot(page, Path(screenshot))
+            upload(page, uploads)  # the same files again: the sliders go back to the last
+            wait_for_caption(page, uploads[-1].name)
         except playwright_api.Error:
             page.screenshot(path=tmp_path / "failure.png")
             raise
         finally:
             browser.close()
+    print(f"stroke to prediction: {', '.join(f'{s:.2f} s' for s in seconds)}")
+    print(f"the canvas starts {canvas_depth:.2f} screens down the notebook")
+    assert canvas_depth < 3, canvas_depth  # within the first screens, past 4 samples
     assert len(figure_ink) == len(uploads) and min(figure_ink) > 0.05, figure_ink
     assert readouts[1] > readouts[0], readouts
+    assert figure_4 != first_figure_4  # Figure 4 followed the drawing
+    for name in ("capsule-digit", "capsule-reconstruction", "figure-4"):
+        assert stretch[name][0] == pytest.approx(1, abs=0.02), stretch
+    assert stretch["capsule-reconstruction"][1:] == pytest.approx([140, 140], abs=1), stretch
     if checkpoint != tiny_checkpoint:
         assert [LINE.fullmatch(line)[2] for line in lines] == ["7", "2"], lines
         assert [LINE.fullmatch(line)[2] for line in drawn] == ["1", "0"], drawn
