@@ -161,8 +161,8 @@ def assert_same_state(a: dict, b: dict) -> None:
 
 
 @pytest.mark.slow
-def test_resume_reproduces_the_uninterrupted_run(data_dir, tmp_path):
-    straight = train_in_process(data_dir, tmp_path / "straight", "--epochs", 2)
+def test_resume_reproduces_the_uninterrupted_run(data_dir, tmp_path, trained_run):
+    straight = load_checkpoint(trained_run[0] / "last.pt")  # SMALL_RUN, --epochs 2
     train_in_process(data_dir, tmp_path / "resumed", "--epochs", 1)
     resumed = train_in_process(data_dir, tmp_path / "resumed", "--epochs", 2, "--resume")
     assert resumed["epoch"] == 2
@@ -428,7 +428,7 @@ def test_resume_help_names_every_flag_a_resume_may_change():
 
 
 @pytest.mark.slow
-def test_checkpoint_of_the_previous_layout_still_resumes(data_dir, tmp_path):
+def test_checkpoint_of_the_previous_layout_still_resumes(data_dir, tmp_path, trained_run):
     """Files written before train_config/batches_done: flags under "args", "step", "partial"."""
     first = train_in_process(data_dir, tmp_path / "old", "--epochs", 1)
     old = {
@@ -448,7 +448,7 @@ def test_checkpoint_of_the_previous_layout_still_resumes(data_dir, tmp_path):
     old["step"], old["partial"] = first["batches_done"], first["totals"]
     torch.save(old, tmp_path / "old" / "last.pt")
     resumed = train_in_process(data_dir, tmp_path / "old", "--epochs", 2, "--resume")
-    straight = train_in_process(data_dir, tmp_path / "straight", "--epochs", 2)
+    straight = load_checkpoint(trained_run[0] / "last.pt")  # SMALL_RUN, --epochs 2
     assert_same_state(straight, resumed)
 
 

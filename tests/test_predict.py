@@ -560,9 +560,8 @@ def test_cli_refuses_a_model_without_capsules(tmp_path, capsys):
     )
 
 
-@pytest.mark.slow
 def test_cli_predicts_the_bundled_samples(trained_checkpoint):
-    result = run_cli(*map(str, SAMPLES), "--checkpoint", str(trained_checkpoint))
+    result = run_in_process("predict.py", *SAMPLES, "--checkpoint", trained_checkpoint)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()[1:]  # after the header line
     assert len(lines) == len(SAMPLES)

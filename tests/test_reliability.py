@@ -210,7 +210,6 @@ def saved_run(trained_run):
     return load_checkpoint(trained_run[0] / "last.pt")
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(
     "break_it, fragment",
     [
