@@ -56,6 +56,7 @@ from capslab.data import AFFINE_FAMILIES, add_data_flags
 from capslab.errors import UserError, exit_on_user_error, first_line, flag_name
 from capslab.figures import plot_test_errors
 from capslab.jsonl import is_number, json_type, read_jsonl, write_jsonl
+from capslab.run_plan import build_parser, configs_from_flags
 from capslab.training import chosen_by_validation
 
 RUN_KEYS = ("name", "flags", "evaluate", "paper")  # what a run of the grid may hold
@@ -160,19 +161,18 @@ def flag_list_problems(where: str, flags, check) -> list[str]:
 def train_flags_problem(flags: list[str]) -> str | None:
     """What train.py would refuse in these flags, found with train.py's own parser and
     configs, or a flag the sweep sets itself (None: nothing)."""
-    # The sweep launches train.py, so it checks the flags where they are defined: a typo in
-    # the grid's last run is found before the first run spends hours training.
-    import train
 
+    # The sweep launches train.py, so it checks the flags with train.py's own parser and
+    # configs: a typo in the grid's last run is found before the first run spends hours training.
     def parser_refusing() -> argparse.ArgumentParser:
-        parser = train.build_parser()
+        parser = build_parser()
         parser.error, parser.exit = refuse, lambda *_: refuse()  # no usage, no exit
         parser.print_help = lambda *_: None
         return parser
 
     try:
         args = parser_refusing().parse_args(flags)
-        train.configs_from_flags(args)  # the values: "--epochs must be ..."
+        configs_from_flags(args)  # the values: "--epochs must be ..."
     except (FlagError, UserError) as error:
         return first_line(error)
     # argparse sets a default only where the namespace lacks it: markers show what was given.

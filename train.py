@@ -17,7 +17,6 @@ Under torchrun, --batch-size stays the global batch (see training.py); if you ra
 give each process more work, scale --lr linearly with it.
 """
 
-import argparse
 import time
 from pathlib import Path
 
@@ -27,12 +26,12 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from capslab.checkpoint import claim_run_folder  # noqa: E402
-from capslab.data import add_data_flags, load_run_splits  # noqa: E402
-from capslab.errors import UserError, exit_on_user_error, flag_name  # noqa: E402
-from capslab.flags import add_config_flags, parse_flags  # noqa: E402
-from capslab.hardware import add_device_flags, has_native_bf16, keep_freed_memory, set_threads  # noqa: E402
+from capslab.data import load_run_splits  # noqa: E402
+from capslab.errors import UserError, exit_on_user_error  # noqa: E402
+from capslab.flags import parse_flags  # noqa: E402
+from capslab.hardware import has_native_bf16, keep_freed_memory, set_threads  # noqa: E402
 from capslab.run_plan import (  # noqa: E402
-    RESUMABLE,
+    build_parser,
     configs_from_flags,  # noqa: F401 (tests/test_recipe.py builds its grids' configs with it)
     plan_run,
 )
@@ -46,51 +45,12 @@ from capslab.training import (  # noqa: E402
     log,
     seed_everything,
 )
-from CapsNet import CapsNetConfig  # noqa: E402
 
 DEFAULTS = TrainConfig()  # for tests/test_recipe.py, which reads train.py's defaults here
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The training and model settings' flags come from their config fields (capslab/flags.py);
-    the flags below them belong to this run alone and are not saved as settings."""
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add_config_flags(parser.add_argument_group("training (TrainConfig)"), TrainConfig)
-    add_config_flags(parser.add_argument_group("model (CapsNetConfig)"), CapsNetConfig)
-    this_run = parser.add_argument_group("this run")
-    add_data_flags(this_run, test_subset=False)  # --test-subset is a TrainConfig field
-    add_device_flags(this_run)
-    add = this_run.add_argument
-    add(
-        "--checkpoint-dir",
-        default="checkpoints",
-        help="where last.pt, best.pt and the log go (default: checkpoints)",
-    )
-    add(
-        "--resume",
-        nargs="?",
-        const="last",
-        default=None,
-        metavar="PATH",
-        help="continue PATH (or CHECKPOINT_DIR/last.pt) with its saved settings; only "
-        f"{', '.join(map(flag_name, sorted(RESUMABLE)))} may change (--epochs not under the "
-        "onecycle schedule), besides --device, --threads, --data-dir, --checkpoint-dir, --quiet "
-        "and --dry-run (default: off)",
-    )
-    add(
-        "--dry-run",
-        action="store_true",
-        help=f"run {DRY_RUN_BATCHES} training and {DRY_RUN_BATCHES} test batches, save nothing "
-        "(default: off)",
-    )
-    add("--quiet", action="store_true", help="no progress bars (default: off)")
-    return parser
-
-
 def main(argv=None) -> None:
-    args, explicit = parse_flags(build_parser(), argv)
+    args, explicit = parse_flags(build_parser(__doc__), argv)
     plan = plan_run(args, explicit)
     set_threads(args.threads)
     device = init_distributed(args.device, plan.config.batch_size)

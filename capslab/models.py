@@ -36,12 +36,17 @@ class ModelKind:
     config_class: type
     loss: Callable  # (model, x, y, reconstruction_weight, originals) -> batch-mean loss
     has_decoder: bool  # digit capsules with a decoder: reconstructions and capsule figures
+    reads_pairs: bool  # its loss takes two labels an image (MultiMNIST)
 
 
 MODEL_KINDS = {
-    "capsnet": ModelKind(CapsNet, CapsNetConfig, capsnet_loss, has_decoder=True),
-    "cnn": ModelKind(BaselineCNN, BaselineConfig, cross_entropy_loss, has_decoder=False),
-    "paper-cnn": ModelKind(PaperCNN, PaperCNNConfig, cross_entropy_loss, has_decoder=False),
+    "capsnet": ModelKind(CapsNet, CapsNetConfig, capsnet_loss, has_decoder=True, reads_pairs=True),
+    "cnn": ModelKind(
+        BaselineCNN, BaselineConfig, cross_entropy_loss, has_decoder=False, reads_pairs=False
+    ),
+    "paper-cnn": ModelKind(
+        PaperCNN, PaperCNNConfig, cross_entropy_loss, has_decoder=False, reads_pairs=False
+    ),
 }
 
 

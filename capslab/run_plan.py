@@ -13,16 +13,56 @@ from pathlib import Path
 import torch
 
 from capslab.checkpoint import config_from_checkpoint, load_checkpoint, model_from_checkpoint
-from capslab.data import IMAGE_SIZE
+from capslab.data import IMAGE_SIZE, add_data_flags
 from capslab.errors import UserError, flag_name
-from capslab.flags import flag_fields, flag_values
+from capslab.flags import add_config_flags, flag_fields, flag_values
+from capslab.hardware import add_device_flags
 from capslab.models import MODEL_KINDS
-from capslab.training import TrainConfig, log
+from capslab.training import DRY_RUN_BATCHES, TrainConfig, log
 from CapsNet import CapsNetConfig
 
 RESUMABLE = {"epochs", "bf16", "compile"}  # settings a resumed run may change
 RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl")  # a fresh run would overwrite these
 MODEL_FLAGS = tuple(field.name for field in flag_fields(CapsNetConfig))  # routing's flags
+
+
+def build_parser(description: str | None = None) -> argparse.ArgumentParser:
+    """train.py's parser, which sweep.py checks grids with. The training and model settings'
+    flags come from their config fields (capslab/flags.py); the flags below them belong to this
+    run alone and are not saved as settings."""
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_config_flags(parser.add_argument_group("training (TrainConfig)"), TrainConfig)
+    add_config_flags(parser.add_argument_group("model (CapsNetConfig)"), CapsNetConfig)
+    this_run = parser.add_argument_group("this run")
+    add_data_flags(this_run, test_subset=False)  # --test-subset is a TrainConfig field
+    add_device_flags(this_run)
+    add = this_run.add_argument
+    add(
+        "--checkpoint-dir",
+        default="checkpoints",
+        help="where last.pt, best.pt and the log go (default: checkpoints)",
+    )
+    add(
+        "--resume",
+        nargs="?",
+        const="last",
+        default=None,
+        metavar="PATH",
+        help="continue PATH (or CHECKPOINT_DIR/last.pt) with its saved settings; only "
+        f"{', '.join(map(flag_name, sorted(RESUMABLE)))} may change (--epochs not under the "
+        "onecycle schedule), besides --device, --threads, --data-dir, --checkpoint-dir, --quiet "
+        "and --dry-run (default: off)",
+    )
+    add(
+        "--dry-run",
+        action="store_true",
+        help=f"run {DRY_RUN_BATCHES} training and {DRY_RUN_BATCHES} test batches, save nothing "
+        "(default: off)",
+    )
+    add("--quiet", action="store_true", help="no progress bars (default: off)")
+    return parser
 
 
 @dataclass

@@ -160,6 +160,12 @@ class TrainConfig:
         )
         require(self.dataset in DATASETS, "dataset", f"one of {', '.join(DATASETS)}")
         require(self.model in MODEL_KINDS, "model", f"one of {', '.join(MODEL_KINDS)}")
+        pair_models = [name for name, kind in MODEL_KINDS.items() if kind.reads_pairs]
+        require(
+            self.dataset != "multimnist" or self.model in pair_models,
+            "model",
+            f"{' or '.join(pair_models)} with --dataset multimnist, whose images hold two digits",
+        )
         require(self.schedule in SCHEDULES, "schedule", f"one of {', '.join(SCHEDULES)}")
         require(self.on_nonfinite in ON_NONFINITE, "on_nonfinite", " or ".join(ON_NONFINITE))
         require(self.lr > 0 and math.isfinite(self.lr), "lr", "a positive number")

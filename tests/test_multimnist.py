@@ -14,6 +14,7 @@ import train
 from capslab import data
 from capslab.checkpoint import load_checkpoint
 from capslab.data import Split, load_run_splits
+from capslab.errors import UserError
 from capslab.multimnist import (
     CANVAS,
     MAX_SHIFT,
@@ -238,3 +239,10 @@ def test_exported_pairs_model_loads_through_torch_hub(multimnist_run, tmp_path):
     assert lengths.shape == (2, 10) and drawn.shape == (2, 1, CANVAS, CANVAS)
     fresh = hubconf.capsnet_multimnist(pretrained=False)
     assert fresh.config.image_size == CANVAS
+
+
+def test_a_single_label_model_on_pairs_is_refused_before_any_data_is_read(tmp_path):
+    with pytest.raises(UserError, match="--model must be capsnet with --dataset multimnist") as e:
+        train.main(["--dataset", "multimnist", "--model", "cnn", "--data-dir",
+                    str(tmp_path / "none"), "--checkpoint-dir", str(tmp_path / "run")])  # fmt: skip
+    assert "\n" not in str(e.value) and not (tmp_path / "none").exists()
