@@ -88,7 +88,7 @@ def measure(args: argparse.Namespace) -> dict:
     kind = MODEL_KINDS[args.model]
     model = kind.model_class(kind.config_class(image_size=IMAGE_SIZE[args.dataset]))
     # The first call, then per round a warm-up call (images_per_second's) and the timed steps.
-    steps_taken = 1 + args.rounds * (1 + args.steps)
+    steps_taken = 1 + args.rounds * (1 + args.steps) + (args.steps if args.profile else 0)
     trainer = Trainer(
         config,
         model,
