@@ -208,11 +208,9 @@ def drawing_box(canvas: widgets.DOMWidget, show: Callable[[str, bytes], object])
     return widgets.VBox([canvas, output])
 
 
-def square_image(css_class: str) -> widgets.Image:
+def square_image(css_class: str, side: str = IMAGE_SIDE) -> widgets.Image:
     """A PNG widget held square: in a flex box, an image otherwise stretches to the box."""
-    layout = widgets.Layout(
-        width=IMAGE_SIDE, height=IMAGE_SIDE, object_fit="contain", flex="0 0 auto"
-    )
+    layout = widgets.Layout(width=side, height=side, object_fit="contain", flex="0 0 auto")
     return widgets.Image(format="png", layout=layout).add_class(css_class)
 
 

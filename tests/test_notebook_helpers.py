@@ -1,6 +1,7 @@
-"""What inference.ipynb's cells call (capslab/notebook.py, inference.to_png): figures that fit
-the notebook, the upload button, the canvas's output, the capsule sliders and Figure 4 that
-follow the latest digit. Widgets are driven from Python, as the browser's messages set them."""
+"""What inference.ipynb's cells call (capslab/notebook.py, notebook_multimnist.py,
+inference.to_png): figures that fit the notebook, the upload button, the canvas's output, the
+capsule sliders, Figure 4 and the two-digit MultiMNIST pair that follow the latest digit.
+Widgets are driven from Python, as the browser's messages set them."""
 
 import io
 import subprocess
@@ -14,7 +15,9 @@ from matplotlib.text import Text
 from PIL import Image
 
 from capslab.canvas import DrawingCanvas
-from capslab.checkpoint import load_capsnet
+from capslab.checkpoint import load_capsnet, save_checkpoint
+from capslab.data import to_model_input
+from capslab.errors import UserError
 from capslab.inference import (
     classify,
     decode_capsule,
@@ -37,7 +40,17 @@ from capslab.notebook import (
     prediction_figure,
     upload_box,
 )
+from capslab.notebook_multimnist import (
+    TwoDigits,
+    classify_pair,
+    gray_png,
+    load_pair_model,
+    pair_image,
+    two_colour_png,
+)
 from capslab.preprocess import preprocess
+from capslab.settings import settings_to_dict
+from CapsNet import CapsNet, CapsNetConfig
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = sorted(path for path in (REPO / "samples").iterdir() if path.suffix in {".jpg", ".png"})
@@ -46,6 +59,35 @@ SAMPLES = sorted(path for path in (REPO / "samples").iterdir() if path.suffix in
 @pytest.fixture(scope="module")
 def tiny_model(tiny_checkpoint):
     return load_capsnet(tiny_checkpoint, torch.device("cpu"))[0]
+
+
+def save_tiny_pair_checkpoint(path: Path) -> Path:
+    """An untrained, narrow 36x36 CapsNet in tests/conftest.py's tiny-checkpoint layout, its
+    digit-capsule and decoder weights scaled up: untrained capsules are ~1e-4 long, so the
+    decoder would draw the same grey for every class and the two colours could not be told apart.
+    """
+    torch.manual_seed(0)
+    config = CapsNetConfig(
+        image_size=36, conv1_channels=16, primary_channels=4, decoder_hidden=(16, 32)
+    )
+    model = CapsNet(config)
+    with torch.no_grad():
+        model.digit_caps.W.mul_(1000)  # capsule lengths near 1
+        model.decoder.layers[0].weight.mul_(30)  # each class's slot a different drawing
+        model.decoder.layers[4].weight.mul_(10)  # in high contrast
+    state = {"model": model.state_dict(), "config": settings_to_dict(config)}
+    save_checkpoint({**state, "dataset": "multimnist", "epoch": 0}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_pair_checkpoint(tmp_path_factory) -> Path:
+    return save_tiny_pair_checkpoint(tmp_path_factory.mktemp("tiny_pair") / "tiny_pair.pt")
+
+
+@pytest.fixture(scope="module")
+def pair_model(tiny_pair_checkpoint):
+    return load_capsnet(tiny_pair_checkpoint, torch.device("cpu"))[0]
 
 
 @pytest.fixture(scope="module")
@@ -185,3 +227,101 @@ def test_more_samples_shows_the_rest_once():
     assert button.description == f"Show the other {len(SAMPLES) - 4} samples"
     button.click()
     assert shown == SAMPLES[4:] and button.disabled
+
+
+# "Two digits at once": MultiMNIST
+
+
+def test_the_pair_centres_the_first_digit_and_moves_the_second():
+    first, second = preprocess(SAMPLES[0]), preprocess(SAMPLES[8])
+    as_uint8 = (second * 255).round().to(torch.uint8)
+    nothing = torch.zeros(28, 28)
+    alone = pair_image(first, nothing, 0, 0)  # (36, 36)
+    assert alone.shape == (36, 36) and alone.dtype == torch.uint8
+    assert torch.equal(alone[4:32, 4:32], (first * 255).round().to(torch.uint8))
+    assert alone.sum() == alone[4:32, 4:32].sum()  # nothing else on the canvas
+    moved = pair_image(nothing, second, -3, 4)  # 3 px up, 4 px right
+    assert torch.equal(moved[1:29, 8:36], as_uint8)
+    both = pair_image(first, second, 0, 0).int()
+    added = (first * 255).round().int() + as_uint8.int()  # added, then clipped at 255
+    assert torch.equal(both[4:32, 4:32], added.clamp(max=255))
+
+
+def test_the_pair_is_the_two_longest_capsules_each_drawn_from_its_own(pair_model):
+    image36 = pair_image(preprocess(SAMPLES[0]), preprocess(SAMPLES[8]), 1, -2)
+    pair = classify_pair(pair_model, image36)
+    lengths, _, _ = pair_model(to_model_input(image36, "cpu"))  # (1, 10)
+    top = lengths[0].topk(2)
+    assert (
+        pair["class_indices"] == top.indices.tolist() and pair["lengths"][0] >= pair["lengths"][1]
+    )
+    assert pair["labels"] == [str(index) for index in pair["class_indices"]]
+    # As the model draws a MultiMNIST pair for its training loss: target (B, 2).
+    _, drawn, _ = pair_model(to_model_input(image36, "cpu"), top.indices[None])  # (1, 2, 1, 36, 36)
+    torch.testing.assert_close(pair["reconstructions"], drawn[0, :, 0])
+    assert (pair["reconstructions"][0] - pair["reconstructions"][1]).abs().max() > 0.5
+
+
+def test_the_reconstructions_are_red_and_green():
+    images = torch.rand(2, 36, 36)
+    rgb = np.asarray(Image.open(io.BytesIO(two_colour_png(images, scale=5))).convert("RGB"))
+    assert rgb.shape == (180, 180, 3)
+    for channel in (0, 1):  # red the first, green the second
+        expected = (images[channel] * 255).round().numpy()
+        assert np.abs(rgb[::5, ::5, channel] - expected).max() <= 0.5
+    assert not rgb[..., 2].any()  # no blue: black where neither draws
+    assert torch.equal(
+        png_pixels(gray_png(torch.full((36, 36), 200, dtype=torch.uint8)))[::5, ::5],
+        torch.full((36, 36), 200.0),
+    )
+
+
+def test_two_digits_follow_the_latest_digit_the_sample_and_the_sliders(pair_model, tiny_model):
+    viewer = DigitViewer(tiny_model)
+    viewer.show_samples(SAMPLES[:1])
+    two_digits = TwoDigits(pair_model, SAMPLES, second=SAMPLES[8].name)
+    viewer.follow(two_digits.show)
+    first, second, third, fifth = (preprocess(SAMPLES[k]) for k in (0, 8, 3, 5))
+
+    def shows(first, second, dy, dx) -> None:
+        image36 = pair_image(first, second, dy, dx)
+        assert two_digits.input.value == gray_png(image36)
+        pair = classify_pair(pair_model, image36)
+        assert two_digits.reconstruction.value == two_colour_png(pair["reconstructions"])
+        assert f"{dx:+d} px right, {dy:+d} px down" in two_digits.caption.value
+        for colour, label in zip(("#e00000", "#00b000"), pair["labels"]):
+            assert f'<b style="color:{colour}">{label}</b>' in two_digits.caption.value
+
+    assert [(s.min, s.max, s.value) for s in two_digits.offsets] == [(-4, 4, 0)] * 2
+    shows(first, second, 0, 0)
+    assert two_digits.caption.value.startswith(f"{SAMPLES[0].name} + {SAMPLES[8].name} moved")
+    two_digits.offsets[1].value = 3  # right
+    shows(first, second, 0, 3)
+    two_digits.offsets[0].value = -2  # up
+    shows(first, second, -2, 3)
+    two_digits.second.value = SAMPLES[3].name
+    shows(first, third, -2, 3)
+    viewer.show("<upload>.png", SAMPLES[5].read_bytes())  # a new latest digit
+    shows(fifth, third, -2, 3)
+    assert two_digits.caption.value.startswith("&lt;upload&gt;.png + ")  # the name as text
+    for image in (two_digits.input, two_digits.reconstruction):
+        assert image.layout.width == image.layout.height == "180px"  # 36 px at 5x, square
+
+
+def test_without_a_multimnist_model_the_section_says_how_to_train_one(tmp_path, capsys):
+    assert load_pair_model(tmp_path / "absent.pt", torch.device("cpu")) is None
+    (sentence,) = capsys.readouterr().out.splitlines()
+    assert sentence.startswith("The MultiMNIST model is not there yet")
+    assert "python train.py --dataset multimnist" in sentence
+    assert "results/grids/multimnist.json" in sentence
+    assert "CAPSNET_MULTIMNIST_CHECKPOINT" in sentence
+
+
+def test_the_section_loads_a_36x36_model_and_refuses_a_28x28_one(
+    tiny_pair_checkpoint, tiny_checkpoint, capsys
+):
+    model = load_pair_model(tiny_pair_checkpoint, torch.device("cpu"))
+    assert model.config.image_size == 36 and not model.training
+    assert capsys.readouterr().out == f"MultiMNIST checkpoint {tiny_pair_checkpoint}\n"
+    with pytest.raises(UserError, match="takes 28x28 images.*36x36"):
+        load_pair_model(tiny_checkpoint, torch.device("cpu"))
