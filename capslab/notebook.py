@@ -241,7 +241,7 @@ class CapsuleSliders:
         ]
         self.digit = square_image("capsule-digit")
         self.reconstruction = square_image("capsule-reconstruction")
-        self.caption = widgets.HTML()
+        self.caption = widgets.HTML().add_class("capsule-caption")
         reset = widgets.Button(description="Reset")
         reset.on_click(lambda _: self.reset())
         self.result: dict | None = None

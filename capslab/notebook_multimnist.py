@@ -121,7 +121,7 @@ class TwoDigits:
         self.caption = widgets.HTML().add_class("pair-caption")
         for control in (self.second, *self.offsets):
             control.observe(self.redraw, names="value")
-        controls = widgets.VBox([self.second, *self.offsets])
+        controls = widgets.VBox([self.second, *self.offsets]).add_class("pair-controls")
         images = [captioned(self.input, "input"), captioned(self.reconstruction, "reconstructions")]
         self.widget = widgets.VBox([widgets.HBox([controls, *images]), self.caption])
 

@@ -27,6 +27,7 @@ import torch
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 from PIL import Image, ImageDraw
+from test_notebook_helpers import save_tiny_pair_checkpoint
 
 from capslab.canvas import DrawingCanvas
 from capslab.checkpoint import SHIPPED_CHECKPOINT, load_capsnet, load_checkpoint, save_checkpoint
@@ -43,6 +44,7 @@ from capslab.inference import (
     spread_across_inputs,
     to_png,
 )
+from capslab.notebook_multimnist import NOT_THERE_YET, gray_png, pair_image
 from capslab.preprocess import preprocess
 from capslab.settings import settings_to_dict
 from CapsNet import CapsNet, CapsNetConfig
@@ -58,6 +60,10 @@ EVIDENCE = re.compile(
     r"the agreement (\d+\.\d)%"
 )
 STRONGEST = re.compile(r"(\S+), capsule (\S+): dimension (\d+) changes the reconstruction most")
+PAIRED = re.compile(r"(\S+) \+ (\S+) moved ([+-]\d) px right, ([+-]\d) px down: the two longest")
+SECOND_DIGIT = "7_blue_ballpoint.jpg"  # the sample the notebook pairs with the latest digit
+# Where no MultiMNIST model is: a path under /dev/null, which is no folder.
+NO_MULTIMNIST = Path(os.devnull) / "capsnet_multimnist.pt"
 STRIPPED_METADATA = "metadata.language_info"  # Python's version, written by each run
 SAMPLES_SHOWN = 4  # the notebook's first screen: these samples, then drawing and upload
 CHROMIUM = Path("/usr/bin/chromium")  # Debian's package; `playwright install` is not used
@@ -83,14 +89,24 @@ CHROMIUM_ARGS = [
 ]
 
 
-def execute_notebook(checkpoint: Path, monkeypatch, flags: dict | None = None):
+def execute_notebook(
+    checkpoint: Path,
+    monkeypatch,
+    flags: dict | None = None,
+    multimnist: Path = NO_MULTIMNIST,
+    sections: tuple[str, ...] | None = None,
+):
     """Run every cell in the repository root as "Run All" does, after replacing each line
     `flags` names (a flag as it is committed) with its value there; return the printed lines,
-    the widgets the notebook left, by model name (each a list of states), and the notebook."""
-    monkeypatch.setenv(
-        "CAPSNET_CHECKPOINT", str(checkpoint)
-    )  # the kernel inherits this environment
+    the widgets the notebook left, by model name (each a list of states), and the notebook.
+    `multimnist` is the MultiMNIST checkpoint ("Two digits at once"); `sections`, headings of
+    the sections to run (with the cells above the first section), else all of them."""
+    # The kernel inherits this environment.
+    monkeypatch.setenv("CAPSNET_CHECKPOINT", str(checkpoint))
+    monkeypatch.setenv("CAPSNET_MULTIMNIST_CHECKPOINT", str(multimnist))
     notebook = nbformat.read(NOTEBOOK, as_version=4)
+    if sections is not None:
+        notebook.cells = only_sections(notebook.cells, sections)
     for committed, value in (flags or {}).items():
         (cell,) = [cell for cell in notebook.cells if committed in cell.source]
         cell.source = cell.source.replace(committed, value)
@@ -108,8 +124,21 @@ def execute_notebook(checkpoint: Path, monkeypatch, flags: dict | None = None):
     return lines, widgets_by_model(notebook), notebook
 
 
+def only_sections(cells: list, headings: tuple[str, ...]) -> list:
+    """The cells above the first "## " heading, and those of the sections headed `headings`."""
+    kept, keep = [], True
+    for cell in cells:
+        if cell.cell_type == "markdown" and cell.source.startswith("## "):
+            keep = cell.source.splitlines()[0][3:] in headings
+        if keep:
+            kept.append(cell)
+    return kept
+
+
 def widgets_by_model(notebook) -> dict:
     """The widget state nbclient saved: model name -> states, binary values decoded to bytes."""
+    if "widgets" not in notebook.metadata:  # the cells run made none
+        return {}
     saved = notebook.metadata["widgets"]["application/vnd.jupyter.widget-state+json"]["state"]
     widgets = {}
     for model in saved.values():
@@ -144,8 +173,16 @@ def test_notebook_is_committed_as_the_git_filter_strips_it():
     assert strip_outputs(NOTEBOOK) == NOTEBOOK.read_text()
 
 
-def test_notebook_runs_headless(tiny_checkpoint, monkeypatch, tmp_path):
-    lines, widgets, executed = execute_notebook(tiny_checkpoint, monkeypatch)
+@pytest.fixture(scope="module")
+def tiny_pair_checkpoint(tmp_path_factory) -> Path:
+    """A tiny 36x36 CapsNet for "Two digits at once", its two drawings in distinct colours."""
+    return save_tiny_pair_checkpoint(tmp_path_factory.mktemp("tiny_pair") / "tiny_pair.pt")
+
+
+def test_notebook_runs_headless(tiny_checkpoint, tiny_pair_checkpoint, monkeypatch, tmp_path):
+    lines, widgets, executed = execute_notebook(
+        tiny_checkpoint, monkeypatch, multimnist=tiny_pair_checkpoint
+    )
     assert lines[0].startswith(f"checkpoint {tiny_checkpoint}")
     shown = SAMPLES[:SAMPLES_SHOWN]  # the rest one click away
     assert [LINE.fullmatch(line)[1] for line in lines[1 : 1 + len(shown)]] == [
@@ -153,7 +190,8 @@ def test_notebook_runs_headless(tiny_checkpoint, monkeypatch, tmp_path):
     ]
     (more,) = (state for state in widgets["ButtonModel"] if state["description"] != "Reset")
     assert more["description"] == f"Show the other {len(SAMPLES) - len(shown)} samples"
-    assert EVIDENCE.fullmatch(lines[-1])[1] == str(len(SAMPLES))  # measured over them all
+    assert EVIDENCE.fullmatch(lines[-2])[1] == str(len(SAMPLES))  # measured over them all
+    assert lines[-1] == f"MultiMNIST checkpoint {tiny_pair_checkpoint}"
     # The canvas, waiting for a stroke.
     (canvas,) = widgets["AnyModel"]
     assert (canvas["size"], canvas["pen_width"], canvas["png"]) == (280, 18, b"")
@@ -167,14 +205,37 @@ def test_notebook_runs_headless(tiny_checkpoint, monkeypatch, tmp_path):
     assert [state["value"] for state in sliders] == [0.0] * 16
     assert {(state["min"], state["max"]) for state in sliders} == {(-0.5, 0.5)}
     images = {state["_dom_classes"][0]: state["value"] for state in widgets["ImageModel"]}
-    assert images.keys() == {"capsule-digit", "capsule-reconstruction", "figure-4"}
+    assert images.keys() == {
+        "capsule-digit",
+        "capsule-reconstruction",
+        "figure-4",
+        "pair-input",
+        "pair-reconstruction",
+    }
     for name, image in (
         ("capsule-digit", image28),
         ("capsule-reconstruction", expected["reconstruction"]),
     ):
         assert (png_pixels(images[name]) - png_pixels(to_png(image))).abs().max() <= 1, name
-    (strongest,) = (state["value"] for state in widgets["HTMLModel"])
-    assert STRONGEST.match(strongest).group(1, 2) == (SAMPLES[0].name, expected["label"])
+    captions = {state["_dom_classes"][0]: state["value"] for state in widgets["HTMLModel"]}
+    assert captions.keys() == {"capsule-caption", "pair-caption"}
+    assert STRONGEST.match(captions["capsule-caption"]).group(1, 2) == (
+        SAMPLES[0].name,
+        expected["label"],
+    )
+    # Two digits at once: the first sample and the second digit, centred, on the 36x36 canvas.
+    assert PAIRED.match(captions["pair-caption"]).groups() == (
+        SAMPLES[0].name,
+        SECOND_DIGIT,
+        "+0",
+        "+0",
+    )
+    (second,) = widgets["DropdownModel"]
+    assert second["_options_labels"] == [path.name for path in SAMPLES]
+    offsets = widgets["IntSliderModel"]
+    assert [(state["min"], state["max"], state["value"]) for state in offsets] == [(-4, 4, 0)] * 2
+    pair = pair_image(image28, preprocess(REPO / "samples" / SECOND_DIGIT), 0, 0)
+    assert images["pair-input"] == gray_png(pair)
     # What the git filter of .gitattributes commits of the notebook once run: itself.
     if shutil.which("nbstripout"):
         nbformat.write(executed, tmp_path / NOTEBOOK.name)
@@ -187,6 +248,18 @@ def test_notebook_refuses_a_model_without_a_trained_decoder(tiny_checkpoint, tmp
     save_checkpoint(checkpoint, tmp_path / "norecon.pt")
     with pytest.raises(CellExecutionError, match="trained without the reconstruction loss"):
         execute_notebook(tmp_path / "norecon.pt", monkeypatch)
+
+
+def test_without_a_multimnist_model_two_digits_says_how_to_train_one(tiny_checkpoint, monkeypatch):
+    lines, widgets, _ = execute_notebook(
+        tiny_checkpoint, monkeypatch, sections=("Two digits at once",)
+    )
+    assert lines == [
+        f"checkpoint {tiny_checkpoint}  dataset mnist  device cpu",
+        NOT_THERE_YET.format(path=NO_MULTIMNIST),
+    ]
+    assert "python train.py --dataset multimnist" in lines[-1]
+    assert not widgets.get("ImageModel")  # the section shows nothing more
 
 
 @pytest.mark.slow
@@ -370,7 +443,7 @@ def playwright_api():
     )
 
 
-def jupyter_env(tmp_path: Path, checkpoint: Path) -> dict:
+def jupyter_env(tmp_path: Path, checkpoint: Path, multimnist: Path) -> dict:
     """Environment for a JupyterLab whose config, runtime, settings, workspaces are in tmp_path."""
     settings = tmp_path / "jupyterlab_settings_dir" / "@jupyterlab"
     for plugin, values in SETTINGS.items():
@@ -388,13 +461,15 @@ def jupyter_env(tmp_path: Path, checkpoint: Path) -> dict:
         **{name: str(tmp_path / name.lower()) for name in folders},
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
         "CAPSNET_CHECKPOINT": str(checkpoint),
+        "CAPSNET_MULTIMNIST_CHECKPOINT": str(multimnist),
     }
 
 
 @pytest.fixture
-def jupyterlab(playwright_api, tmp_path, tiny_checkpoint, request):
+def jupyterlab(playwright_api, tmp_path, tiny_checkpoint, tiny_pair_checkpoint, request):
     """JupyterLab on 127.0.0.1 serving a copy of the notebook, so nothing is saved into the
-    repository. Yields the notebook's URL and the checkpoint the notebook loads."""
+    repository. Yields the notebook's URL and the checkpoint the notebook loads; "Two digits at
+    once" loads the tiny MultiMNIST one."""
     checkpoint = trained_or(tiny_checkpoint, request)
     work = tmp_path / "work"
     work.mkdir()
@@ -418,7 +493,10 @@ def jupyterlab(playwright_api, tmp_path, tiny_checkpoint, request):
     ]
     with open(tmp_path / "jupyterlab.log", "w") as log:
         server = subprocess.Popen(
-            command, env=jupyter_env(tmp_path, checkpoint), stdout=subprocess.DEVNULL, stderr=log
+            command,
+            env=jupyter_env(tmp_path, checkpoint, tiny_pair_checkpoint),
+            stdout=subprocess.DEVNULL,
+            stderr=log,
         )
         try:
             wait_for_server(f"http://127.0.0.1:{port}/api/status?token={token}", server)
@@ -460,6 +538,7 @@ def run_all(page, url: str) -> None:
     page.get_by_role("menuitem", name="Run", exact=True).click()
     page.get_by_role("menuitem", name="Run All Cells", exact=True).click()
     page.get_by_text(re.compile(r"evidence maps of \d+ samples")).wait_for()
+    page.locator(".pair-caption").get_by_text(PAIRED).first.wait_for()  # Two digits at once
 
 
 def upload(page, files: list[Path]) -> list[str]:
@@ -495,7 +574,8 @@ IMAGE_STRETCH = """() => Object.fromEntries(
     Array.from(document.querySelectorAll('img.widget-image')).map(img => {
         const box = img.getBoundingClientRect();
         const drawn = box.width / box.height, own = img.naturalWidth / img.naturalHeight;
-        const name = ['capsule-digit', 'capsule-reconstruction', 'figure-4']
+        const name = ['capsule-digit', 'capsule-reconstruction', 'figure-4', 'pair-input',
+                      'pair-reconstruction']
             .find(name => img.classList.contains(name));
         return [name, [drawn / own, box.width, box.height]];
     }))"""
@@ -532,6 +612,48 @@ def digest(selector: str) -> str:
 
 RECONSTRUCTION_DIGEST = digest("img.capsule-reconstruction")
 FIGURE_4_DIGEST = digest("img.figure-4")
+PAIR_INPUT_DIGEST = digest("img.pair-input")
+
+# Shares of the pixels of the pair's reconstructions that are clearly red and clearly green
+# (one channel over the other by a quarter of the range); null until the image has loaded.
+PAIR_COLOURS = """() => {
+    const img = document.querySelector('img.pair-reconstruction');
+    if (!img || !img.complete || !img.naturalWidth) return null;
+    const canvas = document.createElement('canvas');
+    [canvas.width, canvas.height] = [img.naturalWidth, img.naturalHeight];
+    const context = canvas.getContext('2d');
+    context.drawImage(img, 0, 0);
+    const pixels = context.getImageData(0, 0, canvas.width, canvas.height).data;
+    let red = 0, green = 0;
+    for (let i = 0; i < pixels.length; i += 4) {
+        red += pixels[i] > pixels[i + 1] + 64;
+        green += pixels[i + 1] > pixels[i] + 64;
+    }
+    return [red / (pixels.length / 4), green / (pixels.length / 4)];
+}"""
+
+
+def move_the_second_digit(page) -> tuple[str, str, int]:
+    """Drag "Two digits at once"'s right-offset slider by 60 px once the pair is drawn; wait
+    for the input to change. Returns the caption before and after, and the slider's readout."""
+    caption = page.locator(".pair-caption")
+    caption.get_by_text(PAIRED).first.wait_for()
+    before, picture = caption.inner_text(), page.wait_for_function(PAIR_INPUT_DIGEST).json_value()
+    handle = page.locator(".pair-controls .widget-slider").nth(1).locator(".noUi-handle")
+    handle.scroll_into_view_if_needed()
+    box = handle.bounding_box()
+    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    page.mouse.move(x, y)
+    page.mouse.down()
+    page.mouse.move(x + 60, y, steps=5)
+    page.mouse.up()
+    page.wait_for_function(f"(({PAIR_INPUT_DIGEST})() ?? {picture}) !== {picture}")
+    slider = page.locator(".pair-controls .widget-slider").nth(1)
+    page.wait_for_function(
+        "([caption, before]) => document.querySelector(caption).innerText !== before",
+        arg=[".pair-caption", before],
+    )
+    return before, caption.inner_text(), int(readout(slider))
 
 
 def draw_on_canvas(page, stroke: list[tuple[float, float]]) -> tuple[str, float]:
@@ -602,9 +724,10 @@ def save_screenshot(page, path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.browser
 def test_notebook_in_jupyterlab(playwright_api, jupyterlab, tiny_checkpoint, tmp_path):
-    """Run All; upload two photos, draw a 1 and a 0 with the mouse, drag a capsule's slider,
-    upload the same two photos again. Prints the time from the end of a stroke to its
-    prediction; saves a screenshot where CAPSNET_NOTEBOOK_SCREENSHOT names a file."""
+    """Run All; move the second digit of "Two digits at once"; upload two photos, draw a 1 and a
+    0 with the mouse, drag a capsule's slider, upload the same two photos again. Prints the time
+    from the end of a stroke to its prediction; saves a screenshot where
+    CAPSNET_NOTEBOOK_SCREENSHOT names a file."""
     url, checkpoint = jupyterlab
     uploads = [
         tmp_path / "upload_test_7.jpg",
@@ -621,9 +744,12 @@ def test_notebook_in_jupyterlab(playwright_api, jupyterlab, tiny_checkpoint, tmp
             run_all(page, url)
             canvas_depth = page.evaluate(CANVAS_DEPTH)
             first_figure_4 = page.wait_for_function(FIGURE_4_DIGEST).json_value()
+            pair_colours = page.wait_for_function(PAIR_COLOURS).json_value()
+            paired = move_the_second_digit(page)
             lines = upload(page, uploads)
             figure_ink = page.evaluate(FIGURE_INK)
             wait_for_caption(page, uploads[-1].name)
+            page.locator(".pair-caption").get_by_text(f"{uploads[-1].name} + ").first.wait_for()
             drawn, seconds = zip(*[draw_on_canvas(page, stroke) for stroke in (ONE, ZERO)])
             readouts = drag_strongest_slider(page, LINE.fullmatch(drawn[-1])[2])
             figure_4 = page.wait_for_function(FIGURE_4_DIGEST).json_value()
@@ -643,9 +769,15 @@ def test_notebook_in_jupyterlab(playwright_api, jupyterlab, tiny_checkpoint, tmp
     assert len(figure_ink) == len(uploads) and min(figure_ink) > 0.05, figure_ink
     assert readouts[1] > readouts[0], readouts
     assert figure_4 != first_figure_4  # Figure 4 followed the drawing
-    for name in ("capsule-digit", "capsule-reconstruction", "figure-4"):
+    for name in ("capsule-digit", "capsule-reconstruction", "figure-4", "pair-input"):
         assert stretch[name][0] == pytest.approx(1, abs=0.02), stretch
     assert stretch["capsule-reconstruction"][1:] == pytest.approx([140, 140], abs=1), stretch
+    assert stretch["pair-reconstruction"] == pytest.approx([1, 180, 180], abs=0.02), stretch
+    # Two digits at once: both colours drawn; the slider moved the second digit right.
+    assert min(pair_colours) > 0.05, pair_colours
+    before, after, right = paired
+    assert PAIRED.match(before).group(1, 2, 3) == (SAMPLES[0].name, SECOND_DIGIT, "+0"), before
+    assert right > 0 and PAIRED.match(after).group(3) == f"{right:+d}", (after, right)
     if checkpoint != tiny_checkpoint:
         assert [LINE.fullmatch(line)[2] for line in lines] == ["7", "2"], lines
         assert [LINE.fullmatch(line)[2] for line in drawn] == ["1", "0"], drawn
