@@ -319,6 +319,16 @@ class CapsNet(nn.Module):
         self.digit_caps = DigitCaps(self.config)
         self.decoder = Decoder(self.config)
 
+    def capsules(
+        self, x: torch.Tensor, routing_iterations: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, C, 28, 28) -> primary capsules u (B, 1152, 8), digit capsules v (B, J, 16)
+        and the final coupling coefficients c_ij (B, J, 1152): the one way to the capsules,
+        for training, scoring and the notebook alike."""
+        u = self.primary_caps(self.conv1(x))  # (B, 1152, 8)
+        v, c = self.digit_caps(u, routing_iterations)  # (B, J, 16), (B, J, 1152)
+        return u, v, c
+
     def forward(
         self,
         x: torch.Tensor,
@@ -337,8 +347,7 @@ class CapsNet(nn.Module):
         `reconstruct=False` skips the decoder (reconstructions None), for training without
         the reconstruction loss.
         """
-        u = self.primary_caps(self.conv1(x))  # (B, 1152, 8)
-        v, _ = self.digit_caps(u, routing_iterations)  # (B, J, 16)
+        _, v, _ = self.capsules(x, routing_iterations)  # (B, J, 16)
         lengths = capsule_length(v)  # (B, J)
         if not reconstruct:
             return lengths, None, v

@@ -100,8 +100,7 @@ def routing_maps(model, image28: torch.Tensor) -> dict:
     """
     config = model.config
     device = next(model.parameters()).device
-    u = model.primary_caps(model.conv1(to_model_input(image28, device)))  # (1, I, 8)
-    v, c = model.digit_caps(u)  # (1, J, 16), (1, J, I)
+    u, v, c = model.capsules(to_model_input(image28, device))  # (1, I, 8), (1, J, 16), (1, J, I)
     winner = int(capsule_length(v)[0].argmax())
     votes = model.digit_caps.votes(u)[0, winner]  # (I, 16), I = (type, row, col) flattened
     agreement = votes @ v[0, winner]  # (I,)

@@ -77,12 +77,14 @@ def routing_stats(
     model.eval()
     with torch.inference_mode():
         for images, labels in eval_batches(split, progress, "routing"):
-            u = model.primary_caps(model.conv1(to_model_input(images, device)))  # (b, I, 8)
+            u, v_trained, c_trained = model.capsules(to_model_input(images, device))  # u (b, I, 8)
             active = torch.linalg.vector_norm(u.float(), dim=-1).cpu() >= ACTIVE_THRESHOLD  # (b, I)
             ever_active |= active.any(dim=0)
             inactive_sum += (~active).float().mean(dim=1).sum().item()
-            for r in all_r:
-                v, c = model.digit_caps(u, iterations=r)  # (b, J, 16), (b, J, I)
+            for r in all_r:  # the same votes routed again with another r
+                v, c = (
+                    (v_trained, c_trained) if r == trained_r else model.digit_caps(u, iterations=r)
+                )  # (b, J, 16), (b, J, I)
                 predicted = capsule_length(v).argmax(dim=1).cpu()  # (b,)
                 correct[r] += (predicted == labels).sum().item()
                 if r != trained_r:
