@@ -635,11 +635,13 @@ PAIR_COLOURS = """() => {
 
 def move_the_second_digit(page) -> tuple[str, str, int]:
     """Drag "Two digits at once"'s right-offset slider by 60 px once the pair is drawn; wait
-    for the input to change. Returns the caption before and after, and the slider's readout."""
+    for the input picture to change and the caption to say where the slider stopped. Returns
+    the caption before and after, and the slider's readout."""
     caption = page.locator(".pair-caption")
     caption.get_by_text(PAIRED).first.wait_for()
     before, picture = caption.inner_text(), page.wait_for_function(PAIR_INPUT_DIGEST).json_value()
-    handle = page.locator(".pair-controls .widget-slider").nth(1).locator(".noUi-handle")
+    slider = page.locator(".pair-controls .widget-slider").nth(1)
+    handle = slider.locator(".noUi-handle")
     handle.scroll_into_view_if_needed()
     box = handle.bounding_box()
     x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
@@ -648,12 +650,9 @@ def move_the_second_digit(page) -> tuple[str, str, int]:
     page.mouse.move(x + 60, y, steps=5)
     page.mouse.up()
     page.wait_for_function(f"(({PAIR_INPUT_DIGEST})() ?? {picture}) !== {picture}")
-    slider = page.locator(".pair-controls .widget-slider").nth(1)
-    page.wait_for_function(
-        "([caption, before]) => document.querySelector(caption).innerText !== before",
-        arg=[".pair-caption", before],
-    )
-    return before, caption.inner_text(), int(readout(slider))
+    right = int(readout(slider))  # the kernel redraws each value the handle passed, in order
+    caption.get_by_text(f"moved {right:+d} px right").first.wait_for()
+    return before, caption.inner_text(), right
 
 
 def draw_on_canvas(page, stroke: list[tuple[float, float]]) -> tuple[str, float]:
