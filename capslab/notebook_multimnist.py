@@ -29,7 +29,7 @@ COLOURS = ("#e00000", "#00b000")  # red: the longer capsule; green: the other (a
 NOT_THERE_YET = (
     "The MultiMNIST model is not there yet ({path} does not exist): train one with "
     "python sweep.py results/grids/multimnist.json (or python train.py --dataset multimnist "
-    "...), then export it with python export.py runs/sweep/multimnist-epochs6-s0/best.pt "
+    "...), then export it with python export.py runs/sweep/RUN/best.pt "
     "checkpoints/capsnet_multimnist.pt, or set CAPSNET_MULTIMNIST_CHECKPOINT to a checkpoint."
 )
 
