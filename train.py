@@ -10,6 +10,8 @@
         --checkpoint-dir runs/finetune   # a new run (any schedule) from the shipped weights
     python train.py --train-subset 2000 --epochs 5 --data-dir ../shared/data
     python train.py --model cnn --checkpoint-dir checkpoints/cnn   # the small CNN baseline
+    python train.py --dataset folder --data-dir my_images --image-size 64
+                                         # your own images: my_images/{train,test}/<class>/*
     torchrun --standalone --nproc_per_node 2 train.py ...          # data-parallel (DDP)
 
 Ctrl-C or SIGTERM finishes the current batch, saves a resumable checkpoint and exits.
@@ -85,6 +87,7 @@ def run(
         config.train_subset,
         config.test_subset,
         config.seed,
+        folder=config.folder_options(),  # how to read --dataset folder; None for the others
     )
     steps_per_epoch = DRY_RUN_BATCHES if args.dry_run else -(-len(train_split) // config.batch_size)
     trainer = Trainer(

@@ -7,12 +7,15 @@ A training checkpoint (`last.pt`, `best.pt`) is one dict of tensors and plain ty
     chosen            "raw" or "ema": the weights validation chose at the last epoch
     model_kind        "capsnet", "cnn" or "paper-cnn"; config, the model's config as a dict
     train_config      the training settings (training.TrainConfig as a dict)
-    dataset           "mnist" or "fashion-mnist"
+    dataset           "mnist", "fashion-mnist", "multimnist" or "folder"
+    class_names       the classes in label order (a folder's sub-folders); older files lack
+                      it and mean their dataset's own (data.CLASS_NAMES)
     optimizer, scheduler, ema_updates
     epoch, batches_done, totals, shift_rng, metrics, best_val, skipped, wall_seconds
                       where the run stands (training.Progress)
 
-A shipped checkpoint keeps only the chosen weights, the config and the metrics. Files from
+A shipped checkpoint keeps only the chosen weights, the config, the class names and the
+metrics. Files from
 before this layout ("args" instead of "train_config", "step" instead of "batches_done") load.
 To make one, as checkpoints/capsnet_mnist.pt was made:
 
@@ -27,15 +30,24 @@ from pathlib import Path
 import torch
 from filelock import FileLock, Timeout
 
-from capslab.data import DATASETS
+from capslab.data import CLASS_NAMES, DATASETS
 from capslab.errors import UserError, first_line
+from capslab.imagefolder import FolderOptions
 from capslab.models import MODEL_KINDS, trains_decoder
 from capslab.settings import settings_from_dict, settings_to_dict
 from CapsNet import RECONSTRUCTION_WEIGHT, CapsNet
 
 SHIPPED_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "capsnet_mnist.pt"
 SHIPPED_MULTIMNIST = SHIPPED_CHECKPOINT.with_name("capsnet_multimnist.pt")
-SHIPPED_KEYS = ("model_kind", "config", "dataset", "epoch", "metrics", "train_config")
+SHIPPED_KEYS = (
+    "model_kind",
+    "config",
+    "dataset",
+    "class_names",
+    "epoch",
+    "metrics",
+    "train_config",
+)
 RENAMED_KEYS = {"step": "batches_done", "partial": "totals", "args": "train_config"}  # old -> new
 # Keys added later, with what a file from before each one meant.
 KEYS_ADDED_LATER = {"model_kind": "capsnet", "dataset": "mnist"}
@@ -127,13 +139,38 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dic
             f"{path} was trained on an unknown dataset {checkpoint['dataset']!r}: "
             f"this code knows {', '.join(DATASETS)}"
         )
+    names = checkpoint.get("class_names")
+    if names is None and checkpoint["dataset"] == "folder":
+        raise UserError(f"{path} was trained on a folder of images but does not name its classes")
+    if names is not None and not (
+        isinstance(names, list) and names and all(isinstance(name, str) for name in names)
+    ):
+        raise UserError(f"{path} holds invalid class names (not a list of strings)")
     return checkpoint
+
+
+def class_names(checkpoint: dict) -> list[str]:
+    """The checkpoint's classes in label order: its own list (a folder's sub-folders), else,
+    for a file from before class names were saved, its dataset's."""
+    return checkpoint.get("class_names") or CLASS_NAMES[checkpoint["dataset"]]
 
 
 def chosen_weights(checkpoint: dict) -> dict:
     """The weights validation chose: the raw ones, or their moving average (--ema-decay);
     the raw ones where there was no validation (--val-size 0)."""
     return checkpoint["ema"] if checkpoint.get("chosen") == "ema" else checkpoint["model"]
+
+
+def folder_options(checkpoint: dict, model: torch.nn.Module) -> FolderOptions:
+    """How to read a folder for a model trained on one: its side, channels and classes."""
+    saved = checkpoint.get("train_config") or {}
+    return FolderOptions(
+        model.config.image_size,
+        model.config.in_channels,
+        tuple(class_names(checkpoint)),
+        saved.get("folder_loading", "auto"),
+        saved.get("workers", 2),
+    )
 
 
 def config_from_checkpoint(checkpoint: dict, path: str | Path = "checkpoint"):
@@ -249,6 +286,7 @@ def training_checkpoint(
     dataset: str,
     train_config: dict,
     progress: dict,
+    class_names: list[str],
 ) -> dict:
     """Everything a run needs to continue exactly: see the module docstring for the layout."""
     return {
@@ -260,6 +298,7 @@ def training_checkpoint(
         "config": settings_to_dict(model.config),
         "train_config": train_config,
         "dataset": dataset,
+        "class_names": list(class_names),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         **progress,

@@ -6,6 +6,10 @@ for the whole batch. No DataLoader workers compete with the model for the CPU co
 Images are scaled to [0, 1] and never normalized, so the decoder's sigmoid can reach its
 reconstruction target, and train and test see the same pixels (apart from the shifts).
 
+A folder of your own images (--dataset folder, capslab/imagefolder.py) comes as the same Split:
+(N, H, W) for grayscale, (N, 3, H, W) for colour, so it trains and scores through the same
+functions; one too large for memory streams from disk as an imagefolder.FileSplit.
+
 `random_affine` makes an affNIST-like test set on the fly: each 28x28 image is placed on a
 40x40 zero canvas, transformed there, and the model sees the centre 28x28 crop. The crop (not
 a 40 -> 28 resize) keeps MNIST's pixel scale, so an identity transform gives back the
@@ -25,6 +29,7 @@ import torch
 import torchvision
 
 from capslab.errors import UserError
+from capslab.imagefolder import FileSplit, FolderOptions, load_folder
 
 DEBIAN_FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
 
@@ -44,8 +49,11 @@ CLASS_NAMES = {
         "Ankle boot",
     ],
 }
-DATASETS = tuple(CLASS_NAMES)
-IMAGE_SIZE = {"mnist": 28, "fashion-mnist": 28, "multimnist": 36}  # the model's input side
+# "folder": your own images, ROOT/train/<class>/* and ROOT/test/<class>/* (imagefolder.py);
+# its class names are its sub-folders', saved in each checkpoint.
+DATASETS = (*CLASS_NAMES, "folder")
+# The model's input side; a folder's is --image-size, 28 unless given.
+IMAGE_SIZE = {"mnist": 28, "fashion-mnist": 28, "multimnist": 36, "folder": 28}
 
 RAW_FILES = (
     "train-images-idx3-ubyte",
@@ -57,8 +65,9 @@ RAW_FILES = (
 
 @dataclass
 class Split:
-    """Images (N, H, W) uint8 and labels (N,) int64, on the CPU; MultiMNIST pairs have labels
-    (N, 2) and keep each pair's two shifted digits alone in `sources` (N, 2, H, W)."""
+    """Images (N, H, W) uint8, or (N, C, H, W) for colour, and labels (N,) int64, on the CPU;
+    MultiMNIST pairs have labels (N, 2) and keep each pair's two shifted digits alone in
+    `sources` (N, 2, H, W)."""
 
     images: torch.Tensor
     labels: torch.Tensor
@@ -128,9 +137,17 @@ def load_run_splits(
     train_subset: int | None,
     test_subset: int | None,
     seed: int,
+    folder: "FolderOptions | None" = None,
 ) -> tuple[Split, Split | None, Split]:
     """A run's (train, validation or None, test) splits. For MultiMNIST the training digits
-    form a pool that pairs them afresh each batch, and validation and test are fixed pairs."""
+    form a pool that pairs them afresh each batch, and validation and test are fixed pairs.
+    A folder (`folder` says how to read it) is split as MNIST is."""
+    if dataset == "folder":
+        if folder is None:
+            raise ValueError("--dataset folder needs FolderOptions (TrainConfig.folder_options)")
+        full_train, test = load_folder(data_dir, folder)
+        train, val = train_val_split(full_train, val_size, train_subset, seed)
+        return train, val, test.first(test_subset)
     full_train = load_split(dataset, data_dir, train=True)
     train, val = train_val_split(full_train, val_size, train_subset, seed)
     if dataset == "multimnist":
@@ -141,8 +158,12 @@ def load_run_splits(
     return train, val, load_test_split(dataset, data_dir).first(test_subset)
 
 
-def load_test_split(dataset: str, data_dir: str | Path) -> Split:
+def load_test_split(
+    dataset: str, data_dir: str | Path, folder: "FolderOptions | None" = None
+) -> Split:
     """The test set, in its fixed order; MultiMNIST's the same seeded pairs everywhere."""
+    if dataset == "folder":
+        return load_folder(data_dir, folder, parts=("test",))[0]
     test = load_split(dataset, data_dir, train=False)
     if dataset == "multimnist":
         from capslab import multimnist
@@ -219,36 +240,50 @@ def train_val_split(
 
 
 def to_model_input(images: torch.Tensor, device: torch.device | str) -> torch.Tensor:
-    """Digits as the model takes them, the one conversion every caller uses.
+    """Images as the model takes them, the one conversion every caller uses.
 
-    (B, H, W) or a single (H, W), uint8 in 0..255 or float in [0, 1]
-    -> float32 (B, 1, H, W) in [0, 1] on `device`.
+    Grayscale (B, H, W) or a single (H, W), or colour (B, C, H, W) (a single colour image
+    is (1, C, H, W): a 3-D tensor is a batch of grayscale images); uint8 in 0..255 or float
+    in [0, 1] -> float32 (B, C, H, W) in [0, 1] on `device`, C = 1 for grayscale.
     """
     if images.dim() == 2:
         images = images.unsqueeze(0)  # (1, H, W)
-    x = images.to(device, non_blocking=True).unsqueeze(1)  # (B, 1, H, W)
+    x = images.to(device, non_blocking=True)
+    if images.dim() == 3:
+        x = x.unsqueeze(1)  # (B, 1, H, W)
     return x.float().div_(255.0) if images.dtype == torch.uint8 else x.float()
 
 
 def random_shift(images: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
     """Shift each image by its own integer (dy, dx) in [-max_shift, max_shift], zero-filled.
 
-    (B, H, W) -> (B, H, W), any dtype: pad once, then gather every crop with one index.
+    (B, H, W) -> (B, H, W), or colour (B, C, H, W) -> (B, C, H, W) with all channels of an
+    image shifted alike; any dtype: pad once, then gather every crop with one index. The
+    draws depend on B alone, so a colour batch gets the shifts a grayscale one would.
     """
     if max_shift == 0:
         return images
-    batch, height, width = images.shape
-    padded = torch.nn.functional.pad(images, (max_shift,) * 4)  # (B, H+2s, W+2s)
+    batch, height, width = images.shape[0], *images.shape[-2:]
+    padded = torch.nn.functional.pad(images, (max_shift,) * 4)  # (B, [C,] H+2s, W+2s)
     offsets = torch.randint(0, 2 * max_shift + 1, (2, batch), generator=generator)  # (2, B)
     rows = offsets[0, :, None] + torch.arange(height)  # (B, H)
     cols = offsets[1, :, None] + torch.arange(width)  # (B, W)
     batch_index = torch.arange(batch)[:, None, None]  # (B, 1, 1)
+    if images.dim() == 4:  # the channel index joins the gather: (B, C, H, W)
+        channels = torch.arange(images.shape[1])[None, :, None, None]  # (1, C, 1, 1)
+        return padded[
+            batch_index[..., None], channels, rows[:, None, :, None], cols[:, None, None, :]
+        ]
     return padded[batch_index, rows[:, :, None], cols[:, None, :]]  # (B, H, W)
 
 
 def batches(split: Split, batch_size: int, order: torch.Tensor | None = None):
-    """Yield (images uint8 (b, 28, 28), labels (b,)) in `order` (default: as stored)."""
+    """Yield (images uint8 (b, [C,] H, W), labels (b,)) in `order` (default: as stored); a
+    folder streamed from disk (imagefolder.FileSplit) reads each batch as it is asked for."""
     order = torch.arange(len(split)) if order is None else order
+    if isinstance(split, FileSplit):
+        yield from split.batches(batch_size, order)
+        return
     for start in range(0, len(order), batch_size):
         indices = order[start : start + batch_size]
         yield split.images[indices], split.labels[indices]

@@ -12,16 +12,23 @@ from pathlib import Path
 
 import torch
 
-from capslab.checkpoint import config_from_checkpoint, load_checkpoint, model_from_checkpoint
+from capslab.checkpoint import (
+    class_names,
+    config_from_checkpoint,
+    load_checkpoint,
+    model_from_checkpoint,
+)
 from capslab.data import IMAGE_SIZE, add_data_flags
 from capslab.errors import UserError, flag_name
 from capslab.flags import add_config_flags, flag_fields, flag_values
 from capslab.hardware import add_device_flags
+from capslab.imagefolder import inspect_folder
 from capslab.models import MODEL_KINDS
 from capslab.training import DRY_RUN_BATCHES, TrainConfig, log
 from CapsNet import CapsNetConfig
 
-RESUMABLE = {"epochs", "bf16", "compile"}  # settings a resumed run may change
+# Settings a resumed run may change: none of them changes what it computes.
+RESUMABLE = {"epochs", "bf16", "compile", "folder_loading", "workers"}
 RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl")  # a fresh run would overwrite these
 MODEL_FLAGS = tuple(field.name for field in flag_fields(CapsNetConfig))  # routing's flags
 
@@ -126,15 +133,40 @@ def configs_from_flags(args: argparse.Namespace):
     """A fresh run: (TrainConfig, model class, model config) from the command line."""
     try:
         config = TrainConfig(**flag_values(args, TrainConfig))
+        if config.dataset == "folder":
+            config = resolve_folder(config, args.data_dir)
         kind = MODEL_KINDS[config.model]
         flags = flag_values(args, CapsNetConfig)
         if not flags.keys() <= {field.name for field in fields(kind.config_class)}:
             flags = {}  # the CNNs have no routing
-        # The input side follows the dataset: 36x36 MultiMNIST pairs give 3,200 primary capsules.
-        model_config = kind.config_class(**flags, image_size=IMAGE_SIZE[config.dataset])
+        model_config = kind.config_class(**flags, **input_shape(config))
         return config, kind.model_class, model_config
     except ValueError as error:
         raise as_user_error(error) from error
+
+
+def resolve_folder(config: TrainConfig, data_dir) -> TrainConfig:
+    """--dataset folder: the classes (its sub-folders), the channels (detected unless given)
+    and the side (28 unless given) become settings, so the checkpoint records what ran."""
+    info = inspect_folder(data_dir, config.channels)
+    for note in info.notes:
+        log(note)
+    return replace(
+        config,
+        image_size=config.image_size or IMAGE_SIZE["folder"],
+        channels=info.channels,
+        class_names=info.class_names,
+    )
+
+
+def input_shape(config: TrainConfig) -> dict:
+    """The model's input side, channels and classes, from the dataset: 36x36 MultiMNIST pairs
+    give 3,200 primary capsules; a folder's come from resolve_folder."""
+    return {
+        "image_size": config.image_size or IMAGE_SIZE[config.dataset],
+        "in_channels": config.channels or 1,
+        "num_classes": len(config.all_class_names()),
+    }
 
 
 def configs_from_checkpoint(
@@ -177,6 +209,11 @@ def init_from_checkpoint(args: argparse.Namespace, explicit: set[str], config: T
     if (kind, dataset) != (config.model, config.dataset):
         raise UserError(
             f"{path} holds a {kind} trained on {dataset}: pass --model {kind} --dataset {dataset}"
+        )
+    if config.class_names and tuple(class_names(checkpoint)) != config.class_names:
+        raise UserError(
+            f"{path} was trained on the classes {', '.join(class_names(checkpoint))}, "
+            f"not {args.data_dir}'s {', '.join(config.class_names)}"
         )
     saved_model = model_flag_values(model_config)
     if name := contradicted_flag(args, explicit & saved_model.keys(), saved_model):

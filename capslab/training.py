@@ -22,10 +22,11 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from capslab.checkpoint import load_weights, save_checkpoint, saved_progress, training_checkpoint
-from capslab.data import CLASS_NAMES, DATASETS, Split, batches, to_model_input
+from capslab.data import CLASS_NAMES, DATASETS, IMAGE_SIZE, Split, batches, to_model_input
 from capslab.errors import UserError
 from capslab.figures import plot_curve
 from capslab.hardware import device_name, has_native_bf16, pick_device
+from capslab.imagefolder import LOADINGS, FolderOptions
 from capslab.jsonl import write_jsonl
 from capslab.models import MODEL_KINDS, trains_decoder
 from capslab.scoring import EVAL_BATCH_SIZE, count_correct
@@ -98,7 +99,11 @@ class TrainConfig:
         },
     )
     max_shift: int = field(  # paper: shifts of up to 2 px, the only augmentation
-        default=2, metadata={"help": "random shift in pixels, 0 for none"}
+        default=2,
+        metadata={
+            "help": "random shift in pixels, 0 for none; --dataset folder scales it with the "
+            "image side N as on 28-px digits: round(MAX_SHIFT * N / 28)"
+        },
     )
     seed: int = field(default=0, metadata={"help": "seed for init, split, order and shifts"})
     train_subset: int | None = field(
@@ -137,6 +142,37 @@ class TrainConfig:
         },
     )
     compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
+    # --dataset folder: your own images (capslab/imagefolder.py); resolved before the run starts,
+    # so the checkpoint records what ran.
+    image_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "--dataset folder: resize every image to N x N",
+            "metavar": "N",
+            "default_text": "28; MNIST's 28 and MultiMNIST's 36 are fixed",
+        },
+    )
+    channels: int | None = field(
+        default=None,
+        metadata={
+            "help": "--dataset folder: 1 converts every image to grayscale, 3 to RGB",
+            "choices": (1, 3),
+            "default_text": "1 if every image is grayscale, else 3",
+        },
+    )
+    folder_loading: str = field(
+        default="auto",
+        metadata={
+            "help": "--dataset folder: hold the images in memory as uint8, or stream them from "
+            "disk with DataLoader workers; auto streams a folder over "
+            "capslab/imagefolder.py's IN_MEMORY_LIMIT (2 GiB of pixels); both give the same run",
+            "choices": LOADINGS,
+        },
+    )
+    workers: int = field(
+        default=2, metadata={"help": "--dataset folder: DataLoader worker processes that read it"}
+    )
+    class_names: tuple[str, ...] | None = None  # a folder's, from its sub-folders (not a flag)
     init_from: str | None = field(
         default=None,
         metadata={
@@ -186,6 +222,21 @@ class TrainConfig:
             "max_shift",
             "between 0 and 8",
         )
+        require(
+            self.image_size is None
+            or (is_whole(self.image_size, 1) and self.dataset == "folder")
+            or self.image_size == IMAGE_SIZE[self.dataset],
+            "image_size",
+            f"{IMAGE_SIZE[self.dataset]} for {self.dataset}: it is for --dataset folder",
+        )
+        require(
+            self.channels in (None, 1, 3)
+            and (self.channels in (None, 1) or self.dataset == "folder"),
+            "channels",
+            "1 or 3, and 1 for MNIST's datasets: 3 is for --dataset folder",
+        )
+        require(self.folder_loading in LOADINGS, "folder_loading", f"one of {', '.join(LOADINGS)}")
+        require(is_whole(self.workers, 0), "workers", "a whole number >= 0")
         require(is_whole(self.val_size, 0), "val_size", "a whole number >= 0")
         require(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm", "positive")
 
@@ -200,6 +251,27 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return settings_to_dict(self)
+
+    @property
+    def shift(self) -> int:
+        """The random shift in pixels: max_shift, which a folder's images scale with their side
+        (the paper's 2 px on 28-px digits is 5 px at 64 px, 9 at 128)."""
+        if self.dataset != "folder" or self.image_size is None:
+            return self.max_shift
+        return round(self.max_shift * self.image_size / 28)
+
+    def folder_options(self) -> FolderOptions | None:
+        """How --dataset folder reads its images (None for the built-in datasets); the size,
+        channels and classes are resolved by run_plan before the run starts."""
+        if self.dataset != "folder":
+            return None
+        return FolderOptions(
+            self.image_size, self.channels, self.class_names, self.folder_loading, self.workers
+        )
+
+    def all_class_names(self) -> list[str]:
+        """The classes in label order: a folder's sub-folders, else the dataset's own."""
+        return list(self.class_names or CLASS_NAMES[self.dataset])
 
 
 # Settings that older checkpoints do not name, with the value their runs had: not today's
@@ -393,6 +465,7 @@ class Trainer:
             self.config.dataset,
             self.config.to_dict(),
             progress,
+            self.config.all_class_names(),
         )
 
     def restore(self, checkpoint: dict, path: Path) -> None:
@@ -464,14 +537,16 @@ class Trainer:
         order = torch.randperm(len(train_split), generator=generator)
         if progress.batches_done:  # resumed mid-epoch: the shifts continue where they stopped
             generator.set_state(progress.shift_rng)
-        all_batches = list(batches(train_split, self.config.batch_size, order))
-        if self.dry_run:
-            all_batches = all_batches[:DRY_RUN_BATCHES]
+        size = self.config.batch_size
+        total = min(-(-len(order) // size), DRY_RUN_BATCHES if self.dry_run else len(order))
+        # The batches left, made as they are trained: a folder streamed from disk reads each
+        # one then (its workers read ahead), and memory holds a batch, not the epoch.
+        remaining = order[progress.batches_done * size : total * size]
         bar = tqdm(
-            all_batches[progress.batches_done :],
+            batches(train_split, size, remaining),
             desc=f"epoch {epoch + 1}/{self.config.epochs}",
             initial=progress.batches_done,
-            total=len(all_batches),
+            total=total,
             leave=False,
             disable=self.quiet or self.rank > 0,
         )
@@ -504,14 +579,14 @@ class Trainer:
         generator: torch.Generator,
         split: Split | None = None,
     ) -> tuple[float | None, float]:
-        """One Adam step on a batch (uint8 (B, 28, 28), (B,)), made with `generator` by the
+        """One Adam step on a batch (uint8 (B, [C,] H, W), (B,)), made with `generator` by the
         training split's `training_batch` (MNIST: random shifts; a MultiMNIST PairPool: pairs).
         Returns (loss, grad norm), or (None, nan) for a skipped batch."""
         # Every rank makes the whole global batch with the same generator, then takes its share.
         maker = split if split is not None else Split(images, labels)
-        batch = maker.training_batch(images, labels, self.config.max_shift, generator)
+        batch = maker.training_batch(images, labels, self.config.shift, generator)
         mine = self.local_indices(len(labels))
-        x = to_model_input(batch.images[mine], self.device)  # (b, 1, H, W) in [0, 1]
+        x = to_model_input(batch.images[mine], self.device)  # (b, C, H, W) in [0, 1]
         y = batch.labels[mine].to(self.device)  # (b,), or (b, 2) for pairs
         originals = None  # what the decoder draws: x itself, or each digit of a pair alone
         if batch.sources is not None:
@@ -624,7 +699,7 @@ class Trainer:
         initial = self.progress.initial_loss
         if "val_acc" not in record or initial is None or record["train_loss"] < initial:
             return
-        classes = len(CLASS_NAMES[self.config.dataset])
+        classes = len(self.config.all_class_names())
         # One digit: 1 in K; a MultiMNIST pair: 1 in K choose 2 for the two longest capsules.
         chance = 100 / (math.comb(classes, 2) if val_split.labels.dim() == 2 else classes)
         if record["val_acc"] < AT_CHANCE * chance:
