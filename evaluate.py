@@ -7,7 +7,10 @@
     python evaluate.py --routing-stats                   # couplings, dead capsules, r = 1, 2, 3, 5
 
 Works on CapsNet and baseline CNN (train.py --model cnn or paper-cnn) checkpoints, on the
-checkpoint's own dataset. --affine places each test image on a 40x40 zero canvas, applies a
+checkpoint's own dataset. A model trained on a folder of images (train.py --dataset folder)
+scores --data-dir/test, which must hold the classes it was trained on; the report names them.
+
+--affine places each test image on a 40x40 zero canvas, applies a
 seeded random affine map there (rotation up to +-20 degrees, x-shear up to +-0.2, scale
 0.8-1.2, translation up to +-6 px), and feeds the model the centre 28x28 crop: a crop, not a
 resize, so the digits keep the pixel scale the model was trained at. Each family is scored
@@ -15,6 +18,7 @@ alone and all together.
 """
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -22,6 +26,8 @@ from pathlib import Path
 from capslab.checkpoint import (
     SHIPPED_CHECKPOINT,
     SHIPPED_MULTIMNIST,
+    class_names,
+    folder_options,
     has_trained_decoder,
     load_model,
     unvalidated_weights,
@@ -141,9 +147,21 @@ def parse_args(argv=None) -> argparse.Namespace:
 def score(args: argparse.Namespace, model, checkpoint: dict, device) -> dict:
     """Every score the flags ask for, as one JSON-ready dict; --figures also writes its files."""
     dataset = args.dataset or checkpoint["dataset"]
-    check_input_size(model, dataset, args.checkpoint)
-    class_names = CLASS_NAMES[dataset]
-    split = load_test_split(dataset, args.data_dir).first(args.test_subset)
+    if "folder" in (dataset, checkpoint["dataset"]) and dataset != checkpoint["dataset"]:
+        raise UserError(
+            f"{args.checkpoint} was trained on {checkpoint['dataset']}: --dataset folder scores "
+            "a model trained on a folder of images, on that folder's test/"
+        )
+    folder = None
+    if dataset == "folder":
+        folder = folder_options(checkpoint, model)
+        if args.affine and folder.image_size != IMAGE_SIZE["mnist"]:
+            raise UserError("--affine transforms 28x28 images on a 40x40 canvas")
+    else:
+        check_input_size(model, dataset, args.checkpoint)
+    names = class_names(checkpoint) if dataset == checkpoint["dataset"] else CLASS_NAMES[dataset]
+    with contextlib.redirect_stdout(sys.stderr if args.json else sys.stdout):  # a folder's note
+        split = load_test_split(dataset, args.data_dir, folder).first(args.test_subset)
     kind = checkpoint["model_kind"]
     if split.labels.dim() == 2:  # MultiMNIST pairs
         return score_pairs(args, model, checkpoint, split, device)
@@ -161,7 +179,7 @@ def score(args: argparse.Namespace, model, checkpoint: dict, device) -> dict:
         "model_kind": kind,
         "dataset": dataset,
         "epoch": checkpoint.get("epoch"),
-        **report(split.labels, predictions, class_names),
+        **report(split.labels, predictions, names),
     }
     if args.routing_stats:
         result["routing"] = stats
@@ -176,7 +194,7 @@ def score(args: argparse.Namespace, model, checkpoint: dict, device) -> dict:
             split,
             predictions,
             result,
-            class_names,
+            names,
             device,
             args.figures,
             reconstructions=has_trained_decoder(checkpoint),
@@ -223,7 +241,7 @@ def print_text(result: dict, device) -> None:
     if "digit_accuracy" in result:
         print_pair_report(result)
     else:
-        print_report(result, CLASS_NAMES[result["dataset"]])
+        print_report(result, list(result["per_class_accuracy"]))
     if "routing" in result:
         print_routing_stats(result["routing"])
     if "affine" in result:

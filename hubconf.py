@@ -6,14 +6,15 @@ lengths, reconstructions, v = model(x)  # x (B, 1, 28, 28) in [0, 1], white digi
 model = torch.hub.load("path/to/this/repo", "capsnet_multimnist", source="local")
 lengths, reconstructions, v = model(x)  # x (B, 1, 36, 36): the pair is lengths.topk(2)
 model = torch.hub.load("path/to/this/repo", "capsnet", source="local", checkpoint="my.pt")
+model.class_names  # ["0", ..., "9"], or the sub-folders of the folder a model was trained on
 """
 
 from pathlib import Path
 
 import torch
 
-from capslab.checkpoint import SHIPPED_CHECKPOINT, SHIPPED_MULTIMNIST, load_capsnet
-from capslab.data import IMAGE_SIZE
+from capslab.checkpoint import SHIPPED_CHECKPOINT, SHIPPED_MULTIMNIST, class_names, load_capsnet
+from capslab.data import CLASS_NAMES, IMAGE_SIZE
 from CapsNet import CapsNet, CapsNetConfig
 
 dependencies = ["torch", "torchvision", "numpy"]  # what hub checks before importing this file
@@ -30,10 +31,17 @@ def capsnet(pretrained: bool = True, checkpoint: str | Path | None = None) -> Ca
     the prediction is their argmax; the decoder's reconstructions (B, 1, 28, 28) from the
     longest capsule; and the capsules v (B, 10, 16). inference.classify does this for one
     (28, 28) digit, and preprocess.preprocess turns a photo into one.
+
+    A model trained on a folder of images (train.py --dataset folder, then export.py) takes
+    x (B, C, N, N) in [0, 1], its own channels and side (model.config.in_channels,
+    .image_size), as imagefolder.read_image reads a file; model.class_names names its outputs.
     """
     if not pretrained:
-        return CapsNet(CapsNetConfig()).eval()
-    model, _ = load_capsnet(checkpoint or SHIPPED_CHECKPOINT, torch.device("cpu"))
+        model = CapsNet(CapsNetConfig()).eval()
+        model.class_names = CLASS_NAMES["mnist"]
+        return model
+    model, saved = load_capsnet(checkpoint or SHIPPED_CHECKPOINT, torch.device("cpu"))
+    model.class_names = class_names(saved)
     return model
 
 

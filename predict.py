@@ -9,6 +9,9 @@ Each image goes through preprocess.preprocess, which makes a photo look like an 
 at a time, in the order given. A file that is no image or holds no digit gets an error in
 its place (`NAME: error: ...`, or a JSON entry with "file" and "error"), the others their
 prediction, and the exit status is 2. A bad checkpoint or flag stops before any file.
+
+A model trained on a folder of images (train.py --dataset folder) reads each file as training
+did (imagefolder.read_image: grayscale or RGB, resized to its N x N) and names its classes.
 """
 
 import argparse
@@ -18,10 +21,11 @@ from pathlib import Path
 
 import torch
 
-from capslab.checkpoint import SHIPPED_CHECKPOINT, has_trained_decoder, load_capsnet
-from capslab.data import CLASS_NAMES
+from capslab.checkpoint import SHIPPED_CHECKPOINT, class_names, has_trained_decoder, load_capsnet
+from capslab.data import to_model_input
 from capslab.errors import UserError, exit_on_user_error, make_output_folder
 from capslab.hardware import add_device_flags, pick_device
+from capslab.imagefolder import read_image
 from capslab.inference import classify, to_png
 from capslab.preprocess import preprocess
 
@@ -30,6 +34,27 @@ def show(folder: Path, stem: str, image28: torch.Tensor, result: dict) -> None:
     """Save what the model saw and what its decoder drew, STEM_input.png and _reconstruction.png."""
     (folder / f"{stem}_input.png").write_bytes(to_png(image28, scale=1))
     (folder / f"{stem}_reconstruction.png").write_bytes(to_png(result["reconstruction"], scale=1))
+
+
+def show_colour(model, folder: Path, stem: str, image: torch.Tensor) -> None:
+    """show() for a colour image (1, 3, N, N): the input and the reconstruction, in RGB."""
+    from PIL import Image
+
+    with torch.no_grad():
+        _, drawn, _ = model(to_model_input(image, next(model.parameters()).device))
+    for name, picture in (("input", image[0]), ("reconstruction", drawn[0].float().cpu())):
+        pixels = (picture.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        Image.fromarray(pixels, mode="RGB").save(folder / f"{stem}_{name}.png")
+
+
+def read_input(model, name: str, from_folder: bool) -> torch.Tensor:
+    """A file as the model takes it: a photo of a digit made MNIST-like (28, 28), or, for a
+    model trained on a folder, the image as training read it: (N, N), or (1, 3, N, N)."""
+    if not from_folder:
+        return preprocess(name)
+    config = model.config
+    image = read_image(name, config.image_size, config.in_channels).float() / 255
+    return image if config.in_channels == 1 else image.unsqueeze(0)
 
 
 def output_stems(names: list[str]) -> list[str]:
@@ -70,16 +95,20 @@ def json_record(name: str, result: dict, class_names) -> dict:
     }
 
 
-def predict_file(model, name: str, class_names, show_dir: Path | None, stem: str) -> dict:
+def predict_file(
+    model, name: str, names, show_dir: Path | None, stem: str, from_folder: bool = False
+) -> dict:
     """One file -> its JSON record: the prediction, or {"file", "error"} if it has no digit."""
     try:
-        image28 = preprocess(name)
+        image28 = read_input(model, name, from_folder)
     except UserError as error:
         return {"file": name, "error": str(error)}
-    result = classify(model, image28, class_names)
-    if show_dir:
+    result = classify(model, image28, names)
+    if show_dir and image28.dim() == 4:
+        show_colour(model, show_dir, stem, image28)
+    elif show_dir:
         show(show_dir, stem, image28, result)
-    return json_record(name, result, class_names)
+    return json_record(name, result, names)
 
 
 def print_records(records, count: int, as_json: bool) -> int:
@@ -133,7 +162,8 @@ def main(argv=None) -> None:
             f"--show: {args.checkpoint} was trained without the reconstruction loss "
             "(--reconstruction-weight 0), so its decoder draws nothing meaningful"
         )
-    class_names = CLASS_NAMES[checkpoint["dataset"]]
+    names = class_names(checkpoint)
+    from_folder = checkpoint["dataset"] == "folder"
     if args.show:
         make_output_folder(args.show, "--show")
     if not args.json:
@@ -141,7 +171,7 @@ def main(argv=None) -> None:
         header = f"checkpoint {args.checkpoint}  device {device}  parameters {parameters:,}"
         print(header, flush=True)
     records = (  # lazy: each file is read and classified when its turn to be printed comes
-        predict_file(model, name, class_names, args.show, stem)
+        predict_file(model, name, names, args.show, stem, from_folder)
         for name, stem in zip(args.images, output_stems(args.images))
     )
     failed = print_records(records, len(args.images), args.json)

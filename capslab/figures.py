@@ -30,6 +30,15 @@ def save(figure, path: Path) -> Path:
     return path
 
 
+def picture(image: torch.Tensor) -> dict:
+    """imshow's arguments for one image: (H, W) grayscale, or (C, H, W) colour as RGB."""
+    image = image.float().cpu()
+    if image.dim() == 3 and image.shape[0] == 3:
+        image = image.permute(1, 2, 0)  # (H, W, 3)
+        return {"X": image / 255 if image.max() > 1 else image.clamp(0, 1)}
+    return {"X": image.squeeze(0), "cmap": "gray"}
+
+
 def plot_curve(records: list[dict], path: Path) -> Path:
     """Training loss and validation/test accuracy per epoch, from metrics.jsonl records."""
     from matplotlib.ticker import MaxNLocator
@@ -126,6 +135,9 @@ def plot_confusion(matrix: torch.Tensor, accuracy: float, class_names, path: Pat
         yticks=range(size),
         title=f"test accuracy {accuracy:.2f}%",
     )
+    if list(class_names) != [str(k) for k in range(size)]:  # named classes: label the axes
+        axis.set_xticklabels(class_names, rotation=45, ha="right", fontsize=7)
+        axis.set_yticklabels(class_names, fontsize=7)
     figure.colorbar(image, ax=axis, label="log(1 + count)")
     return save(figure, path)
 
@@ -141,7 +153,7 @@ def plot_mistakes(
     for axis in axes.flat:
         axis.axis("off")
     for axis, index in zip(axes.flat, wrong.tolist()):
-        axis.imshow(split.images[index], cmap="gray")
+        axis.imshow(**picture(split.images[index]))
         axis.set_title(
             f"{class_names[split.labels[index]]}→{class_names[predictions[index]]}", fontsize=8
         )
@@ -150,18 +162,19 @@ def plot_mistakes(
 
 
 def save_reconstructions(model: CapsNet, split: Split, device, path: Path) -> Path:
-    """Up to 16 test digits beside their reconstructions from the predicted capsule."""
-    x = to_model_input(split.images[:16], device)  # (n, 1, 28, 28), n <= 16
+    """Up to 16 test images beside their reconstructions from the predicted capsule, in
+    colour for a colour model."""
+    x = to_model_input(split.images[:16], device)  # (n, C, H, W), n <= 16
     with torch.inference_mode():
         _, reconstructions, _ = model(x)  # masked by the prediction
     figure, axes = pyplot().subplots(2, len(x), figsize=(16, 2.4), squeeze=False)
     for column in range(len(x)):
-        axes[0, column].imshow(x[column, 0].cpu(), cmap="gray")
-        axes[1, column].imshow(reconstructions[column, 0].float().cpu(), cmap="gray")
+        axes[0, column].imshow(**picture(x[column]))
+        axes[1, column].imshow(**picture(reconstructions[column]))
     for axis in axes.flat:
         axis.axis("off")
     figure.suptitle(
-        "test digits (top) and their reconstructions from the predicted capsule (bottom)"
+        "test images (top) and their reconstructions from the predicted capsule (bottom)"
     )
     return save(figure, path)
 
