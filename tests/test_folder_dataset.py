@@ -1,0 +1,274 @@
+"""--dataset folder: a folder of your own images trains, scores and predicts as MNIST does.
+Folders are made here, of a few small PNGs; 20-px images keep the model small (a 2x2 grid of
+primary capsules), so a run takes seconds."""
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import hubconf
+from capslab.checkpoint import load_checkpoint
+from capslab.data import DEBIAN_FASHION_DIR, Split, load_split, random_shift, to_model_input
+from capslab.imagefolder import FileSplit, FolderOptions, load_folder
+from capslab.training import TrainConfig
+
+from conftest import REPO, SMALL_SCHEDULE, assert_one_line_error, run_in_process
+
+sys.path.insert(0, str(REPO / "tools"))
+import export_imagefolder  # noqa: E402
+
+SIDE = 20  # the smallest side worth a test: primary capsules on a 2x2 grid
+RUN = [
+    *SMALL_SCHEDULE,
+    "--dataset",
+    "folder",
+    "--image-size",
+    SIDE,
+    "--val-size",
+    "8",
+    "--batch-size",
+    "8",
+    "--epochs",
+    "1",
+    "--quiet",
+]
+
+
+def write_image(path, side: int, colour: bool, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    shape = (side, side, 3) if colour else (side, side)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(path)
+
+
+def make_folder(root, classes=("cat", "dog", "eel"), per_class=(12, 4), colour=False, side=24):
+    """root/{train,test}/<class>/k.png: per_class[0] training and per_class[1] test images."""
+    for part, count in zip(("train", "test"), per_class):
+        for label, name in enumerate(classes):
+            for k in range(count):
+                write_image(
+                    root / part / name / f"{k}.png",
+                    side,
+                    colour,
+                    1000 * label + 100 * (part == "test") + k,
+                )
+    return root
+
+
+def train_folder(root, folder, *extra, check=True):
+    return run_in_process(
+        "train.py", "--data-dir", root, "--checkpoint-dir", folder, *RUN, *extra, check=check
+    )
+
+
+@pytest.fixture(scope="module")
+def folder_run(tmp_path_factory):
+    """A colour folder trained for one epoch: (data root, checkpoint folder)."""
+    root = make_folder(tmp_path_factory.mktemp("colour"), colour=True)
+    folder = tmp_path_factory.mktemp("colour_run")
+    train_folder(root, folder)
+    return root, folder
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("colour, channels", [(False, 1), (True, 3)])
+def test_a_folder_loads_resized_with_its_channels_and_sorted_class_names(
+    tmp_path, colour, channels
+):
+    root = make_folder(tmp_path, classes=("b", "a", "c"), colour=colour, side=30)
+    options = FolderOptions(SIDE, channels, ("a", "b", "c"))
+    train, test = load_folder(root, options, log=lambda line: None)
+    shape = (SIDE, SIDE) if channels == 1 else (3, SIDE, SIDE)
+    assert train.images.shape == (36, *shape) and test.images.shape == (12, *shape)
+    assert train.images.dtype == torch.uint8
+    assert train.labels.tolist() == [0] * 12 + [1] * 12 + [2] * 12  # sorted: a, b, c
+    assert to_model_input(train.images[:5], "cpu").shape == (5, channels, SIDE, SIDE)
+
+
+def test_channels_are_detected_and_a_mix_is_converted_to_rgb_with_a_note(tmp_path):
+    root = make_folder(tmp_path)
+    write_image(root / "train" / "cat" / "colour.png", 24, colour=True, seed=1)
+    out = train_folder(root, tmp_path / "run", "--dry-run").stdout
+    assert "48 grayscale images converted to RGB (1 of 49 are colour)" in out
+    assert "3x20x20" in out
+
+
+def test_channels_1_forces_grayscale(tmp_path):
+    root = make_folder(tmp_path, colour=True)
+    out = train_folder(root, tmp_path / "run", "--channels", "1").stdout
+    assert "48 colour images converted to grayscale" in out
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["config"]["in_channels"] == 1
+
+
+def test_the_same_images_through_the_folder_and_the_fashion_mnist_path_are_identical(tmp_path):
+    if not DEBIAN_FASHION_DIR.is_dir():
+        pytest.skip(f"Fashion-MNIST not installed in {DEBIAN_FASHION_DIR}")
+    export_imagefolder.export("fashion-mnist", "unused", tmp_path, limit=60)
+    fashion = load_split("fashion-mnist", "unused", train=True)
+    names = tuple(sorted(p.name for p in (tmp_path / "train").iterdir()))
+    assert names[3] == "3-Dress" and names[0] == "0-T-shirt-top"  # sorted = Fashion's labels
+    train, _ = load_folder(tmp_path, FolderOptions(28, 1, names), log=lambda line: None)
+    # ImageFolder order: by class, then by file name (the IDX index).
+    order = sorted(range(60), key=lambda i: (int(fashion.labels[i]), i))
+    assert torch.equal(train.images, fashion.images[order])
+    assert torch.equal(train.labels, fashion.labels[order])
+
+
+# --- streaming -------------------------------------------------------------------------------
+
+
+def test_streamed_batches_equal_the_in_memory_ones(tmp_path):
+    root = make_folder(tmp_path, colour=True)
+    names = ("cat", "dog", "eel")
+    memory, _ = load_folder(root, FolderOptions(SIDE, 3, names, "memory"), log=lambda line: None)
+    disk, _ = load_folder(root, FolderOptions(SIDE, 3, names, "stream"), log=lambda line: None)
+    assert isinstance(disk, FileSplit) and isinstance(memory, Split)
+    order = torch.randperm(36, generator=torch.Generator().manual_seed(0))
+    from capslab.data import batches
+
+    for (a, y_a), (b, y_b) in zip(batches(memory, 8, order), batches(disk, 8, order), strict=True):
+        assert torch.equal(a, b) and torch.equal(y_a, y_b)
+    assert torch.equal(disk.images[3], memory.images[3])
+    assert torch.equal(disk.subset(torch.tensor([5, 1])).images[:], memory.images[[5, 1]])
+
+
+def test_a_run_streamed_from_disk_equals_the_in_memory_run(tmp_path):
+    root = make_folder(tmp_path)
+    out = train_folder(root, tmp_path / "memory", "--folder-loading", "memory").stdout
+    assert "held in memory" in out
+    out = train_folder(root, tmp_path / "disk", "--folder-loading", "stream", "--workers", 1).stdout
+    assert "streamed from disk by 1 DataLoader workers" in out
+    memory, disk = (load_checkpoint(tmp_path / name / "last.pt") for name in ("memory", "disk"))
+    for name, weight in memory["model"].items():
+        assert torch.equal(weight, disk["model"][name]), name
+    assert memory["metrics"][0]["val_acc"] == disk["metrics"][0]["val_acc"]
+
+
+def test_a_colour_shift_moves_every_channel_as_the_grayscale_shift_would():
+    images = torch.randint(0, 256, (5, 3, 12, 12), dtype=torch.uint8)
+    colour = random_shift(images, 2, torch.Generator().manual_seed(3))
+    for c in range(3):
+        gray = random_shift(images[:, c], 2, torch.Generator().manual_seed(3))
+        assert torch.equal(colour[:, c], gray)
+
+
+def test_the_shift_scales_with_the_image_side():
+    assert TrainConfig(dataset="folder", image_size=64).shift == 5  # round(2 * 64 / 28)
+    assert TrainConfig(dataset="folder", image_size=28).shift == 2
+    assert TrainConfig(dataset="multimnist").shift == 2  # the built-in datasets: as given
+
+
+# --- bad data: one line naming the file or folder -------------------------------------------
+
+
+def test_an_empty_class_folder_is_refused(tmp_path):
+    root = make_folder(tmp_path)
+    (root / "train" / "fox").mkdir()
+    (root / "test" / "fox").mkdir()
+    result = train_folder(root, tmp_path / "run", check=False)
+    assert_one_line_error(result, str(root / "train" / "fox"), "holds no images")
+
+
+def test_a_file_that_is_not_an_image_is_skipped_and_counted_by_its_suffix(tmp_path):
+    root = make_folder(tmp_path)
+    (root / "train" / "cat" / "notes.txt").write_text("not a picture")
+    out = train_folder(root, tmp_path / "run", "--dry-run").stdout
+    assert "skipped 1 files that are not images" in out
+
+
+def test_a_file_named_as_an_image_that_is_none_is_refused(tmp_path):
+    root = make_folder(tmp_path)
+    (root / "test" / "dog" / "broken.png").write_bytes(b"not a png")
+    result = train_folder(root, tmp_path / "run", check=False)
+    assert_one_line_error(result, str(root / "test" / "dog" / "broken.png"), "not an image")
+
+
+def test_train_and_test_with_different_classes_are_refused(tmp_path):
+    root = make_folder(tmp_path)
+    (root / "test" / "eel").rename(root / "test" / "emu")
+    result = train_folder(root, tmp_path / "run", check=False)
+    assert_one_line_error(result, "different classes", "only in train/: eel", "only in test/: emu")
+
+
+def test_a_single_class_is_refused(tmp_path):
+    root = make_folder(tmp_path, classes=("cat",))
+    result = train_folder(root, tmp_path / "run", check=False)
+    assert_one_line_error(result, str(root / "train"), "at least 2")
+
+
+def test_an_image_smaller_than_the_receptive_field_is_refused(tmp_path):
+    root = make_folder(tmp_path)
+    write_image(root / "train" / "dog" / "tiny.png", 12, colour=False, seed=0)
+    result = train_folder(root, tmp_path / "run", check=False)
+    assert_one_line_error(result, str(root / "train" / "dog" / "tiny.png"), "12x12", "17x17")
+
+
+def test_a_missing_folder_is_refused(tmp_path):
+    result = train_folder(tmp_path / "nowhere", tmp_path / "run", check=False)
+    assert_one_line_error(result, str(tmp_path / "nowhere" / "train"), "is not a folder")
+
+
+def test_image_size_and_channels_3_are_for_folders_only(tmp_path):
+    result = run_in_process("train.py", "--image-size", "32", "--dry-run", check=False)
+    assert_one_line_error(result, "--image-size must be 28 for mnist")
+    result = run_in_process("train.py", "--channels", "3", "--dry-run", check=False)
+    assert_one_line_error(result, "--channels")
+
+
+# --- the checkpoint's class names through evaluate, predict and hub --------------------------
+
+
+def test_the_checkpoint_keeps_the_class_names_and_the_settings_that_ran(folder_run):
+    _, folder = folder_run
+    checkpoint = load_checkpoint(folder / "last.pt")
+    assert checkpoint["class_names"] == ["cat", "dog", "eel"]
+    assert checkpoint["config"]["in_channels"] == 3 and checkpoint["config"]["image_size"] == SIDE
+    assert checkpoint["config"]["num_classes"] == 3
+    assert checkpoint["train_config"]["channels"] == 3
+
+
+def test_evaluate_names_the_classes_in_its_report_and_figures(folder_run, tmp_path):
+    root, folder = folder_run
+    flags = ["--checkpoint", folder / "best.pt", "--data-dir", root]
+    result = json.loads(run_in_process("evaluate.py", *flags, "--json").stdout)
+    assert list(result["per_class_accuracy"]) == ["cat", "dog", "eel"]
+    assert result["total"] == 12 and len(result["confusion_matrix"]) == 3
+    text = run_in_process("evaluate.py", *flags, "--figures", tmp_path).stdout
+    assert "0 cat, 1 dog, 2 eel" in text
+    assert (tmp_path / "reconstructions.png").is_file()
+
+
+def test_evaluate_refuses_a_test_folder_with_other_classes(folder_run, tmp_path):
+    _, folder = folder_run
+    other = make_folder(tmp_path, classes=("ant", "bee"))
+    result = run_in_process(
+        "evaluate.py", "--checkpoint", folder / "best.pt", "--data-dir", other, check=False
+    )
+    assert_one_line_error(result, str(other / "test"), "ant, bee", "cat, dog, eel")
+
+
+def test_predict_prints_the_class_names(folder_run, tmp_path):
+    root, folder = folder_run
+    image = root / "test" / "dog" / "0.png"
+    result = run_in_process(
+        "predict.py", image, "--checkpoint", folder / "best.pt", "--json", "--show", tmp_path
+    )
+    (record,) = json.loads(result.stdout)
+    assert record["prediction"] in ("cat", "dog", "eel")
+    assert list(record["capsule_lengths"]) == ["cat", "dog", "eel"]
+    assert Image.open(tmp_path / "0_reconstruction.png").mode == "RGB"
+
+
+def test_hub_loads_an_exported_folder_model_with_its_class_names(folder_run, tmp_path):
+    _, folder = folder_run
+    run_in_process("export.py", folder / "best.pt", tmp_path / "exported.pt")
+    model = hubconf.capsnet(checkpoint=tmp_path / "exported.pt")
+    assert model.class_names == ["cat", "dog", "eel"]
+    lengths, reconstructions, _ = model(torch.rand(2, 3, SIDE, SIDE))
+    assert lengths.shape == (2, 3) and reconstructions.shape == (2, 3, SIDE, SIDE)

@@ -1,0 +1,73 @@
+"""Make a small colour dataset as a folder of PNGs: MNIST digits painted in one random colour on
+a background of another, the layout `train.py --dataset folder` reads.
+
+    python tools/colour_mnist.py /tmp/colour_mnist --train 3000 --test 1000
+    python train.py --dataset folder --data-dir /tmp/colour_mnist --checkpoint-dir runs/colour
+
+Each image draws its ink and background colours uniformly from RGB, redrawing until they
+differ by at least MIN_DISTANCE (so the digit stays visible), then mixes them by the digit's
+grey level: pixel = background + (ink - background) * digit / 255. The class is the digit,
+so the colours are nuisance the model must ignore and the decoder must reproduce.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
+
+from capslab.data import load_split  # noqa: E402
+from capslab.errors import UserError, exit_on_user_error  # noqa: E402
+
+MIN_DISTANCE = 0.5  # Euclidean distance in RGB [0, 1]^3 between ink and background
+
+
+def colour_pairs(count: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(count, 3) ink and background colours in [0, 1], at least MIN_DISTANCE apart."""
+    ink, background = torch.rand(2, count, 3, generator=generator)
+    close = (ink - background).norm(dim=1) < MIN_DISTANCE
+    while close.any():
+        ink[close], background[close] = torch.rand(2, int(close.sum()), 3, generator=generator)
+        close = (ink - background).norm(dim=1) < MIN_DISTANCE
+    return ink, background
+
+
+def paint(digits: torch.Tensor, ink: torch.Tensor, background: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, H, W) digits and (N, 3) colours -> uint8 (N, 3, H, W)."""
+    alpha = digits.float()[:, None] / 255  # (N, 1, H, W)
+    mixed = background[:, :, None, None] + (ink - background)[:, :, None, None] * alpha
+    return (mixed * 255).round().to(torch.uint8)
+
+
+def make(out: Path, data_dir: str, train: int, test: int, seed: int) -> None:
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"{out} is not empty: choose a new folder")
+    generator = torch.Generator().manual_seed(seed)
+    for split_name, is_train, count in (("train", True, train), ("test", False, test)):
+        mnist = load_split("mnist", data_dir, train=is_train)
+        chosen = torch.randperm(len(mnist), generator=generator)[:count]
+        images = paint(mnist.images[chosen], *colour_pairs(count, generator))
+        for index, (image, label) in enumerate(zip(images, mnist.labels[chosen].tolist())):
+            folder = out / split_name / str(label)
+            folder.mkdir(parents=True, exist_ok=True)
+            pixels = image.permute(1, 2, 0).numpy()  # (H, W, 3)
+            Image.fromarray(pixels, mode="RGB").save(folder / f"{index:05d}.png")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out", type=Path, help="an empty or new folder")
+    parser.add_argument("--data-dir", default="data", help="where MNIST is (default: data)")
+    parser.add_argument("--train", type=int, default=3000, help="training images (default: 3000)")
+    parser.add_argument("--test", type=int, default=1000, help="test images (default: 1000)")
+    parser.add_argument("--seed", type=int, default=0, help="picks digits and colours (default: 0)")
+    args = parser.parse_args(argv)
+    make(args.out, args.data_dir, args.train, args.test, args.seed)
+    print(f"wrote {args.train} train and {args.test} test colour digits to {args.out}")
+
+
+if __name__ == "__main__":
+    exit_on_user_error(main)

@@ -1,0 +1,62 @@
+"""Write a built-in dataset (Fashion-MNIST, MNIST) out as a folder of PNGs in the layout
+`train.py --dataset folder` reads, to check that the folder path trains as the built-in one:
+
+    python tools/export_imagefolder.py fashion-mnist /tmp/fashion_folder
+    python train.py --dataset folder --data-dir /tmp/fashion_folder ...
+    python train.py --dataset fashion-mnist ...      # the same flags otherwise
+
+Files are OUT/{train,test}/<k>-<class name>/<index>.png: the class folders start with the
+label k so that their sorted order (the folder dataset's labels) is the dataset's own, and
+<index> is the image's place in the IDX file, zero-padded so sorted names keep that order.
+PNG is lossless, so the folder loader gives back the very uint8 pixels. --limit N writes the
+first N images of each split only (for tests).
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
+
+from capslab.data import CLASS_NAMES, load_split  # noqa: E402
+from capslab.errors import UserError, exit_on_user_error  # noqa: E402
+
+
+def folder_name(label: int, name: str) -> str:
+    """`3-Dress`; a "/" (T-shirt/top) cannot be in a folder name and becomes "-"."""
+    return f"{label}-{name.replace('/', '-')}"
+
+
+def export(dataset: str, data_dir: str, out: Path, limit: int | None = None) -> dict:
+    """Write both splits; returns how many images each got."""
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"{out} is not empty: choose a new folder")
+    names = [folder_name(k, name) for k, name in enumerate(CLASS_NAMES[dataset])]
+    counts = {}
+    for split_name, train in (("train", True), ("test", False)):
+        split = load_split(dataset, data_dir, train=train)
+        count = len(split) if limit is None else min(limit, len(split))
+        for name in names:
+            (out / split_name / name).mkdir(parents=True, exist_ok=True)
+        for index in range(count):
+            folder = out / split_name / names[int(split.labels[index])]
+            Image.fromarray(split.images[index].numpy(), mode="L").save(folder / f"{index:05d}.png")
+        counts[split_name] = count
+    return counts
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("dataset", choices=("fashion-mnist", "mnist"))
+    parser.add_argument("out", type=Path, help="an empty or new folder")
+    parser.add_argument("--data-dir", default="data", help="where the dataset is (default: data)")
+    parser.add_argument("--limit", type=int, default=None, help="first N of each split")
+    args = parser.parse_args(argv)
+    counts = export(args.dataset, args.data_dir, args.out, args.limit)
+    print(f"wrote {counts['train']} train and {counts['test']} test images to {args.out}")
+
+
+if __name__ == "__main__":
+    exit_on_user_error(main)
