@@ -4,9 +4,14 @@
     ROOT/test/<class>/*.png    scored
 
 The classes are the sub-folders of train/, in sorted order (class k is the k-th name), and
-test/ must hold the same ones. Every image is converted to grayscale ("L") or RGB and resized
-(stretched) to N x N with PIL's antialiasing bilinear filter, then kept as uint8: (H, W) for
-one channel, exactly as MNIST's Split holds its digits, or (3, H, W) for colour.
+test/ must hold the same ones. train/ is read class by class, in sorted file order (validation
+and --train-subset draw from a seeded permutation, as for MNIST); test/ is held in one fixed
+shuffled order (TEST_ORDER_SEED), so that --test-subset N scores a mix of classes, as MNIST's
+first N test digits are, and not N images of the first class.
+
+Every image is converted to grayscale ("L") or RGB and resized (stretched) to N x N with
+PIL's antialiasing bilinear filter, then kept as uint8: (H, W) for one channel, exactly as
+MNIST's Split holds its digits, or (3, H, W) for colour.
 
 What counts as an image is its file suffix (IMAGE_SUFFIXES, torchvision's list). Other files
 (README.txt, .DS_Store, labels.csv) are skipped and counted in a log line, as ImageFolder
@@ -36,6 +41,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tif
 GRAY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 IN_MEMORY_LIMIT = 2 * 2**30  # bytes of uint8 pixels (train + test) held in memory; above: stream
 LOADINGS = ("auto", "memory", "stream")
+TEST_ORDER_SEED = 0  # test/'s fixed order, the same in train.py and evaluate.py
 LOAD_CHUNK = 256  # images a DataLoader worker reads at a time when the folder loads into memory
 # The smallest image worth training on: what one primary capsule sees, 17 px for 9x9 kernels
 # (receptive_field in inference.py), which is also the smallest input the model takes.
@@ -285,6 +291,9 @@ def load_folder(root: str | Path, options: FolderOptions, parts=("train", "test"
     from capslab.data import Split  # data.py imports this module
 
     scans = [scan_split(Path(root) / part) for part in parts]
+    for part, scan in zip(parts, scans):
+        if part == "test":
+            shuffle(scan, TEST_ORDER_SEED)
     if len(scans) == 2:
         check_same_classes(*scans)
     for scan in scans:
@@ -316,6 +325,13 @@ def load_folder(root: str | Path, options: FolderOptions, parts=("train", "test"
         images = torch.cat(list(read_chunks(scan.files, chunks, replace(options, workers=workers))))
         splits.append(Split(images, labels))
     return tuple(splits)
+
+
+def shuffle(scan: FolderScan, seed: int) -> None:
+    """Put the scan's files (and labels) in a seeded random order."""
+    order = torch.randperm(len(scan.files), generator=torch.Generator().manual_seed(seed))
+    scan.files = [scan.files[i] for i in order.tolist()]
+    scan.labels = [scan.labels[i] for i in order.tolist()]
 
 
 def log_rank0(line: str) -> None:
