@@ -89,6 +89,8 @@ def test_a_folder_loads_resized_with_its_channels_and_sorted_class_names(
     assert train.images.dtype == torch.uint8
     assert train.labels.tolist() == [0] * 12 + [1] * 12 + [2] * 12  # sorted: a, b, c
     assert to_model_input(train.images[:5], "cpu").shape == (5, channels, SIDE, SIDE)
+    assert sorted(test.labels.tolist()) == [0] * 4 + [1] * 4 + [2] * 4
+    assert test.labels[:6].unique().numel() > 1  # shuffled: --test-subset takes a mix of classes
 
 
 def test_channels_are_detected_and_a_mix_is_converted_to_rgb_with_a_note(tmp_path):
