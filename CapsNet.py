@@ -30,12 +30,16 @@ class CapsNetConfig:
     in_channels: int = 1  # grayscale MNIST
     image_size: int = 28  # square input side in pixels
     num_classes: int = 10  # one digit capsule per class
-    conv1_channels: int = 256  # paper: 256 9x9 kernels
+    conv1_channels: int = field(  # paper: 256 9x9 kernels
+        default=256, metadata={"help": "Conv1's channels; fewer make a faster, smaller model"}
+    )
     kernel_size: int = 9  # both convolutions use 9x9 kernels
-    primary_channels: int = 32  # paper: 32 channels of primary capsules
+    primary_channels: int = field(  # paper: 32 channels of primary capsules
+        default=32, metadata={"help": "channels (capsule types) of 8-D primary capsules"}
+    )
     primary_dim: int = 8  # paper: 8-D primary capsules
     digit_dim: int = 16  # paper: 16-D digit capsules
-    # The two fields with help text are train.py's flags.
+    # The fields with help text are train.py's flags.
     routing_iterations: int = field(  # paper: r = 3
         default=3, metadata={"help": "routing iterations r"}
     )

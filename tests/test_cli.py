@@ -18,6 +18,7 @@ from capslab.checkpoint import export_weights, load_checkpoint
 from capslab.data import Split
 from capslab.errors import flag_name
 from capslab.figures import plot_curve
+from capslab.run_plan import RESUMABLE
 
 from conftest import (
     REPO,
@@ -426,7 +427,7 @@ def test_resume_help_names_every_flag_a_resume_may_change():
     ]:
         assert flag in resume_help, flag
     named = {word.strip(",;()") for word in resume_help.split()}
-    assert {flag_name(name) for name in train.RESUMABLE} <= named
+    assert {flag_name(name) for name in RESUMABLE} <= named
 
 
 @pytest.mark.slow
