@@ -17,7 +17,7 @@ def test_gzipped_mnist_files_read_as_the_unpacked_ones(data_dir, tmp_path):
     raw.mkdir(parents=True)
     for name in RAW_FILES:
         with open(data_dir / "MNIST" / "raw" / name, "rb") as src:
-            with gzip.open(raw / f"{name}.gz", "wb") as dst:
+            with gzip.open(raw / f"{name}.gz", "wb", compresslevel=1) as dst:
                 shutil.copyfileobj(src, dst)
     packed = load_split("mnist", tmp_path, train=False)
     unpacked = load_split("mnist", data_dir, train=False)

@@ -10,9 +10,9 @@ from capslab.checkpoint import load_checkpoint
 from capslab.data import load_split
 from CapsNet import CapsNet
 
-from conftest import CPU, SMALL, SMALL_SCHEDULE
+from conftest import CPU, SMALL, SMALL_MODEL, SMALL_SCHEDULE
 
-DIVERGING = [*SMALL_SCHEDULE[:-1], "1e3", "--train-subset", "128", "--val-size", "64",
+DIVERGING = [*SMALL_SCHEDULE[:-1], "1e3", *SMALL_MODEL, "--train-subset", "128", "--val-size", "64",
              "--test-subset", "32", "--batch-size", "32", "--quiet"]  # fmt: skip
 
 
@@ -56,8 +56,8 @@ def test_a_capsnet_trained_to_chance_is_warned_about_and_exits_cleanly(data_dir,
 
 
 def test_a_short_run_that_learns_is_not_warned_about(data_dir, tmp_path, capsys):
-    train.main([*SMALL_SCHEDULE, "--train-subset", "128", "--val-size", "64", "--test-subset",
-                "32", "--batch-size", "32", "--quiet", "--epochs", "1", "--data-dir",
-                str(data_dir), "--checkpoint-dir", str(tmp_path)])  # fmt: skip
+    train.main([*SMALL_SCHEDULE, *SMALL_MODEL, "--train-subset", "128", "--val-size", "64",
+                "--test-subset", "32", "--batch-size", "32", "--quiet", "--epochs", "1",
+                "--data-dir", str(data_dir), "--checkpoint-dir", str(tmp_path)])  # fmt: skip
     printed = capsys.readouterr()
     assert "at chance" not in printed.out + printed.err
