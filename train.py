@@ -143,7 +143,7 @@ def log_start(trainer: Trainer, device, train_split, val_split, test_split) -> N
     if trainer.config.bf16 and not has_native_bf16(device):
         log(
             f"warning: bf16 is emulated on this {device.type} (no AVX512-BF16 or AMX) and can be "
-            "many times slower than float32 (15x on an AVX2-only AMD EPYC): try --no-bf16"
+            "many times slower than float32: try --no-bf16"
         )
 
 
