@@ -580,18 +580,6 @@ IMAGE_STRETCH = """() => Object.fromEntries(
         return [name, [drawn / own, box.width, box.height]];
     }))"""
 
-# Share of dark pixels in each figure of the upload's Output widget: a blank figure has ~0.
-FIGURE_INK = """() => Array.from(document.querySelectorAll('.widget-output img')).map(img => {
-    const canvas = document.createElement('canvas');
-    [canvas.width, canvas.height] = [img.naturalWidth, img.naturalHeight];
-    const context = canvas.getContext('2d');
-    context.drawImage(img, 0, 0);
-    const pixels = context.getImageData(0, 0, canvas.width, canvas.height).data;
-    let dark = 0;
-    for (let i = 0; i < pixels.length; i += 4) dark += pixels[i + 3] > 0 && pixels[i] < 128;
-    return dark / (canvas.width * canvas.height);
-})"""
-
 
 def digest(selector: str) -> str:
     """JavaScript: a digest of the pixels of the image `selector` finds, null until loaded."""
@@ -641,14 +629,7 @@ def move_the_second_digit(page) -> tuple[str, str, int]:
     caption.get_by_text(PAIRED).first.wait_for()
     before, picture = caption.inner_text(), page.wait_for_function(PAIR_INPUT_DIGEST).json_value()
     slider = page.locator(".pair-controls .widget-slider").nth(1)
-    handle = slider.locator(".noUi-handle")
-    handle.scroll_into_view_if_needed()
-    box = handle.bounding_box()
-    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
-    page.mouse.move(x, y)
-    page.mouse.down()
-    page.mouse.move(x + 60, y, steps=5)
-    page.mouse.up()
+    drag_handle(page, slider, 60)
     page.wait_for_function(f"(({PAIR_INPUT_DIGEST})() ?? {picture}) !== {picture}")
     right = int(readout(slider))  # the kernel redraws each value the handle passed, in order
     caption.get_by_text(f"moved {right:+d} px right").first.wait_for()
@@ -676,6 +657,18 @@ def draw_on_canvas(page, stroke: list[tuple[float, float]]) -> tuple[str, float]
     return LINE.search(line.inner_text())[0], time.perf_counter() - start
 
 
+def drag_handle(page, slider, dx: float) -> None:
+    """Drag a slider's handle `dx` px to the right with the mouse, as a person does."""
+    handle = slider.locator(".noUi-handle")
+    handle.scroll_into_view_if_needed()
+    box = handle.bounding_box()
+    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    page.mouse.move(x, y)
+    page.mouse.down()
+    page.mouse.move(x + dx, y, steps=5)
+    page.mouse.up()
+
+
 def readout(slider) -> float:
     """A FloatSlider's displayed value (d3-format writes minus as U+2212)."""
     return float(slider.locator(".widget-readout").inner_text().replace("\u2212", "-"))
@@ -690,14 +683,7 @@ def drag_strongest_slider(page, label: str) -> tuple[float, float]:
     before = page.wait_for_function(RECONSTRUCTION_DIGEST).json_value()
     slider = page.locator(".capsule-sliders .widget-slider").nth(dim)
     start = readout(slider)
-    handle = slider.locator(".noUi-handle")
-    handle.scroll_into_view_if_needed()
-    box = handle.bounding_box()
-    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
-    page.mouse.move(x, y)
-    page.mouse.down()
-    page.mouse.move(x + 40, y, steps=5)
-    page.mouse.up()
+    drag_handle(page, slider, 40)
     page.wait_for_function(f"(({RECONSTRUCTION_DIGEST})() ?? {before}) !== {before}")
     return start, readout(slider)
 
