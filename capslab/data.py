@@ -142,20 +142,22 @@ def load_run_splits(
     """A run's (train, validation or None, test) splits. For MultiMNIST the training digits
     form a pool that pairs them afresh each batch, and validation and test are fixed pairs.
     A folder (`folder` says how to read it) is split as MNIST is."""
-    if dataset == "folder":
+    test = None
+    if dataset == "folder":  # train/ and test/ in one pass over the folder's headers
         if folder is None:
             raise ValueError("--dataset folder needs FolderOptions (TrainConfig.folder_options)")
         full_train, test = load_folder(data_dir, folder)
-        train, val = train_val_split(full_train, val_size, train_subset, seed)
-        return train, val, test.first(test_subset)
-    full_train = load_split(dataset, data_dir, train=True)
+    else:
+        full_train = load_split(dataset, data_dir, train=True)
     train, val = train_val_split(full_train, val_size, train_subset, seed)
     if dataset == "multimnist":
         from capslab import multimnist  # it builds on Split, so it imports this module
 
         train = multimnist.PairPool(train)
         val = None if val is None else multimnist.fixed_pairs(val, seed)
-    return train, val, load_test_split(dataset, data_dir).first(test_subset)
+    if test is None:
+        test = load_test_split(dataset, data_dir)
+    return train, val, test.first(test_subset)
 
 
 def load_test_split(
