@@ -26,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torchvision
 
 from capslab.errors import UserError
 from capslab.imagefolder import FileSplit, FolderOptions, load_folder
@@ -194,6 +193,8 @@ def load_split(dataset: str, data_dir: str | Path, train: bool) -> Split:
 
 def download(dataset: str, data_dir: Path, train: bool, local_raw: Path) -> Split:
     """torchvision's download into data_dir; a failed one leaves no new empty folders behind."""
+    import torchvision  # here, not at the top: it adds ~1.7 s to every start and only downloads
+
     dataset_class = {
         "mnist": torchvision.datasets.MNIST,
         "fashion-mnist": torchvision.datasets.FashionMNIST,

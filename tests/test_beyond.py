@@ -186,6 +186,7 @@ def test_paper_cnn_is_the_papers_baseline():
     assert torch.equal(model(x)[0], logits)
 
 
+@pytest.mark.slow
 def test_paper_cnn_trains_and_evaluates(data_dir, tmp_path, capsys):
     # One step of 32 digits: the 35M-parameter model is the slowest to train here.
     checkpoint = train_in_process(

@@ -10,7 +10,6 @@ import warnings
 import numpy as np
 import pytest
 import torch
-import torchvision
 from PIL import Image
 
 import train
@@ -221,7 +220,7 @@ def test_missing_data_offline_names_the_expected_path(tmp_path, monkeypatch):
     )
     assert_one_line_error(result, "missing.pt")
     # Download is impossible here: point every mirror at an unreachable local port.
-    monkeypatch.setattr(torchvision.datasets.MNIST, "mirrors", ["http://127.0.0.1:9/"])
+    monkeypatch.setattr("torchvision.datasets.MNIST.mirrors", ["http://127.0.0.1:9/"])
     result = run_in_process(
         "train.py", "--data-dir", empty, "--checkpoint-dir", tmp_path, check=False
     )

@@ -6,7 +6,6 @@ import shutil
 
 import pytest
 import torch
-import torchvision
 
 from capslab.data import RAW_FILES, load_split
 from capslab.errors import UserError
@@ -29,7 +28,7 @@ def test_a_failed_download_creates_no_folders(tmp_path, monkeypatch):
     def offline(*args, **kwargs):
         raise RuntimeError("no network")
 
-    monkeypatch.setattr(torchvision.datasets, "MNIST", offline)
+    monkeypatch.setattr("torchvision.datasets.MNIST", offline)
     missing = tmp_path / "new" / "data"
     with pytest.raises(UserError, match="could not be downloaded") as error:
         load_split("mnist", missing, train=True)

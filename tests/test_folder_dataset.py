@@ -140,6 +140,7 @@ def test_streamed_batches_equal_the_in_memory_ones(tmp_path):
     assert torch.equal(disk.subset(torch.tensor([5, 1])).images[:], memory.images[[5, 1]])
 
 
+@pytest.mark.slow
 def test_a_run_streamed_from_disk_equals_the_in_memory_run(tmp_path):
     root = make_folder(tmp_path)
     out = train_folder(root, tmp_path / "memory", "--folder-loading", "memory").stdout

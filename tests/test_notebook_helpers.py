@@ -120,6 +120,7 @@ def test_to_png_shows_each_pixel_as_a_square():
     assert torch.equal(pixels[4::5, 4::5], pixels[::5, ::5])  # 5x5 squares
 
 
+@pytest.mark.slow
 def test_predict_py_needs_neither_anywidget_nor_ipywidgets():
     blocked = "import sys; sys.modules.update(anywidget=None, ipywidgets=None); import predict"
     subprocess.run([sys.executable, "-c", blocked], cwd=REPO, check=True)

@@ -237,6 +237,7 @@ def huge_sevens(tmp_path_factory) -> list[Path]:
     return [folder / "seven.png", folder / "seven.jpg"]
 
 
+@pytest.mark.slow
 def test_huge_images_are_decoded_reduced_in_bounded_memory(huge_sevens):
     """Decoded whole and turned into floats, such an image took 2.7 GB and printed Pillow's
     DecompressionBombWarning. Reduced as it is decoded, the PNG needs its 169 MB of pixels
@@ -349,6 +350,7 @@ def test_bad_input_is_a_one_line_error_in_its_place(
     assert first.startswith(f"{SAMPLES[0]}: ") and last.startswith(f"{SAMPLES[1]}: ")
 
 
+@pytest.mark.slow
 def test_cli_process_reports_every_file_without_traceback(tmp_path, tiny_checkpoint):
     result = run_cli(str(SAMPLES[0]), str(tmp_path), "--checkpoint", str(tiny_checkpoint))
     assert result.returncode == 2

@@ -249,6 +249,7 @@ def test_a_broken_checkpoint_is_refused_in_one_line(
         assert_one_line_error(scored, str(tmp_path / "last.pt"), fragment)
 
 
+@pytest.mark.slow
 def test_a_reader_that_stops_early_gets_no_traceback():
     # `python sweep.py GRID --table | head -1`: the reader is gone before the table is written.
     command = [sys.executable, str(REPO / "sweep.py"), "results/grids/recipe.json", "--table"]

@@ -14,7 +14,14 @@ from capslab.checkpoint import load_checkpoint, save_checkpoint, unvalidated_wei
 from capslab.errors import UserError
 from capslab.jsonl import write_jsonl
 
-from conftest import TINY_RUN, StopAfterTwoBatches, assert_one_line_error, run, train_in_process
+from conftest import (
+    TINY_RUN,
+    StopAfterTwoBatches,
+    assert_one_line_error,
+    run,
+    run_in_process,
+    train_in_process,
+)
 
 # A real run that train.py refuses once it has read the data: a batch larger than the subset.
 REFUSED = ["--train-subset", "64", "--batch-size", "100", "--val-size", "0", "--test-subset", "40"]
@@ -42,7 +49,7 @@ def test_a_bad_grid_is_refused_whole_in_one_line_before_any_run_trains(tmp_path)
     grid = tmp_path / "grid.json"
     grid.write_text(json.dumps(runs))
     before = files_under(tmp_path)
-    result = run("sweep.py", grid, "--runs-dir", tmp_path / "runs", check=False)
+    result = run_in_process("sweep.py", grid, "--runs-dir", tmp_path / "runs", check=False)
     assert_one_line_error(
         result,
         f"{grid} has 7 problem(s); no run of it trains until they are fixed: ",
@@ -196,7 +203,7 @@ def test_a_bad_results_line_stops_compare_in_one_line(tmp_path):
     results = grid.with_suffix(".results.jsonl")
     results.write_text('{"name": "a-s0", "final": {"test_acc": 99.4}}\n{"name": "a-s1"}\n')
     before = results.read_bytes()
-    result = run("sweep.py", grid, "--compare", "a-*", "b-*", check=False)
+    result = run_in_process("sweep.py", grid, "--compare", "a-*", "b-*", check=False)
     assert_one_line_error(result, f"{results} is not a readable results file (line 2:")
     assert results.read_bytes() == before
 
@@ -252,10 +259,10 @@ def test_time_to_accuracy_names_the_log_and_line_of_a_bad_record(tmp_path, line,
 def test_time_to_accuracy_stops_at_a_bad_record_in_one_line_and_exit_status_2(tmp_path):
     log = tmp_path / "metrics.jsonl"
     log.write_text('{"epoch": 1, "test_acc": 99.0}\n99.5\n')
-    result = run("time_to_accuracy.py", log, "--thresholds", "nan", check=False)
+    result = run_in_process("time_to_accuracy.py", log, "--thresholds", "nan", check=False)
     assert result.returncode == 2 and result.stdout == ""
     assert_one_line_error(result, "--thresholds nan is not a test accuracy in % (0 to 100)")
-    result = run("time_to_accuracy.py", log, check=False)
+    result = run_in_process("time_to_accuracy.py", log, check=False)
     assert result.returncode == 2 and result.stdout == ""
     assert_one_line_error(result, f"{log} is not a readable metrics log (line 2: 99.5 is a")
 
@@ -307,7 +314,7 @@ def test_export_refuses_a_run_stopped_before_its_first_epoch_ended(data_dir, tmp
     stopped = train_in_process(data_dir, folder, "--epochs", 1, run_flags=TINY_RUN)
     assert stopped["epoch"] == 0 and stopped["metrics"] == []
     out = tmp_path / "out.pt"
-    result = run("export.py", folder / "last.pt", out, check=False)
+    result = run_in_process("export.py", folder / "last.pt", out, check=False)
     assert_one_line_error(
         result, "holds weights saved before any epoch ended (epoch 0, no metrics", "--unvalidated"
     )
@@ -315,8 +322,9 @@ def test_export_refuses_a_run_stopped_before_its_first_epoch_ended(data_dir, tmp
     export.main([str(folder / "last.pt"), str(out), "--unvalidated"])
     assert load_checkpoint(out)["epoch"] == 0
     # evaluate.py scores such a file, saying first on stderr what it holds.
-    scored = run("evaluate.py", "--checkpoint", out, "--data-dir", data_dir, "--test-subset", 40,
-                 "--json")  # fmt: skip
+    scored = run_in_process(
+        "evaluate.py", "--checkpoint", out, "--data-dir", data_dir, "--test-subset", 40, "--json"
+    )
     assert "note:" in scored.stderr and "nothing has scored them" in scored.stderr
     assert json.loads(scored.stdout)["total"] == 40
 
