@@ -12,7 +12,8 @@ Where this code departs from the paper (each is flagged again where it happens):
   finite (with finite gradients) at s = 0. The paper's formula is undefined there.
 - `detach_early_routing` (off by default) stops gradients through u_hat in all but the last
   routing iteration, as some ports do. The paper lets gradients flow through every iteration.
-- Routing is kept in float32 even under autocast; the paper predates mixed precision.
+- Mixed precision (the paper predates it): under bf16 autocast the convolutions, the votes
+  W_ij u_i and the decoder compute in bf16; squash, routing and its backward stay float32.
 """
 
 from dataclasses import dataclass, field, replace
@@ -163,7 +164,9 @@ class PrimaryCaps(nn.Module):
         # Each capsule is 8 channels at one position: split channels, then move them last.
         out = out.view(batch, self.channels, self.dim, height, width)  # (B, 32, 8, 6, 6)
         out = out.permute(0, 1, 3, 4, 2)  # (B, 32, 6, 6, 8)
-        return squash(out.reshape(batch, -1, self.dim))  # (B, 1152, 8)
+        # Squashed in float32, also under autocast: bf16 elementwise passes over the 1152
+        # capsules cost more than the cast, and Eq. 1's norms keep their precision.
+        return squash(out.reshape(batch, -1, self.dim).float())  # (B, 1152, 8)
 
 
 class DigitCaps(nn.Module):
@@ -186,10 +189,12 @@ class DigitCaps(nn.Module):
     def votes(self, u: torch.Tensor) -> torch.Tensor:
         """Eq. 2's prediction vectors u_hat_j|i = W_ij u_i: (B, I, 8) -> (B, J, I, 16)."""
         batch, num_in, _ = u.shape
-        u_hat = torch.bmm(u.transpose(0, 1), self.W)  # (I, B, J*16)
+        u_hat = torch.bmm(u.transpose(0, 1), self.W)  # (I, B, J*16); bf16 under autocast
         u_hat = u_hat.view(num_in, batch, self.num_out, self.out_dim)  # (I, B, J, 16)
         # (B, J, I, 16) makes both routing contractions batched matrix-vector products.
-        return u_hat.permute(1, 2, 0, 3).contiguous()
+        # Routing is float32: one copy moves u_hat there and makes it float32 alike.
+        u_hat = u_hat.permute(1, 2, 0, 3)  # (B, J, I, 16), strided
+        return u_hat.to(torch.float32, memory_format=torch.contiguous_format).contiguous()
 
     def forward(
         self, u: torch.Tensor, iterations: int | None = None
@@ -200,19 +205,19 @@ class DigitCaps(nn.Module):
         """
         iterations = self.iterations if iterations is None else iterations
         check_positive_int("iterations", iterations)
-        # Routing stays in float32 under autocast: the logits b_ij grow and softmax needs range.
-        with torch.autocast(device_type=u.device.type, enabled=False):
-            u = u.to(torch.promote_types(u.dtype, torch.float32))
-            # Routing is per example, so splitting the batch changes no value. On a CPU it pays:
-            # u_hat is 737 KB per image and routing reads it 2r - 1 times, so a 16-image piece
-            # (12 MB) stays in cache, where a whole batch of 128 (94 MB) streams from memory.
-            piece = CPU_ROUTING_PIECE if u.device.type == "cpu" else len(u)
-            routed = [
-                DynamicRouting.apply(self.votes(part), iterations, self.detach_early)
-                for part in u.split(piece)
-            ]  # per piece: v (b, J, 16), c (b, J, I)
-            v_j, c_ij = zip(*routed)
-            return torch.cat(v_j), torch.cat(c_ij)
+        # Routing is per example, so splitting the batch changes no value. On a CPU it pays:
+        # u_hat is 737 KB per image and routing reads it 2r - 1 times, so a 16-image piece
+        # (12 MB) stays in cache, where a whole batch of 128 (94 MB) streams from memory.
+        piece = CPU_ROUTING_PIECE if u.device.type == "cpu" else len(u)
+        routed = [self.route(self.votes(part), iterations) for part in u.split(piece)]
+        v_j, c_ij = zip(*routed)  # per piece: v (b, J, 16), c (b, J, I)
+        return torch.cat(v_j), torch.cat(c_ij)
+
+    def route(self, u_hat: torch.Tensor, iterations: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Procedure 1 on float32 votes, float32 even under autocast: the logits b_ij grow, and
+        softmax and the agreements need the range."""
+        with torch.autocast(device_type=u_hat.device.type, enabled=False):
+            return DynamicRouting.apply(u_hat, iterations, self.detach_early)
 
 
 class DynamicRouting(torch.autograd.Function):
@@ -245,7 +250,13 @@ class DynamicRouting(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_v: torch.Tensor, grad_c: torch.Tensor):
-        """grad v_j (B, J, 16) -> grad u_hat (B, J, I, 16), walking the iterations backwards."""
+        """grad v_j (B, J, 16) -> grad u_hat (B, J, I, 16), walking the iterations backwards.
+        float32, as forward was, even where backward() is called under autocast."""
+        with torch.autocast(device_type=grad_v.device.type, enabled=False):
+            return DynamicRouting.float32_backward(ctx, grad_v)
+
+    @staticmethod
+    def float32_backward(ctx, grad_v: torch.Tensor):
         u_hat, *saved = ctx.saved_tensors
         c, s, v = saved[0::3], saved[1::3], saved[2::3]
         weights, vectors = [], []  # grad u_hat = sum_k weights[k] (B,J,I) x vectors[k] (B,J,16)

@@ -102,40 +102,51 @@ def measure(args: argparse.Namespace) -> dict:
     x = to_model_input(split.training_batch(images, labels, 0, generator).images, device)
     floor = conv_floor(trainer.model.config, device) if isinstance(model, CapsNet) else None
 
+    def autocast():
+        # --bf16: model and floor alike run their forward passes under autocast, and their
+        # backward passes outside it, as the trainer does (routing stays float32 throughout).
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
+
     def train_step():
-        # Shifts (or pairs), forward, loss, backward, Adam.
+        # Shifts (or pairs), forward (autocast per config.bf16), loss, backward, Adam.
         trainer.train_step(images, labels, generator, split)
 
     def floor_step():
-        floor(x).sum().backward()
+        with autocast():
+            out = floor(x)
+        out.sum().backward()
 
     def eval_step():
-        trainer.model(x)
+        with autocast():
+            trainer.model(x)
 
     def single_step():
-        trainer.model(x[:1])
+        with autocast():
+            trainer.model(x[:1])
 
-    # --bf16 puts model and floor alike under autocast (routing inside the model stays float32).
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-        started = time.perf_counter()
-        train_step()  # with --compile, this first call compiles
-        first_step_seconds = time.perf_counter() - started
-        train_rates, floor_rates, eval_rates, forward_floor_rates, latencies = [], [], [], [], []
-        for _ in range(args.rounds):  # alternate, so drift in machine load hits both sides
-            train_rates.append(images_per_second(train_step, args.batch_size, args.steps))
+    def floor_forward():
+        with autocast():
+            floor(x)
+
+    started = time.perf_counter()
+    train_step()  # with --compile, this first call compiles
+    first_step_seconds = time.perf_counter() - started
+    train_rates, floor_rates, eval_rates, forward_floor_rates, latencies = [], [], [], [], []
+    for _ in range(args.rounds):  # alternate, so drift in machine load hits both sides
+        train_rates.append(images_per_second(train_step, args.batch_size, args.steps))
+        if floor:
+            floor_rates.append(images_per_second(floor_step, args.batch_size, args.steps))
+        with torch.inference_mode():
+            trainer.model.eval()
+            eval_rates.append(images_per_second(eval_step, args.batch_size, args.steps))
             if floor:
-                floor_rates.append(images_per_second(floor_step, args.batch_size, args.steps))
-            with torch.inference_mode():
-                trainer.model.eval()
-                eval_rates.append(images_per_second(eval_step, args.batch_size, args.steps))
-                if floor:
-                    forward_floor_rates.append(
-                        images_per_second(lambda: floor(x), args.batch_size, args.steps)
-                    )
-                latencies.append(1000 / images_per_second(single_step, 1, 20))
-            trainer.model.train()
-        if args.profile:
-            profile_training(train_step, args.steps, args.profile)
+                forward_floor_rates.append(
+                    images_per_second(floor_forward, args.batch_size, args.steps)
+                )
+            latencies.append(1000 / images_per_second(single_step, 1, 20))
+        trainer.model.train()
+    if args.profile:
+        profile_training(train_step, args.steps, args.profile)
     result = {
         "device": str(device),
         "cpu": cpu_name(),

@@ -12,7 +12,7 @@ from capslab.checkpoint import load_checkpoint, save_checkpoint
 from capslab.data import train_val_split
 from capslab.errors import UserError
 from capslab.hardware import cpu_name, has_native_bf16
-from CapsNet import CapsNet, DynamicRouting, capsule_loss
+from CapsNet import CapsNet, DynamicRouting, capsule_loss, squash
 
 from conftest import make_trainer, train_in_process
 
@@ -51,6 +51,31 @@ def test_routing_stays_float32_under_autocast(paper_model):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         lengths, _, v = paper_model(torch.rand(2, 1, 28, 28))
     assert v.dtype == torch.float32 and lengths.dtype == torch.float32
+
+
+def test_under_autocast_the_votes_are_bf16_products_handed_to_routing_in_float32(paper_model):
+    u = squash(torch.randn(4, 1152, 8))  # (B, I, 8)
+    exact = paper_model.digit_caps.votes(u)  # (B, J, I, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        rounded = paper_model.digit_caps.votes(u)
+    assert rounded.shape == exact.shape == (4, 10, 1152, 16)
+    assert rounded.dtype == torch.float32 and rounded.is_contiguous()
+    assert not torch.equal(rounded, exact)  # W u in bf16, accumulated in float32
+    torch.testing.assert_close(rounded, exact, rtol=0.02, atol=0.01 * exact.abs().max().item())
+
+
+def test_routing_backward_stays_float32_where_backward_runs_under_autocast():
+    u_hat = torch.randn(2, 10, 40, 16)
+    grads = []
+    for under_autocast in (False, True):
+        leaf = u_hat.clone().requires_grad_()
+        v, _ = DynamicRouting.apply(leaf, 3, False)
+        loss = (v * torch.arange(16.0)).sum()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=under_autocast):
+            loss.backward()
+        grads.append(leaf.grad)
+    assert grads[1].dtype == torch.float32
+    assert torch.equal(grads[0], grads[1])
 
 
 def test_bf16_training_step_runs_convolutions_in_bf16_and_keeps_float32_weights(
