@@ -16,9 +16,10 @@ from capslab.data import DEBIAN_FASHION_DIR, Split, load_split, random_shift, to
 from capslab.imagefolder import FileSplit, FolderOptions, load_folder
 from capslab.training import TrainConfig
 
-from conftest import REPO, SMALL_SCHEDULE, assert_one_line_error, run_in_process
+from conftest import DATA_DIR, REPO, SMALL_SCHEDULE, assert_one_line_error, run_in_process
 
 sys.path.insert(0, str(REPO / "tools"))
+import colour_mnist  # noqa: E402
 import export_imagefolder  # noqa: E402
 
 SIDE = 20  # the smallest side worth a test: primary capsules on a 2x2 grid
@@ -120,6 +121,31 @@ def test_the_same_images_through_the_folder_and_the_fashion_mnist_path_are_ident
     order = sorted(range(60), key=lambda i: (int(fashion.labels[i]), i))
     assert torch.equal(train.images, fashion.images[order])
     assert torch.equal(train.labels, fashion.labels[order])
+
+
+@pytest.mark.parametrize("background", ["colour", "black"])
+def test_colour_mnist_paints_each_digit_in_its_ink_on_its_background(background):
+    generator = torch.Generator().manual_seed(0)
+    ink, paper = colour_mnist.colour_pairs(500, generator, background)  # (500, 3) each
+    assert ((ink - paper).norm(dim=1) >= colour_mnist.MIN_DISTANCE).all()
+    assert (paper == 0).all() == (background == "black")
+    digits = torch.zeros(500, 4, 4, dtype=torch.uint8)
+    digits[:, 1:3, 1:3] = 255  # full ink in the middle, none at the border
+    images = colour_mnist.paint(digits, ink, paper)  # (500, 3, 4, 4)
+    assert images.shape == (500, 3, 4, 4) and images.dtype == torch.uint8
+    assert torch.equal(images[:, :, 0, 0], (paper * 255).round().to(torch.uint8))
+    assert torch.equal(images[:, :, 1, 1], (ink * 255).round().to(torch.uint8))
+
+
+def test_colour_mnist_writes_a_colour_image_folder(tmp_path):
+    out = tmp_path / "colour"
+    colour_mnist.main([str(out), "--data-dir", str(DATA_DIR), "--train", "100", "--test", "100"])
+    classes = tuple(sorted(folder.name for folder in (out / "train").iterdir()))
+    assert set(classes) <= set("0123456789")
+    options = FolderOptions(28, 3, classes)
+    train, test = load_folder(out, options, log=lambda line: None)
+    assert train.images.shape == test.images.shape == (100, 3, 28, 28)
+    assert train.images[:, 0].float().std() > 0  # colours, not grey copies
 
 
 # --- streaming -------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 a background of another, the layout `train.py --dataset folder` reads.
 
     python tools/colour_mnist.py /tmp/colour_mnist --train 3000 --test 1000
+    python tools/colour_mnist.py /tmp/ink_mnist --background black   # coloured ink on black
     python train.py --dataset folder --data-dir /tmp/colour_mnist --checkpoint-dir runs/colour
 
 Each image draws its ink and background colours uniformly from RGB, redrawing until they
@@ -25,14 +26,22 @@ from capslab.errors import UserError, exit_on_user_error  # noqa: E402
 MIN_DISTANCE = 0.5  # Euclidean distance in RGB [0, 1]^3 between ink and background
 
 
-def colour_pairs(count: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """(count, 3) ink and background colours in [0, 1], at least MIN_DISTANCE apart."""
-    ink, background = torch.rand(2, count, 3, generator=generator)
-    close = (ink - background).norm(dim=1) < MIN_DISTANCE
+def colour_pairs(
+    count: int, generator: torch.Generator, background: str = "colour"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(count, 3) ink and background colours in [0, 1], at least MIN_DISTANCE apart; with
+    background "black" only the ink is drawn."""
+
+    def draw(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        inks, backgrounds = torch.rand(2, n, 3, generator=generator)
+        return inks, backgrounds * (background == "colour")
+
+    ink, paper = draw(count)
+    close = (ink - paper).norm(dim=1) < MIN_DISTANCE
     while close.any():
-        ink[close], background[close] = torch.rand(2, int(close.sum()), 3, generator=generator)
-        close = (ink - background).norm(dim=1) < MIN_DISTANCE
-    return ink, background
+        ink[close], paper[close] = draw(int(close.sum()))
+        close = (ink - paper).norm(dim=1) < MIN_DISTANCE
+    return ink, paper
 
 
 def paint(digits: torch.Tensor, ink: torch.Tensor, background: torch.Tensor) -> torch.Tensor:
@@ -42,14 +51,14 @@ def paint(digits: torch.Tensor, ink: torch.Tensor, background: torch.Tensor) -> 
     return (mixed * 255).round().to(torch.uint8)
 
 
-def make(out: Path, data_dir: str, train: int, test: int, seed: int) -> None:
+def make(out: Path, data_dir: str, train: int, test: int, seed: int, background: str) -> None:
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} is not empty: choose a new folder")
     generator = torch.Generator().manual_seed(seed)
     for split_name, is_train, count in (("train", True, train), ("test", False, test)):
         mnist = load_split("mnist", data_dir, train=is_train)
         chosen = torch.randperm(len(mnist), generator=generator)[:count]
-        images = paint(mnist.images[chosen], *colour_pairs(count, generator))
+        images = paint(mnist.images[chosen], *colour_pairs(count, generator, background))
         for index, (image, label) in enumerate(zip(images, mnist.labels[chosen].tolist())):
             folder = out / split_name / str(label)
             folder.mkdir(parents=True, exist_ok=True)
@@ -64,8 +73,14 @@ def main(argv=None) -> None:
     parser.add_argument("--train", type=int, default=3000, help="training images (default: 3000)")
     parser.add_argument("--test", type=int, default=1000, help="test images (default: 1000)")
     parser.add_argument("--seed", type=int, default=0, help="picks digits and colours (default: 0)")
+    parser.add_argument(
+        "--background",
+        choices=("colour", "black"),
+        default="colour",
+        help="a random colour per image, or black (default: colour)",
+    )
     args = parser.parse_args(argv)
-    make(args.out, args.data_dir, args.train, args.test, args.seed)
+    make(args.out, args.data_dir, args.train, args.test, args.seed, args.background)
     print(f"wrote {args.train} train and {args.test} test colour digits to {args.out}")
 
 
