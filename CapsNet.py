@@ -192,9 +192,11 @@ class DigitCaps(nn.Module):
         u_hat = torch.bmm(u.transpose(0, 1), self.W)  # (I, B, J*16); bf16 under autocast
         u_hat = u_hat.view(num_in, batch, self.num_out, self.out_dim)  # (I, B, J, 16)
         # (B, J, I, 16) makes both routing contractions batched matrix-vector products.
-        # Routing is float32: one copy moves u_hat there and makes it float32 alike.
+        # Routing is float32 (float64 for float64 capsules): one copy moves u_hat there and
+        # casts bf16 votes alike.
         u_hat = u_hat.permute(1, 2, 0, 3)  # (B, J, I, 16), strided
-        return u_hat.to(torch.float32, memory_format=torch.contiguous_format).contiguous()
+        dtype = torch.promote_types(u_hat.dtype, torch.float32)
+        return u_hat.to(dtype, memory_format=torch.contiguous_format).contiguous()
 
     def forward(
         self, u: torch.Tensor, iterations: int | None = None

@@ -165,6 +165,7 @@ def test_digit_caps_matches_reference_in_the_full_model():
     layer = DigitCaps(CapsNetConfig(primary_channels=2, routing_iterations=3)).double()
     u = torch.randn(2, layer.W.shape[0], 8, dtype=torch.float64)
     v, _ = layer(u)
+    assert layer.votes(u).dtype == v.dtype == torch.float64  # routing keeps float64 capsules
     v_ref, _ = reference_routing(layer.votes(u), 3)
     assert torch.allclose(v, v_ref, atol=1e-10)
 
