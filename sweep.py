@@ -683,14 +683,18 @@ def main(argv=None) -> None:
         print(f"wrote {plot_test_errors(errors_by_recipe(results), args.plot)}")
     if args.table or args.plot or args.compare:
         return
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # acts as Ctrl-C does
+    # Both signals raise KeyboardInterrupt, SIGINT too: a sweep started with `&` from a script
+    # inherits an ignored SIGINT, and would otherwise not hear `kill -INT`.
+    stopping = (signal.SIGINT, signal.SIGTERM)
+    previous = {number: signal.signal(number, signal.default_int_handler) for number in stopping}
     try:
         sweep(args.grid, results, args.runs_dir, args.data_dir, args.list, args.retry_failed)
     except KeyboardInterrupt:
         message = "interrupted: finished runs are kept; run the sweep again to resume"
         raise UserError(message) from None
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 def sweep(

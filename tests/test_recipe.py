@@ -236,12 +236,23 @@ def test_sweep_trains_each_run_once_evaluates_it_and_tabulates_the_seeds(
     assert cnn_row.startswith("| cnn | - | 0.39% | ")
 
 
+def ignore_sigint() -> None:
+    """What a non-interactive shell does to a job it starts with `&`."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize(
+    "signal_number, preexec",
+    [(signal.SIGTERM, None), (signal.SIGINT, ignore_sigint)],
+    ids=["sigterm", "sigint-inherited-ignored"],
+)
 def test_a_signal_stops_the_sweep_in_one_line_and_its_run_resumably_never_recorded(
-    data_dir, tmp_path
+    data_dir, tmp_path, signal_number, preexec
 ):
-    """SIGTERM to the sweep reaches its run once: the run saves mid-epoch, the sweep says so in
-    one line, and the unfinished run gets no results line."""
+    """SIGTERM, or SIGINT even where the sweep was started with SIGINT ignored, reaches its run
+    once: the run saves mid-epoch, the sweep says so in one line, and the unfinished run gets
+    no results line."""
     flags = ["--train-subset", "6400", "--val-size", "32", "--test-subset", "50", "--epochs", "2"]
     flags += ["--device", "cpu"]  # a GPU could finish both epochs before the signal comes
     grid = tmp_path / "grid.json"
@@ -252,13 +263,14 @@ def test_a_signal_stops_the_sweep_in_one_line_and_its_run_resumably_never_record
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=preexec,
     )
     try:
         for line in sweeping.stdout:  # the run's first line: it has begun training
             if line.startswith("model capsnet"):
                 break
         time.sleep(3)
-        sweeping.send_signal(signal.SIGTERM)
+        sweeping.send_signal(signal_number)
         out, err = sweeping.communicate(timeout=120)
     finally:
         sweeping.kill()
