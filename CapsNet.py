@@ -73,7 +73,7 @@ class CapsNetConfig:
             raise ValueError(
                 f"detach_early_routing must be true or false, got {self.detach_early_routing!r}"
             )
-        if len(self.decoder_hidden) != 2:
+        if not isinstance(self.decoder_hidden, (tuple, list)) or len(self.decoder_hidden) != 2:
             raise ValueError(
                 f"decoder_hidden must be two layer widths, got {self.decoder_hidden!r}"
             )
@@ -410,6 +410,8 @@ def capsule_loss(
     alone and `reconstructions` may be None.
     """
     per_example = margin_loss(lengths, target)  # (B,)
+    if reconstruction_weight and reconstructions is None:
+        raise ValueError("reconstructions are None, but reconstruction_weight is not 0")
     if reconstruction_weight:
         sse = reconstruction_loss(reconstructions.float(), images)  # (B,)
         per_example = per_example + reconstruction_weight * sse

@@ -441,7 +441,8 @@ def finished_runs(results: Path, per_run: bool = False) -> dict[str, list[dict]]
 
 def paper_error(figure: str) -> tuple[float, float | None]:
     """The paper's "0.34 ± 0.032%" as (0.34, 0.032); "0.39%" as (0.39, None)."""
-    match = re.fullmatch(r"\s*([\d.]+)\s*(?:±\s*([\d.]+))?\s*%\s*", figure)
+    number = r"(\d+(?:\.\d*)?|\.\d+)"  # 0.34, 5, 5., .5; not "1.2.3" or "."
+    match = re.fullmatch(rf"\s*{number}\s*(?:±\s*{number})?\s*%\s*", figure)
     if match is None:
         raise UserError(f"the paper's figure {figure!r} is not a test error like '0.34 ± 0.032%'")
     mean, spread = match.groups()

@@ -152,8 +152,14 @@ def load_run_splits(
     if dataset == "multimnist":
         from capslab import multimnist  # it builds on Split, so it imports this module
 
-        train = multimnist.PairPool(train)
-        val = None if val is None else multimnist.fixed_pairs(val, seed)
+        try:
+            train = multimnist.PairPool(train)
+        except ValueError as error:
+            raise UserError(f"--train-subset {train_subset}: training digits: {error}") from None
+        try:
+            val = None if val is None else multimnist.fixed_pairs(val, seed)
+        except ValueError as error:
+            raise UserError(f"--val-size {val_size}: validation digits: {error}") from None
     if test is None:
         test = load_test_split(dataset, data_dir)
     return train, val, test.first(test_subset)

@@ -109,6 +109,7 @@ def test_affine_accuracy_is_seeded(small_model, few_digits, small_checkpoint, da
     first = affine_accuracy(small_model, digits, CPU, seed=3)
     assert list(first) == list(AFFINE_FAMILIES)
     assert affine_accuracy(small_model, digits, CPU, seed=3) == first
+    assert affine_accuracy(small_model, digits, CPU, seed=4) != first  # the seed is used
     result = evaluate_json(
         capsys,
         "--checkpoint",

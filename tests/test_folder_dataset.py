@@ -16,7 +16,7 @@ from capslab.data import DEBIAN_FASHION_DIR, Split, load_split, random_shift, to
 from capslab.imagefolder import FileSplit, FolderOptions, load_folder
 from capslab.training import TrainConfig
 
-from conftest import DATA_DIR, REPO, SMALL_SCHEDULE, assert_one_line_error, run_in_process
+from conftest import REPO, SMALL_SCHEDULE, assert_one_line_error, run_in_process
 
 sys.path.insert(0, str(REPO / "tools"))
 import colour_mnist  # noqa: E402
@@ -137,15 +137,17 @@ def test_colour_mnist_paints_each_digit_in_its_ink_on_its_background(background)
     assert torch.equal(images[:, :, 1, 1], (ink * 255).round().to(torch.uint8))
 
 
-def test_colour_mnist_writes_a_colour_image_folder(tmp_path):
+def test_colour_mnist_writes_a_colour_image_folder(tmp_path, data_dir):
     out = tmp_path / "colour"
-    colour_mnist.main([str(out), "--data-dir", str(DATA_DIR), "--train", "100", "--test", "100"])
+    colour_mnist.main([str(out), "--data-dir", str(data_dir), "--train", "100", "--test", "100"])
     classes = tuple(sorted(folder.name for folder in (out / "train").iterdir()))
     assert set(classes) <= set("0123456789")
     options = FolderOptions(28, 3, classes)
     train, test = load_folder(out, options, log=lambda line: None)
     assert train.images.shape == test.images.shape == (100, 3, 28, 28)
-    assert train.images[:, 0].float().std() > 0  # colours, not grey copies
+    # Colours, not grey copies: in each image some pixel's red, green and blue differ.
+    grey = (train.images[:, 0] == train.images[:, 1]) & (train.images[:, 1] == train.images[:, 2])
+    assert not grey.flatten(1).all(dim=1).any()
 
 
 # --- streaming -------------------------------------------------------------------------------

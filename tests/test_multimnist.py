@@ -27,7 +27,13 @@ from capslab.multimnist import (
 from capslab.scoring import pair_report
 from CapsNet import CapsNet, CapsNetConfig, capsule_loss, margin_loss, reconstruction_loss
 
-from conftest import REPO, SMALL_MODEL, SMALL_SCHEDULE
+from conftest import (
+    REPO,
+    SMALL_MODEL,
+    SMALL_SCHEDULE,
+    assert_one_line_error,
+    run_in_process,
+)
 
 
 def marked_digits(count: int, classes: int = 10, first_marker: int = 1) -> Split:
@@ -75,7 +81,8 @@ def test_pairs_have_the_papers_shapes_classes_and_shift_range():
         assert first is not None and second is not None  # each a digit moved by at most 4 px
         assert pool.labels[marker - 1] == pairs.labels[k, 1]
         offsets += [first, second]
-    assert {dy for dy, _ in offsets} >= {-4, 4} or len(offsets) < 40  # the range is used
+    # 64 shifts, uniform over 9 values per axis: both ends of each axis are reached.
+    assert {dy for dy, _ in offsets} >= {-4, 4} and {dx for _, dx in offsets} >= {-4, 4}
 
 
 def test_the_same_seed_gives_the_same_pairs_and_another_seed_others():
@@ -105,6 +112,52 @@ def test_partners_are_uniform_over_the_other_classes():
     counts = torch.bincount(partner_classes, minlength=10)
     assert counts[0] == 0
     assert (counts[1:] - 20000 / 9).abs().max() < 5 * (20000 / 9) ** 0.5  # within 5 sigma
+
+
+def test_partners_skip_absent_classes_and_never_pick_the_own_class():
+    """A pool with classes 1, 4 and 7 only: each class pairs with the other two, evenly."""
+    digits = marked_digits(90)
+    pool = PairPool(
+        digits.subset(torch.nonzero(torch.isin(digits.labels, torch.tensor([1, 4, 7]))).squeeze(1))
+    )
+    for own in (1, 4, 7):
+        labels = torch.full((9000,), own)
+        partner_classes = pool.labels[pool.partners(labels, torch.Generator().manual_seed(own))]
+        counts = torch.bincount(partner_classes, minlength=10)
+        others = [k for k in (1, 4, 7) if k != own]
+        assert counts.sum() == counts[others].sum() == 9000  # only the other present classes
+        assert (counts[others] - 4500).abs().max() < 5 * 4500**0.5  # within 5 sigma of even
+
+
+def test_a_pool_of_one_class_is_refused():
+    digits = marked_digits(30)
+    with pytest.raises(ValueError, match="at least two classes"):
+        PairPool(digits.subset(torch.nonzero(digits.labels == 3).squeeze(1)))
+
+
+def test_test_pairs_are_the_same_whatever_the_runs_seed(monkeypatch):
+    train_digits, test_digits = marked_digits(120), marked_digits(60, first_marker=150)
+    monkeypatch.setattr(
+        data, "load_split", lambda dataset, folder, train: train_digits if train else test_digits
+    )
+    _, val_0, test_0 = load_run_splits("multimnist", "unused", 40, None, None, seed=0)
+    _, val_5, test_5 = load_run_splits("multimnist", "unused", 40, None, None, seed=5)
+    assert torch.equal(test_0.images, test_5.images) and torch.equal(test_0.labels, test_5.labels)
+    assert not torch.equal(val_0.images, val_5.images)  # validation follows --seed
+
+
+@pytest.mark.parametrize(
+    "flags, fragment",
+    [(["--val-size", "1"], "--val-size 1"), (["--train-subset", "1"], "--train-subset 1")],
+)
+def test_pairs_from_digits_of_one_class_are_refused_in_one_line(
+    data_dir, tmp_path, flags, fragment
+):
+    result = run_in_process(
+        "train.py", "--dataset", "multimnist", *flags, "--dry-run", "--data-dir", data_dir,
+        "--checkpoint-dir", tmp_path / "run", check=False,
+    )  # fmt: skip
+    assert_one_line_error(result, fragment, "at least two classes")
 
 
 def test_validation_and_test_pairs_hold_no_training_digit(monkeypatch):
@@ -219,11 +272,12 @@ def test_evaluate_scores_the_fixed_test_pairs_and_draws_figure_5(
     assert (tmp_path / "multimnist_reconstructions.png").stat().st_size > 0
 
 
-def test_evaluate_refuses_single_digit_checkpoints_on_pairs(multimnist_run, data_dir, capsys):
-    with pytest.raises(Exception, match="36x36") as error:
-        evaluate.main(["--dataset", "mnist", "--checkpoint", str(multimnist_run / "best.pt"),
-                       "--data-dir", str(data_dir)])  # fmt: skip
-    assert "\n" not in str(error.value)
+def test_evaluate_refuses_a_pairs_checkpoint_on_single_digits(multimnist_run, data_dir):
+    result = run_in_process(
+        "evaluate.py", "--dataset", "mnist", "--checkpoint", multimnist_run / "best.pt",
+        "--data-dir", data_dir, check=False,
+    )  # fmt: skip
+    assert_one_line_error(result, "36x36")
 
 
 def test_exported_pairs_model_loads_through_torch_hub(multimnist_run, tmp_path):

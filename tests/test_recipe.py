@@ -408,7 +408,7 @@ def test_the_plot_shows_each_recipes_seeds_beside_the_papers_figure(tmp_path, ca
     assert (tmp_path / "errors.png").read_bytes().startswith(b"\x89PNG")
 
 
-@pytest.mark.parametrize("figure", ["about 0.3", "0.25 +- 0.1%", ""])
+@pytest.mark.parametrize("figure", ["about 0.3", "0.25 +- 0.1%", "", "1.2.3%", ".%", "0.3 ± .%"])
 def test_a_paper_figure_that_is_not_an_error_is_named(figure):
     with pytest.raises(UserError, match="the paper's figure"):
         sweep.paper_error(figure)

@@ -242,7 +242,7 @@ def test_a_broken_checkpoint_is_refused_in_one_line(
         "train.py", "--data-dir", data_dir, "--checkpoint-dir", tmp_path, "--resume", check=False
     )
     assert_one_line_error(resumed, str(tmp_path / "last.pt"), fragment)
-    if "train_config" not in fragment and "training settings" not in fragment:
+    if "training settings" not in fragment:  # evaluate.py reads no training settings
         scored = run_in_process(
             "evaluate.py", "--checkpoint", tmp_path / "last.pt", "--data-dir", data_dir, check=False
         )
