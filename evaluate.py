@@ -61,14 +61,18 @@ def print_routing_stats(stats: dict) -> None:
     )
 
 
+def print_per_class(per_class: dict) -> None:
+    for name, value in per_class.items():
+        print(f"  {name:>12}  " + ("     -  no test image" if value is None else f"{value:6.2f}%"))
+
+
 def print_report(result: dict, class_names: list[str]) -> None:
     print(
         f"Test: accuracy {result['correct']}/{result['total']} ({result['accuracy']:.2f}%)  "
         f"error {result['error']:.2f}%"
     )
     print("per-class accuracy:")
-    for name, value in result["per_class_accuracy"].items():
-        print(f"  {name:>12}  {value:6.2f}%")
+    print_per_class(result["per_class_accuracy"])
     width = max(5, len(str(result["total"])))
     print("confusion matrix (rows: true class, columns: predicted class)")
     if class_names != [str(k) for k in range(len(class_names))]:
@@ -85,8 +89,7 @@ def print_pair_report(result: dict) -> None:
         f"digits right {result['digit_accuracy']:.2f}%"
     )
     print("per-class accuracy (digits of the class found among the two longest capsules):")
-    for name, value in result["per_class_accuracy"].items():
-        print(f"  {name:>12}  {value:6.2f}%")
+    print_per_class(result["per_class_accuracy"])
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -148,7 +148,10 @@ def confusion_matrix(
 def report(labels: torch.Tensor, predictions: torch.Tensor, class_names: list[str]) -> dict:
     matrix = confusion_matrix(labels, predictions, len(class_names))
     correct, total = int(matrix.trace()), len(labels)
-    per_class = (matrix.diag().float() / matrix.sum(dim=1).clamp(min=1) * 100).tolist()
+    per_class = [
+        100 * hits / count if count else None  # None: the class has no test example
+        for hits, count in zip(matrix.diag().tolist(), matrix.sum(dim=1).tolist())
+    ]
     return {
         "correct": correct,
         "total": total,
@@ -167,7 +170,7 @@ def pair_report(labels: torch.Tensor, scores: torch.Tensor, class_names: list[st
     top2 = scores.topk(2, dim=1).indices  # (N, 2)
     found = (labels.unsqueeze(2) == top2.unsqueeze(1)).any(dim=2)  # (N, 2) per true digit
     per_class = [
-        100 * found[labels == k].float().mean().item() if (labels == k).any() else 0.0
+        100 * found[labels == k].float().mean().item() if (labels == k).any() else None
         for k in range(len(class_names))
     ]
     return {

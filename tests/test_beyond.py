@@ -21,7 +21,7 @@ from capslab.data import (
     to_model_input,
 )
 from capslab.errors import UserError
-from capslab.scoring import affine_accuracy, class_scores, routing_stats
+from capslab.scoring import affine_accuracy, class_scores, report, routing_stats
 from CapsNet import CapsNet
 
 from conftest import CPU, REPO, SMALL, TINY_RUN, evaluate_json
@@ -275,3 +275,15 @@ def test_global_batch_must_split_evenly_over_processes(data_dir, tmp_path, monke
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(UserError, match="--batch-size 33 must be divisible"):
         train_in_process(data_dir, tmp_path, "--batch-size", 33)
+
+
+def test_the_report_puts_true_classes_in_rows_and_scores_no_absent_class():
+    labels, predictions = torch.tensor([0, 0, 1, 1, 1]), torch.tensor([0, 1, 1, 1, 0])
+    result = report(labels, predictions, ["zero", "one", "two"])
+    assert result["confusion_matrix"] == [[1, 1, 0], [1, 2, 0], [0, 0, 0]]  # row: true class
+    assert result["correct"] == 3 and result["accuracy"] == 60.0 and result["error"] == 40.0
+    assert result["per_class_accuracy"] == {
+        "zero": 50.0,
+        "one": pytest.approx(200 / 3),
+        "two": None,
+    }

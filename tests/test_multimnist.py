@@ -230,6 +230,8 @@ def test_top2_measure_on_a_made_up_example():
     report = pair_report(labels, scores, ["0", "1", "2", "3"])
     assert report["error"] == 50.0 and report["digit_accuracy"] == pytest.approx(62.5)
     assert report["per_class_accuracy"]["0"] == 75.0  # 3 of the 4 zeros found
+    assert report["per_class_accuracy"]["1"] == 50.0  # 2 of the 4 ones
+    assert report["per_class_accuracy"]["3"] is None  # no pair holds a 3: no score, not 0%
 
 
 # A narrow CapsNet on 36x36 pairs, trained once for the CLI tests below.

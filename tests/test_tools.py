@@ -65,6 +65,37 @@ def test_a_bad_grid_is_refused_whole_in_one_line_before_any_run_trains(tmp_path)
 
 
 @pytest.mark.parametrize(
+    "content, fragment",
+    [
+        (b"{not json", "is not a readable grid file (Expecting property name"),
+        (b"\xff\xfe", "is not a readable grid file ('utf-8' codec"),
+        (b'"runs"', "must hold a JSON list of"),
+        (b'{"runs": 5}', "must hold a JSON list of"),
+        (b'{"runs": [], "extra": 1}', "unknown key 'extra'"),
+        (b"[5]", "run 1 is a number, not an object"),
+        (b'[{"name": "a"}]', "run 1 ('a'): no 'flags'"),
+        (b'[{"name": "a", "flags": [], "colour": 1}]', "run 1 ('a'): unknown key 'colour'"),
+        (b'[{"name": "a", "flags": [], "paper": 0.3}]', "'paper' must be a string"),
+        (b'[{"name": "a", "flags": [], "paper": "1.2.3%"}]', "the paper's figure '1.2.3%'"),
+        (b'[{"name": "a", "flags": [], "evaluate": ["--json"]}]', "--json: the sweep sets"),
+        (b'[{"name": "a", "flags": [], "evaluate": ["--checkpoint", "x"]}]', "--checkpoint: the"),
+    ],
+)
+def test_a_grid_file_that_is_no_grid_is_refused_in_one_line(tmp_path, content, fragment):
+    grid = tmp_path / "grid.json"
+    grid.write_bytes(content)
+    result = run_in_process("sweep.py", grid, "--runs-dir", tmp_path / "runs", check=False)
+    assert_one_line_error(result, str(grid), fragment)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_grid_that_is_missing_or_a_folder_is_refused_in_one_line(tmp_path):
+    for path in (tmp_path / "missing.json", tmp_path):
+        result = run_in_process("sweep.py", path, check=False)
+        assert_one_line_error(result, f"{path} is not a readable grid file")
+
+
+@pytest.mark.parametrize(
     "name", ["", ".", "..", ".hidden", "a/b", "a\\b", " padded", "tab\tname", None, ["a"]]
 )
 def test_a_run_name_that_names_no_folder_of_its_own_is_refused(name):
@@ -273,6 +304,21 @@ def test_time_to_accuracy_names_a_bad_record_in_a_checkpoints_log(tmp_path, tiny
     save_checkpoint({**checkpoint, "metrics": [{"test_acc": 99.0}]}, path)
     with pytest.raises(UserError, match="epoch record 1: the record has no 'epoch'"):
         time_to_accuracy.main([str(path)])
+
+
+def test_time_to_accuracy_refuses_a_missing_log_a_bad_machine_and_metrics_that_are_no_list(
+    tmp_path,
+):
+    (tmp_path / "machine.jsonl").write_text('{"epoch": 1, "test_acc": 99.0, "machine": 5}\n')
+    save_checkpoint({"model": {}, "config": {}, "metrics": "abc"}, tmp_path / "flat.pt")
+    cases = [
+        (tmp_path / "missing.jsonl", "missing.jsonl is not a readable metrics log"),
+        (tmp_path, "metrics.jsonl is not a readable metrics log"),  # a folder without a log
+        (tmp_path / "machine.jsonl", "line 1: 'machine' is 5, not a string"),
+        (tmp_path / "flat.pt", "flat.pt holds no readable log (its 'metrics' are not a list)"),
+    ]
+    for path, fragment in cases:
+        assert_one_line_error(run_in_process("time_to_accuracy.py", path, check=False), fragment)
 
 
 def test_time_to_accuracy_writes_null_where_the_log_holds_nan(tmp_path, capsys):
