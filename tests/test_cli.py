@@ -68,6 +68,13 @@ def test_evaluate_figures_of_fewer_than_16_test_digits(tiny_checkpoint, data_dir
     assert_is_a_drawing(tmp_path / "reconstructions.png", (1760, 264))
 
 
+@pytest.mark.parametrize("count", [0, -3])
+def test_evaluate_refuses_a_test_subset_below_one(tiny_checkpoint, data_dir, count):
+    flags = ["--checkpoint", tiny_checkpoint, "--data-dir", data_dir, "--test-subset", count]
+    result = run_in_process("evaluate.py", *flags, check=False)
+    assert_one_line_error(result, f"--test-subset must be at least 1, got {count}")
+
+
 def test_evaluate_figures_into_a_file_is_refused_before_scoring(tiny_checkpoint, data_dir):
     result = run_in_process(
         "evaluate.py",

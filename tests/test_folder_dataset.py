@@ -275,6 +275,20 @@ def test_evaluate_names_the_classes_in_its_report_and_figures(folder_run, tmp_pa
     assert (tmp_path / "reconstructions.png").is_file()
 
 
+def test_evaluate_refuses_a_folder_model_on_mnist_and_affine_on_its_size(folder_run, data_dir):
+    root, folder = folder_run
+    on_mnist = run_in_process(
+        "evaluate.py", "--checkpoint", folder / "best.pt", "--dataset", "mnist",
+        "--data-dir", data_dir, check=False,
+    )  # fmt: skip
+    assert_one_line_error(on_mnist, "was trained on folder: --dataset folder scores a model")
+    affine = run_in_process(
+        "evaluate.py", "--checkpoint", folder / "best.pt", "--data-dir", root, "--affine",
+        check=False,
+    )  # fmt: skip
+    assert_one_line_error(affine, "--affine transforms 28x28 images")
+
+
 def test_evaluate_refuses_a_test_folder_with_other_classes(folder_run, tmp_path):
     _, folder = folder_run
     other = make_folder(tmp_path, classes=("ant", "bee"))

@@ -282,6 +282,15 @@ def test_evaluate_refuses_a_pairs_checkpoint_on_single_digits(multimnist_run, da
     assert_one_line_error(result, "36x36")
 
 
+@pytest.mark.parametrize("flag", ["--routing-stats", "--affine"])
+def test_evaluate_refuses_single_digit_scores_on_pairs(multimnist_run, data_dir, flag):
+    result = run_in_process(
+        "evaluate.py", "--dataset", "multimnist", "--checkpoint", multimnist_run / "best.pt",
+        "--data-dir", data_dir, "--test-subset", 8, flag, check=False,
+    )  # fmt: skip
+    assert_one_line_error(result, "score single digits, not multimnist pairs")
+
+
 def test_exported_pairs_model_loads_through_torch_hub(multimnist_run, tmp_path):
     exported = tmp_path / "pairs.pt"
     export.main([str(multimnist_run / "best.pt"), str(exported)])

@@ -181,6 +181,42 @@ def test_failed_runs_stay_out_of_the_table_and_the_comparison(tmp_path, capsys):
     assert "| r | 0, 1 | " in capsys.readouterr().out
 
 
+def test_list_prints_each_runs_state_and_trains_nothing(tmp_path, monkeypatch, capsys):
+    grid = tmp_path / "grid.json"
+    grid.write_text(json.dumps([{"name": n, "flags": []} for n in ("a", "bad")]))
+    flags = [str(grid), "--runs-dir", str(tmp_path / "runs")]
+    fake = FakeRuns(monkeypatch, failing={"bad"})
+    with pytest.raises(UserError):
+        sweep.main(flags)  # a finishes, bad fails
+    grid.write_text(json.dumps([{"name": n, "flags": []} for n in ("a", "bad", "new")]))
+    capsys.readouterr()
+    sweep.main([*flags, "--list"])
+    assert fake.trained == ["a", "bad"]  # by the first sweep; --list trains nothing
+    assert capsys.readouterr().out.splitlines() == [
+        "[a] done",
+        "[bad] failed (train.py exit 1), 1 epochs logged",
+        "[new] 1 epochs logged",
+    ]
+
+
+def test_a_run_that_exits_0_before_its_budget_ends_stops_the_sweep_unrecorded(
+    tmp_path, monkeypatch
+):
+    """train.py exits 0 when a signal sent to it alone stopped it: the sweep stops, saying so."""
+    grid = tmp_path / "grid.json"
+    grid.write_text(json.dumps([{"name": "cut", "flags": []}, {"name": "next", "flags": []}]))
+    fake = FakeRuns(monkeypatch, failing=set())
+    monkeypatch.setattr(sweep, "complete", lambda folder: False)
+    with pytest.raises(UserError, match="run cut ended .exit 0. before the end of its budget"):
+        sweep.main([str(grid), "--runs-dir", str(tmp_path / "runs")])
+    assert fake.trained == ["cut"] and not grid.with_suffix(".results.jsonl").exists()
+
+
+@pytest.mark.parametrize("code, shown", [(1, "exit 1"), (2, "exit 2"), (-9, "killed by signal 9")])
+def test_an_exit_status_reads_as_a_code_or_a_signal(code, shown):
+    assert sweep.exit_status(code) == shown
+
+
 @pytest.mark.slow
 def test_a_real_sweep_records_a_refused_run_and_trains_the_next(data_dir, tmp_path):
     """End to end: train.py refuses the first run's batch size, the second run trains."""
