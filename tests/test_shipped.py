@@ -21,5 +21,7 @@ def test_shipped_checkpoint_reads_the_first_test_digits(mnist_test):
     model, checkpoint = load_model(SHIPPED_CHECKPOINT, torch.device("cpu"))
     first = mnist_test.subset(torch.arange(100))
     predictions = class_scores(model, first, torch.device("cpu")).argmax(dim=1)
+    # On Zen 4 it reads all 100 (its 38 errors in 10,000 lie further on); one is allowed for
+    # another CPU's rounding of a near tie.
     assert (predictions == first.labels).sum() >= 99
     assert checkpoint["dataset"] == "mnist" and checkpoint["config"]["routing_iterations"] == 3
