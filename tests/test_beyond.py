@@ -17,6 +17,7 @@ from capslab.data import (
     AFFINE_FAMILIES,
     DEBIAN_FASHION_DIR,
     AffineParams,
+    Split,
     random_affine,
     to_model_input,
 )
@@ -42,6 +43,29 @@ def test_routing_stats_agree_with_plain_evaluation_and_leave_r_alone(small_model
     )
     assert 0 <= stats["coupling_entropy"] <= math.log(10) + 1e-9
     assert 0 <= stats["coupling_std"] <= stats["coupling_std_max"] == pytest.approx(0.3)
+
+
+@pytest.mark.parametrize("trained_r", [3, 4])
+def test_routing_stats_score_each_r_as_a_model_built_with_that_r(few_digits, trained_r):
+    """Rerouting the same votes with r iterations predicts what a model built with that r
+    does. W at std 0.5 makes routing decisive, so r changes predictions (asserted), and each
+    r is scored against labels that are its own model's predictions: 100% there, less at
+    others."""
+
+    def model_with(r: int) -> CapsNet:
+        torch.manual_seed(0)  # the same weights for every r
+        return CapsNet(SMALL, routing_iterations=r, weight_std=0.5)
+
+    all_r = sorted({1, 2, 3, 5, trained_r})
+    predicted = {r: class_scores(model_with(r), few_digits, CPU).argmax(dim=1) for r in all_r}
+    assert not torch.equal(predicted[1], predicted[5])
+    for r in all_r:
+        labelled = Split(few_digits.images, predicted[r])
+        stats, _ = routing_stats(model_with(trained_r), labelled, CPU)
+        assert list(stats["accuracy_by_iterations"]) == [str(k) for k in all_r]
+        for other, accuracy in stats["accuracy_by_iterations"].items():
+            agree = (predicted[int(other)] == predicted[r]).float().mean().item()
+            assert accuracy == pytest.approx(100 * agree)
 
 
 def test_one_routing_iteration_is_uniform_and_input_independent(few_digits):
