@@ -597,7 +597,8 @@ def next_run(
             print(f"[{name}] failed ({failure_line(outcome)}); retry with --retry-failed")
         elif listing:
             state = f"failed ({failure_line(outcome)}), " if failed else ""
-            print(f"[{name}] {state}{len(records(runs_dir / name))} epochs logged")
+            logged = len(records(runs_dir / name))
+            print(f"[{name}] {state}{logged} epoch{'' if logged == 1 else 's'} logged")
         elif name not in tried:
             return run
     return None

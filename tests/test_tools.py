@@ -194,8 +194,8 @@ def test_list_prints_each_runs_state_and_trains_nothing(tmp_path, monkeypatch, c
     assert fake.trained == ["a", "bad"]  # by the first sweep; --list trains nothing
     assert capsys.readouterr().out.splitlines() == [
         "[a] done",
-        "[bad] failed (train.py exit 1), 1 epochs logged",
-        "[new] 1 epochs logged",
+        "[bad] failed (train.py exit 1), 1 epoch logged",
+        "[new] 1 epoch logged",
     ]
 
 
