@@ -17,11 +17,18 @@ did (imagefolder.read_image: grayscale or RGB, resized to its N x N) and names i
 import argparse
 import json
 import textwrap
+from functools import partial
 from pathlib import Path
 
 import torch
 
-from capslab.checkpoint import SHIPPED_CHECKPOINT, class_names, has_trained_decoder, load_capsnet
+from capslab.checkpoint import (
+    SHIPPED_CHECKPOINT,
+    class_names,
+    has_trained_decoder,
+    load_capsnet,
+    write_atomically,
+)
 from capslab.data import to_model_input
 from capslab.errors import UserError, exit_on_user_error, make_output_folder
 from capslab.hardware import add_device_flags, pick_device
@@ -32,8 +39,9 @@ from capslab.preprocess import preprocess
 
 def show(folder: Path, stem: str, image28: torch.Tensor, result: dict) -> None:
     """Save what the model saw and what its decoder drew, STEM_input.png and _reconstruction.png."""
-    (folder / f"{stem}_input.png").write_bytes(to_png(image28, scale=1))
-    (folder / f"{stem}_reconstruction.png").write_bytes(to_png(result["reconstruction"], scale=1))
+    for name, picture in (("input", image28), ("reconstruction", result["reconstruction"])):
+        png = to_png(picture, scale=1)
+        write_atomically(folder / f"{stem}_{name}.png", partial(Path.write_bytes, data=png))
 
 
 def show_colour(model, folder: Path, stem: str, image: torch.Tensor) -> None:
@@ -44,7 +52,8 @@ def show_colour(model, folder: Path, stem: str, image: torch.Tensor) -> None:
         _, drawn, _ = model(to_model_input(image, next(model.parameters()).device))
     for name, picture in (("input", image[0]), ("reconstruction", drawn[0].float().cpu())):
         pixels = (picture.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-        Image.fromarray(pixels, mode="RGB").save(folder / f"{stem}_{name}.png")
+        drawing = Image.fromarray(pixels, mode="RGB")
+        write_atomically(folder / f"{stem}_{name}.png", partial(drawing.save, format="PNG"))
 
 
 def read_input(model, name: str, from_folder: bool) -> torch.Tensor:

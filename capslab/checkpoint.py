@@ -25,6 +25,7 @@ To make one, as checkpoints/capsnet_mnist.pt was made:
 import errno
 import os
 import pickle
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -57,10 +58,8 @@ def save_checkpoint(checkpoint: dict, path: str | Path) -> None:
     """Write atomically: a crash or a full disk mid-write leaves the previous file intact."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = temporary_path(path)
     try:
-        torch.save(checkpoint, temporary)
-        os.replace(temporary, path)
+        write_atomically(path, lambda temporary: torch.save(checkpoint, temporary))
     except (OSError, RuntimeError) as error:  # torch's writer reports a full disk as RuntimeError
         kept = (
             f"the previous {path.name} is unchanged"
@@ -70,6 +69,15 @@ def save_checkpoint(checkpoint: dict, path: str | Path) -> None:
         if is_disk_full(error):
             raise UserError(f"the disk is full: could not write {path}; {kept}") from error
         raise UserError(f"could not write {path} ({first_line(error)}); {kept}") from error
+
+
+def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
+    """`write` a temporary file beside `path`, then rename it into place: a crash, a full disk
+    or a Ctrl-C midway leaves any earlier `path` whole, and no temporary behind."""
+    temporary = temporary_path(path)
+    try:
+        write(temporary)
+        os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
 

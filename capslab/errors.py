@@ -20,7 +20,8 @@ def first_line(error: Exception) -> str:
 
 
 def exit_on_user_error(main):
-    """Run `main()`, turning a UserError into `error: ...` on stderr and exit status 2.
+    """Run `main()`, turning a UserError into `error: ...` on stderr and exit status 2, and a
+    Ctrl-C into `error: interrupted` and status 130.
 
     A reader that stops early (`... | head`) ends the script quietly with status 1, as the
     Python documentation's note on SIGPIPE recommends: stdout goes to devnull so that the
@@ -30,6 +31,9 @@ def exit_on_user_error(main):
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C where no handler of the script's own catches it
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(130)  # 128 + SIGINT, as a shell reports it
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from capslab.checkpoint import write_atomically
 from capslab.data import Split, to_model_input
 from capslab.multimnist import PairScores
 from CapsNet import CapsNet
@@ -24,9 +25,12 @@ def pyplot():
 
 
 def save(figure, path: Path) -> Path:
+    """A PNG written whole or not at all: an interrupted save leaves the previous file."""
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    pyplot().close(figure)
+    try:
+        write_atomically(path, lambda temporary: figure.savefig(temporary, dpi=110, format="png"))
+    finally:
+        pyplot().close(figure)
     return path
 
 

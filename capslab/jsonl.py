@@ -3,11 +3,10 @@ one-line error that names the file and the line, written atomically, so a crash 
 leaves the previous file whole."""
 
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 
-from capslab.checkpoint import temporary_path
+from capslab.checkpoint import write_atomically
 from capslab.errors import UserError, first_line
 
 # What is wrong with one record (None: nothing), for the reader that knows its fields.
@@ -71,6 +70,5 @@ def number_problem(record: dict, keys, where: str = "") -> str | None:
 
 def write_jsonl(records: list[dict], path: Path) -> None:
     """Rewrite the whole file through a temporary one: never a torn last line."""
-    temporary = temporary_path(path)
-    temporary.write_text("".join(json.dumps(record) + "\n" for record in records))
-    os.replace(temporary, path)
+    text = "".join(json.dumps(record) + "\n" for record in records)
+    write_atomically(path, lambda temporary: temporary.write_text(text))

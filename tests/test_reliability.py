@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -260,3 +261,39 @@ def test_a_reader_that_stops_early_gets_no_traceback():
     stderr = process.stderr.read()
     assert process.wait(timeout=60) == 1
     assert stderr == ""
+
+
+def test_ctrl_c_outside_trainings_own_handler_is_one_line_and_status_130(
+    tiny_checkpoint, monkeypatch
+):
+    """Ctrl-C while evaluate.py scores: `error: interrupted`, no traceback, the shell's 130."""
+    import evaluate
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluate, "score", interrupted)
+    result = run_in_process("evaluate.py", "--checkpoint", tiny_checkpoint, check=False)
+    assert result.returncode == 130
+    assert_one_line_error(result, "interrupted")
+
+
+def test_an_interrupted_figure_leaves_the_previous_file_whole_and_no_temporary(tmp_path):
+    from capslab import figures
+
+    path = tmp_path / "curve.png"
+    records = [{"epoch": 1, "train_loss": 0.5, "val_acc": 90.0, "test_acc": 89.0}]
+    figures.plot_curve(records, path)
+    before = path.read_bytes()
+    assert before.startswith(b"\x89PNG")
+
+    def torn_savefig(self, target, **kwargs):
+        Path(target).write_bytes(b"\x89PNG torn")  # part of a file, then Ctrl-C
+        raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(figures.pyplot().Figure, "savefig", torn_savefig)
+        with pytest.raises(KeyboardInterrupt):
+            figures.plot_curve([*records, {**records[0], "epoch": 2}], path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["curve.png"]
