@@ -166,6 +166,11 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     device = pick_device(args.device)
     model, checkpoint = load_capsnet(args.checkpoint, device)  # once, before any file
+    if checkpoint["dataset"] == "multimnist":
+        raise UserError(
+            f"{args.checkpoint} reads pairs of overlapping digits on 36x36; predict.py reads one "
+            "digit an image: use an MNIST model, or the notebook's 'Two digits at once'"
+        )
     if args.show and not has_trained_decoder(checkpoint):
         raise UserError(
             f"--show: {args.checkpoint} was trained without the reconstruction loss "

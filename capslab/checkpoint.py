@@ -121,6 +121,8 @@ def claim_run_folder(folder: Path) -> FileLock:
 def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dict:
     """Load a checkpoint safely (weights_only=True); any problem becomes one UserError line."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"checkpoint {path} is a folder, not a checkpoint file")
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
     try:

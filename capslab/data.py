@@ -225,8 +225,18 @@ def read_raw(folder: Path, train: bool, suffix: str = "") -> Split:
     prefix = "train" if train else "t10k"
     images = read_idx(folder / f"{prefix}-images-idx3-ubyte{suffix}")  # (N, 28, 28)
     labels = read_idx(folder / f"{prefix}-labels-idx1-ubyte{suffix}")  # (N,)
+    if images.dim() != 3 or images.shape[1:] != (28, 28) or labels.dim() != 1:
+        raise UserError(
+            f"{folder}: {prefix} images {tuple(images.shape)} and labels {tuple(labels.shape)} "
+            "are not MNIST's (N, 28, 28) and (N,)"
+        )
     if len(images) != len(labels):
         raise UserError(f"{folder} holds {len(images)} {prefix} images but {len(labels)} labels")
+    if len(labels) and labels.max() > 9:  # uint8: never below 0
+        where = int(labels.argmax())
+        raise UserError(
+            f"{folder}: {prefix} label {where} is {int(labels[where])}; the classes are 0 to 9"
+        )
     return Split(images, labels.long())
 
 

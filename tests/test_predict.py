@@ -22,6 +22,7 @@ from capslab.errors import UserError, exit_on_user_error
 from capslab.inference import PERTURBATIONS, classify, perturbed_reconstructions
 from capslab.preprocess import open_image, preprocess
 from capslab.settings import settings_to_dict
+from CapsNet import CapsNet, CapsNetConfig
 
 from conftest import REPO, run_in_process
 
@@ -523,6 +524,25 @@ def test_cli_show_gives_inputs_of_the_same_name_their_own_files(tiny_checkpoint,
 def test_cli_missing_checkpoint_is_a_one_line_error(tmp_path, capsys):
     status, _, err = run_main(capsys, str(SAMPLES[0]), "--checkpoint", str(tmp_path / "none.pt"))
     assert status == 2 and re.fullmatch(r"error: checkpoint .* does not exist\n", err)
+    status, _, err = run_main(capsys, str(SAMPLES[0]), "--checkpoint", str(tmp_path))
+    assert (
+        status == 2 and err == f"error: checkpoint {tmp_path} is a folder, not a checkpoint file\n"
+    )
+
+
+def test_cli_refuses_a_pairs_model_in_one_line(tmp_path, capsys):
+    """A MultiMNIST model takes 36x36 pairs; predict.py makes 28x28 single digits."""
+    path = tmp_path / "pairs.pt"
+    config = CapsNetConfig(image_size=36, conv1_channels=8, primary_channels=2)
+    save_checkpoint(
+        {"model": CapsNet(config).state_dict(), "config": settings_to_dict(config),
+         "dataset": "multimnist"},
+        path,
+    )  # fmt: skip
+    status, out, err = run_main(capsys, str(SAMPLES[0]), "--checkpoint", str(path))
+    assert status == 2 and out == ""
+    assert err.startswith(f"error: {path} reads pairs of overlapping digits on 36x36")
+    assert err.count("\n") == 1
 
 
 def test_cli_show_into_a_file_is_an_error(capsys):

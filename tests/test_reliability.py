@@ -3,6 +3,7 @@ and broken checkpoints. Signals, the lock between runs, kill -9 and a closed pip
 process (`run`, subprocess.Popen); the other CLI tests call the script's main in this process
 (`run_in_process`), with the same output and exit status."""
 
+import re
 import shutil
 import signal
 import subprocess
@@ -177,6 +178,34 @@ def test_a_damaged_mnist_file_is_named(data_dir, tmp_path, damage):
         check=False,
     )
     assert_one_line_error(result, str(broken), "corrupt")
+
+
+def idx_bytes(values: torch.Tensor) -> bytes:
+    """An IDX file of unsigned bytes: magic, the shape (big-endian), the values."""
+    shape = b"".join(size.to_bytes(4, "big") for size in values.shape)
+    return bytes([0, 0, 8, values.dim()]) + shape + values.to(torch.uint8).numpy().tobytes()
+
+
+@pytest.mark.parametrize(
+    "images, labels, fragment",
+    [
+        (
+            torch.zeros(3, 28, 28),
+            torch.tensor([0, 12, 9]),
+            "t10k label 1 is 12; the classes are 0 to 9",
+        ),
+        (torch.zeros(3, 32, 32), torch.tensor([0, 1, 2]), "are not MNIST's (N, 28, 28) and (N,)"),
+        (torch.zeros(3, 28, 28), torch.zeros(3, 2), "are not MNIST's (N, 28, 28) and (N,)"),
+    ],
+)
+def test_idx_files_that_are_no_mnist_are_refused_by_name(tmp_path, images, labels, fragment):
+    """Well-formed IDX files holding other shapes or labels beyond 9: refused, not trained on."""
+    from capslab.data import read_raw
+
+    (tmp_path / "t10k-images-idx3-ubyte").write_bytes(idx_bytes(images))
+    (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(idx_bytes(labels))
+    with pytest.raises(UserError, match=f"{re.escape(str(tmp_path))}: .*{re.escape(fragment)}"):
+        read_raw(tmp_path, train=False)
 
 
 def test_batch_size_beyond_the_data_is_a_clear_error(data_dir, tmp_path):
