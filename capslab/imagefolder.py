@@ -46,6 +46,9 @@ LOAD_CHUNK = 256  # images a DataLoader worker reads at a time when the folder l
 # The smallest image worth training on: what one primary capsule sees, 17 px for 9x9 kernels
 # (receptive_field in inference.py), which is also the smallest input the model takes.
 RECEPTIVE_FIELD = 2 * CapsNetConfig().kernel_size - 1
+# The largest --image-size: the votes grow with the square of the side (at 256 px, 460,800
+# primary capsules and 295 MB of votes an image), so anything larger cannot train here.
+MAX_IMAGE_SIZE = 256
 
 
 @dataclass(frozen=True)
@@ -115,6 +118,8 @@ def image_header(path: Path) -> tuple[str, tuple[int, int]]:
     try:
         with Image.open(path) as image:
             return image.mode, image.size
+    except Image.DecompressionBombError as error:
+        raise UserError(f"{path} is too large to decode safely ({first_line(error)})") from error
     except (UnidentifiedImageError, OSError, ValueError) as error:
         raise UserError(f"{path} is not an image PIL can read ({first_line(error)})") from error
 
@@ -176,6 +181,8 @@ def read_image(path: str | Path, image_size: int, channels: int) -> torch.Tensor
             if image.size != (image_size, image_size):
                 image = image.resize((image_size, image_size), Image.BILINEAR)
             pixels = np.array(image, dtype=np.uint8)  # (N, N) or (N, N, 3)
+    except Image.DecompressionBombError as error:
+        raise UserError(f"{path} is too large to decode safely ({first_line(error)})") from error
     except (UnidentifiedImageError, OSError, ValueError) as error:
         raise UserError(f"{path} is not an image PIL can read ({first_line(error)})") from error
     tensor = torch.from_numpy(pixels)

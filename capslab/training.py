@@ -26,7 +26,7 @@ from capslab.data import CLASS_NAMES, DATASETS, IMAGE_SIZE, Split, batches, to_m
 from capslab.errors import UserError
 from capslab.figures import plot_curve
 from capslab.hardware import device_name, has_native_bf16, pick_device
-from capslab.imagefolder import LOADINGS, FolderOptions
+from capslab.imagefolder import LOADINGS, MAX_IMAGE_SIZE, RECEPTIVE_FIELD, FolderOptions
 from capslab.jsonl import write_jsonl
 from capslab.models import MODEL_KINDS, trains_decoder
 from capslab.scoring import EVAL_BATCH_SIZE, count_correct
@@ -222,13 +222,21 @@ class TrainConfig:
             "max_shift",
             "between 0 and 8",
         )
-        require(
-            self.image_size is None
-            or (is_whole(self.image_size, 1) and self.dataset == "folder")
-            or self.image_size == IMAGE_SIZE[self.dataset],
-            "image_size",
-            f"{IMAGE_SIZE[self.dataset]} for {self.dataset}: it is for --dataset folder",
-        )
+        if self.dataset == "folder":
+            require(
+                self.image_size is None
+                or (
+                    is_whole(self.image_size, RECEPTIVE_FIELD) and self.image_size <= MAX_IMAGE_SIZE
+                ),
+                "image_size",
+                f"between {RECEPTIVE_FIELD} and {MAX_IMAGE_SIZE}",
+            )
+        else:
+            require(
+                self.image_size in (None, IMAGE_SIZE[self.dataset]),
+                "image_size",
+                f"{IMAGE_SIZE[self.dataset]} for {self.dataset}: it is for --dataset folder",
+            )
         require(
             self.channels in (None, 1, 3)
             and (self.channels in (None, 1) or self.dataset == "folder"),

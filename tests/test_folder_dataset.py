@@ -16,7 +16,13 @@ from capslab.data import DEBIAN_FASHION_DIR, Split, load_split, random_shift, to
 from capslab.imagefolder import FileSplit, FolderOptions, load_folder
 from capslab.training import TrainConfig
 
-from conftest import REPO, SMALL_SCHEDULE, assert_one_line_error, run_in_process
+from conftest import (
+    REPO,
+    SMALL_SCHEDULE,
+    assert_one_line_error,
+    png_header_only,
+    run_in_process,
+)
 
 sys.path.insert(0, str(REPO / "tools"))
 import colour_mnist  # noqa: E402
@@ -238,6 +244,21 @@ def test_an_image_smaller_than_the_receptive_field_is_refused(tmp_path):
     write_image(root / "train" / "dog" / "tiny.png", 12, colour=False, seed=0)
     result = train_folder(root, tmp_path / "run", check=False)
     assert_one_line_error(result, str(root / "train" / "dog" / "tiny.png"), "12x12", "17x17")
+
+
+def test_an_image_too_large_to_decode_safely_is_refused(tmp_path):
+    root = make_folder(tmp_path)
+    bomb = root / "train" / "dog" / "bomb.png"
+    bomb.write_bytes(png_header_only(20000, 20000))  # claims 400 M pixels
+    result = train_folder(root, tmp_path / "run", check=False)
+    assert_one_line_error(result, str(bomb), "too large to decode safely")
+
+
+@pytest.mark.parametrize("size", [0, 16, 257])
+def test_an_image_size_the_model_cannot_take_is_refused(tmp_path, size):
+    root = make_folder(tmp_path)
+    result = train_folder(root, tmp_path / "run", "--image-size", size, check=False)
+    assert_one_line_error(result, "--image-size must be between 17 and 256")
 
 
 def test_a_missing_folder_is_refused(tmp_path):

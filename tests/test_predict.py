@@ -3,10 +3,8 @@
 import io
 import json
 import re
-import struct
 import subprocess
 import sys
-import zlib
 from functools import partial
 from pathlib import Path
 
@@ -24,7 +22,7 @@ from capslab.preprocess import open_image, preprocess
 from capslab.settings import settings_to_dict
 from CapsNet import CapsNet, CapsNetConfig
 
-from conftest import REPO, run_in_process
+from conftest import REPO, png_header_only, run_in_process
 
 SAMPLES = sorted(path for path in (REPO / "samples").iterdir() if path.suffix in {".jpg", ".png"})
 PHOTO_DIGITS = range(10)  # the first ten MNIST test digits (classes 7 2 1 0 4 1 4 9 5 9)
@@ -444,24 +442,6 @@ def dust() -> Image.Image:
     page = Image.new("L", (1000, 800), 255)
     page.paste(0, (500, 400, 503, 403))
     return page
-
-
-def png_header_only(width: int, height: int) -> bytes:
-    """A 1-bit PNG that claims width x height pixels but holds none (65 bytes)."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-        )
-
-    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # 1 bit, gray, no interlace
-    signature = b"\x89PNG\r\n\x1a\n"
-    return (
-        signature
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(b""))
-        + chunk(b"IEND", b"")
-    )
 
 
 # The model helpers and the command line
