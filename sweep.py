@@ -53,7 +53,7 @@ from pathlib import Path
 
 from capslab.checkpoint import load_checkpoint
 from capslab.data import AFFINE_FAMILIES, add_data_flags
-from capslab.errors import UserError, exit_on_user_error, first_line, flag_name
+from capslab.errors import UserError, exit_on_user_error, first_line, flag_name, make_output_folder
 from capslab.figures import plot_test_errors
 from capslab.jsonl import is_number, json_type, read_jsonl, write_jsonl
 from capslab.run_plan import build_parser, configs_from_flags
@@ -65,6 +65,7 @@ GRID_KEYS = ("evaluate", "runs")  # and the grid object
 SWEEP_SETS = ("checkpoint_dir", "data_dir", "resume", "dry_run")
 EVALUATE_SETS = ("--checkpoint", "--data-dir", "--json")  # evaluate.py flags the sweep sets
 LOG_TAIL = 20  # lines of a failed run's output kept in the results file
+MAX_NAME_BYTES = 200  # a run folder's name: filesystems stop at 255, and temporaries add to it
 EXACT_SPLITS = 200_000  # beyond this many splits, --compare draws PERMUTATIONS of them
 PERMUTATIONS = 100_000
 PERMUTATION_SEED = 0
@@ -82,10 +83,11 @@ def read_grid(path: Path) -> list[dict]:
     except (OSError, ValueError) as error:  # ValueError: not JSON, or not even text
         raise UserError(f"{path} is not a readable grid file ({first_line(error)})") from error
     runs = grid.get("runs") if isinstance(grid, dict) else grid
-    if not isinstance(runs, list):
+    if not isinstance(runs, list) or not runs:
         raise UserError(
             f"{path} must hold a JSON list of {{'name': ..., 'flags': [...]}} objects, "
             "or {'evaluate': [...], 'runs': [that list]}"
+            + ("; it holds no run" if runs == [] else "")
         )
     evaluate = grid.get("evaluate", []) if isinstance(grid, dict) else []
     problems = (
@@ -148,6 +150,8 @@ def name_problem(name) -> str | None:
         return "its name has a path separator or a leading dot: it would leave --runs-dir"
     if name != name.strip() or any(ord(character) < 32 for character in name):
         return "its name has leading or trailing spaces or control characters"
+    if len(name.encode()) > MAX_NAME_BYTES:
+        return f"its name is longer than {MAX_NAME_BYTES} bytes, too long for a folder"
     return None
 
 
@@ -682,6 +686,7 @@ def main(argv=None) -> None:
     if args.plot:
         if not results.exists():
             raise UserError(f"no run of {args.grid} has finished yet ({results} is missing)")
+        make_output_folder(args.plot.parent, "--plot's folder")
         print(f"wrote {plot_test_errors(errors_by_recipe(results), args.plot)}")
     if args.table or args.plot or args.compare:
         return

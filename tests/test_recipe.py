@@ -414,6 +414,16 @@ def test_a_paper_figure_that_is_not_an_error_is_named(figure):
         sweep.paper_error(figure)
 
 
+def test_plot_into_a_folder_that_cannot_be_made_is_one_line(tmp_path):
+    grid = tmp_path / "grid.json"
+    grid.with_suffix(".results.jsonl").write_text('{"name": "a-s0", "final": {"test_acc": 99.4}}\n')
+    (tmp_path / "a-file").write_text("")
+    result = run_in_process("sweep.py", grid, "--plot", tmp_path / "a-file" / "e.png", check=False)
+    assert_one_line_error(result, f"--plot's folder {tmp_path / 'a-file'} is a file")
+    sweep.main([str(grid), "--plot", str(tmp_path / "new" / "e.png")])  # a new folder is made
+    assert (tmp_path / "new" / "e.png").read_bytes().startswith(b"\x89PNG")
+
+
 def test_plotting_a_grid_with_no_finished_run_is_one_line(tmp_path):
     grid = tmp_path / "grid.json"
     grid.write_text("[]")

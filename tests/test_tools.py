@@ -71,7 +71,9 @@ def test_a_bad_grid_is_refused_whole_in_one_line_before_any_run_trains(tmp_path)
         (b"\xff\xfe", "is not a readable grid file ('utf-8' codec"),
         (b'"runs"', "must hold a JSON list of"),
         (b'{"runs": 5}', "must hold a JSON list of"),
-        (b'{"runs": [], "extra": 1}', "unknown key 'extra'"),
+        (b"[]", "it holds no run"),
+        (b'{"runs": []}', "it holds no run"),
+        (b'{"runs": [{"name": "a", "flags": []}], "extra": 1}', "unknown key 'extra'"),
         (b"[5]", "run 1 is a number, not an object"),
         (b'[{"name": "a"}]', "run 1 ('a'): no 'flags'"),
         (b'[{"name": "a", "flags": [], "colour": 1}]', "run 1 ('a'): unknown key 'colour'"),
@@ -96,7 +98,8 @@ def test_a_grid_that_is_missing_or_a_folder_is_refused_in_one_line(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "name", ["", ".", "..", ".hidden", "a/b", "a\\b", " padded", "tab\tname", None, ["a"]]
+    "name",
+    ["", ".", "..", ".hidden", "a/b", "a\\b", " padded", "tab\tname", None, ["a"], "x" * 201],
 )
 def test_a_run_name_that_names_no_folder_of_its_own_is_refused(name):
     assert sweep.name_problem(name)
