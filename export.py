@@ -26,6 +26,8 @@ def export(source: Path, destination: Path, overwrite: bool, allow_unvalidated: 
     """Check that SOURCE's chosen weights rebuild its model, then export them to DESTINATION."""
     if destination.exists() and not overwrite:
         raise UserError(f"{destination} already exists: pass --overwrite to replace it")
+    if destination.exists() and source.exists() and destination.samefile(source):
+        raise UserError(f"{source} is both source and destination: export to another file")
     checkpoint = load_checkpoint(source)
     held = unvalidated_weights(checkpoint)
     if held and not allow_unvalidated:

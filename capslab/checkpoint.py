@@ -57,8 +57,8 @@ KEYS_ADDED_LATER = {"model_kind": "capsnet", "dataset": "mnist"}
 def save_checkpoint(checkpoint: dict, path: str | Path) -> None:
     """Write atomically: a crash or a full disk mid-write leaves the previous file intact."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         write_atomically(path, lambda temporary: torch.save(checkpoint, temporary))
     except (OSError, RuntimeError) as error:  # torch's writer reports a full disk as RuntimeError
         kept = (

@@ -347,7 +347,11 @@ def test_export_cli_writes_the_chosen_weights_and_keeps_an_existing_file(trained
     before = shipped.read_bytes()
     refused = run_in_process("export.py", folder / "last.pt", shipped, check=False)
     assert_one_line_error(refused, "already exists", "--overwrite")
+    onto_itself = run_in_process("export.py", shipped, shipped, "--overwrite", check=False)
+    assert_one_line_error(onto_itself, "is both source and destination")
     assert shipped.read_bytes() == before
+    under_a_file = run_in_process("export.py", folder / "best.pt", shipped / "x.pt", check=False)
+    assert_one_line_error(under_a_file, f"could not write {shipped / 'x.pt'}")
 
 
 def train_cli(data_dir, folder, *flags, check: bool = True):
