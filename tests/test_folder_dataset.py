@@ -156,6 +156,39 @@ def test_colour_mnist_writes_a_colour_image_folder(tmp_path, data_dir):
     assert not grey.flatten(1).all(dim=1).any()
 
 
+@pytest.mark.parametrize(
+    "script, flags, fragment",
+    [
+        ("colour_mnist.py", ["--train", "0"], "--train must be between 1 and 60000, got 0"),
+        ("colour_mnist.py", ["--test", "99999"], "--test must be between 1 and 10000, got 99999"),
+        ("export_imagefolder.py", ["--limit", "-1"], "--limit must be at least 1, got -1"),
+    ],
+)
+def test_the_tools_refuse_counts_they_cannot_write_and_leave_nothing(
+    tmp_path, data_dir, script, flags, fragment
+):
+    dataset = ["mnist"] if script == "export_imagefolder.py" else []
+    out = tmp_path / "out"
+    result = run_in_process(
+        f"tools/{script}", *dataset, out, "--data-dir", data_dir, *flags, check=False
+    )
+    assert_one_line_error(result, fragment)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("script", ["colour_mnist.py", "export_imagefolder.py"])
+def test_the_tools_refuse_an_output_that_is_a_file_or_under_one(tmp_path, data_dir, script):
+    dataset = ["mnist"] if script == "export_imagefolder.py" else []
+    (tmp_path / "a-file").write_text("kept")
+    for out, fragment in ((tmp_path / "a-file", "is a file, not a folder"),
+                          (tmp_path / "a-file" / "out", "cannot be created")):  # fmt: skip
+        result = run_in_process(
+            f"tools/{script}", *dataset, out, "--data-dir", data_dir, check=False
+        )
+        assert_one_line_error(result, fragment)
+    assert (tmp_path / "a-file").read_text() == "kept"
+
+
 # --- streaming -------------------------------------------------------------------------------
 
 

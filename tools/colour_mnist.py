@@ -21,7 +21,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
 
 from capslab.data import load_split  # noqa: E402
-from capslab.errors import UserError, exit_on_user_error  # noqa: E402
+from capslab.errors import UserError, exit_on_user_error, make_output_folder  # noqa: E402
 
 MIN_DISTANCE = 0.5  # Euclidean distance in RGB [0, 1]^3 between ink and background
 
@@ -52,11 +52,21 @@ def paint(digits: torch.Tensor, ink: torch.Tensor, background: torch.Tensor) -> 
 
 
 def make(out: Path, data_dir: str, train: int, test: int, seed: int, background: str) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} is a file, not a folder")
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} is not empty: choose a new folder")
+    # Both splits are read before anything is written: a bad MNIST file leaves no half folder.
+    splits = {
+        name: load_split("mnist", data_dir, train=name == "train") for name in ("train", "test")
+    }
+    for name, count in (("train", train), ("test", test)):
+        if not 1 <= count <= len(splits[name]):
+            raise UserError(f"--{name} must be between 1 and {len(splits[name])}, got {count}")
+    make_output_folder(out, "OUT")
     generator = torch.Generator().manual_seed(seed)
-    for split_name, is_train, count in (("train", True, train), ("test", False, test)):
-        mnist = load_split("mnist", data_dir, train=is_train)
+    for split_name, count in (("train", train), ("test", test)):
+        mnist = splits[split_name]
         chosen = torch.randperm(len(mnist), generator=generator)[:count]
         images = paint(mnist.images[chosen], *colour_pairs(count, generator, background))
         for index, (image, label) in enumerate(zip(images, mnist.labels[chosen].tolist())):

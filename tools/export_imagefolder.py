@@ -21,7 +21,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
 
 from capslab.data import CLASS_NAMES, load_split  # noqa: E402
-from capslab.errors import UserError, exit_on_user_error  # noqa: E402
+from capslab.errors import UserError, exit_on_user_error, make_output_folder  # noqa: E402
 
 
 def folder_name(label: int, name: str) -> str:
@@ -31,12 +31,20 @@ def folder_name(label: int, name: str) -> str:
 
 def export(dataset: str, data_dir: str, out: Path, limit: int | None = None) -> dict:
     """Write both splits; returns how many images each got."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} is a file, not a folder")
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} is not empty: choose a new folder")
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit must be at least 1, got {limit}")
+    # Both splits are read before anything is written: a bad file leaves no half folder.
+    splits = {
+        name: load_split(dataset, data_dir, train=name == "train") for name in ("train", "test")
+    }
+    make_output_folder(out, "OUT")
     names = [folder_name(k, name) for k, name in enumerate(CLASS_NAMES[dataset])]
     counts = {}
-    for split_name, train in (("train", True), ("test", False)):
-        split = load_split(dataset, data_dir, train=train)
+    for split_name, split in splits.items():
         count = len(split) if limit is None else min(limit, len(split))
         for name in names:
             (out / split_name / name).mkdir(parents=True, exist_ok=True)
