@@ -17,17 +17,21 @@ import argparse
 import json
 import resource
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 
+from capslab.checkpoint import write_atomically
 from capslab.data import IMAGE_SIZE, Split, to_model_input
-from capslab.errors import UserError, exit_on_user_error, flag_name
+from capslab.errors import UserError, exit_on_user_error, flag_name, make_output_folder
 from capslab.hardware import add_device_flags, cpu_name, keep_freed_memory, pick_device, set_threads
 from capslab.models import MODEL_KINDS
 from capslab.multimnist import PairPool
 from capslab.training import TrainConfig, Trainer, epoch_generator
 from CapsNet import CapsNet, CapsNetConfig
+
+MAX_COUNT = 100_000  # --batch-size, --steps, --rounds: beyond any real measurement
 
 
 def images_per_second(function, images_per_call: int, steps: int) -> float:
@@ -69,7 +73,8 @@ def profile_training(train_step, steps: int, path: Path) -> None:
         for _ in range(steps):
             train_step()
     table = profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
-    path.write_text(f"{steps} training steps, {cpu_name()}, torch {torch.__version__}\n{table}")
+    text = f"{steps} training steps, {cpu_name()}, torch {torch.__version__}\n{table}"
+    write_atomically(path, partial(Path.write_text, data=text))
 
 
 def measure(args: argparse.Namespace) -> dict:
@@ -220,8 +225,14 @@ def main(argv=None) -> None:
     )
     args = parser.parse_args(argv)
     for name in ("batch_size", "steps", "rounds"):
-        if getattr(args, name) < 1:
-            raise UserError(f"{flag_name(name)} must be at least 1, got {getattr(args, name)}")
+        if not 1 <= getattr(args, name) <= MAX_COUNT:
+            raise UserError(
+                f"{flag_name(name)} must be between 1 and {MAX_COUNT:,}, got {getattr(args, name)}"
+            )
+    if args.profile:  # before the benchmark, not after it
+        if args.profile.is_dir():
+            raise UserError(f"--profile {args.profile} is a folder, not a file")
+        make_output_folder(args.profile.parent, "--profile's folder")
     set_threads(args.threads)
     keep_freed_memory()  # as train.py does, for model and floor alike
     print(json.dumps(measure(args)))

@@ -483,10 +483,17 @@ def test_bench_prints_its_speeds_as_json(model):
         assert result["train_floor_img_per_s"] is None and result["train_ratio"] is None
 
 
-def test_bench_refuses_bad_flags():
+def test_bench_refuses_bad_flags(tmp_path):
     assert_one_line_error(
-        run_in_process("bench.py", "--steps", 0, check=False), "--steps must be at least 1"
+        run_in_process("bench.py", "--steps", 0, check=False), "--steps must be between 1 and"
     )
+    huge = run_in_process("bench.py", "--batch-size", 10**20, check=False)
+    assert_one_line_error(huge, "--batch-size must be between 1 and 100,000")
+    (tmp_path / "a-file").write_text("")
+    for profile, fragment in ((tmp_path, "is a folder, not a file"),
+                              (tmp_path / "a-file" / "p.txt", "--profile's folder")):  # fmt: skip
+        result = run_in_process("bench.py", "--profile", profile, check=False)
+        assert_one_line_error(result, fragment)  # at once, not after the benchmark
     assert_one_line_error(
         run_in_process("bench.py", "--threads", 0, check=False), "--threads must be at least 1"
     )
