@@ -181,6 +181,7 @@ def score(args: argparse.Namespace, model, checkpoint: dict, device) -> dict:
         "checkpoint": str(args.checkpoint),
         "model_kind": kind,
         "dataset": dataset,
+        "trained_on": checkpoint["dataset"],  # another dataset only when --dataset asks for it
         "epoch": checkpoint.get("epoch"),
         **report(split.labels, predictions, names),
     }
@@ -241,6 +242,8 @@ def print_text(result: dict, device) -> None:
         f"checkpoint {result['checkpoint']}  model {result['model_kind']}  "
         f"dataset {result['dataset']}  epoch {result['epoch']}  device {device}"
     )
+    if result.get("trained_on", result["dataset"]) != result["dataset"]:
+        print(f"note: the model was trained on {result['trained_on']}, not {result['dataset']}")
     if "digit_accuracy" in result:
         print_pair_report(result)
     else:

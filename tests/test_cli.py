@@ -14,7 +14,7 @@ from PIL import Image
 
 import train
 from capslab.checkpoint import export_weights, load_checkpoint
-from capslab.data import Split
+from capslab.data import DEBIAN_FASHION_DIR, Split
 from capslab.errors import flag_name
 from capslab.figures import plot_curve
 from capslab.run_plan import RESUMABLE
@@ -66,6 +66,16 @@ def test_evaluate_figures_of_fewer_than_16_test_digits(tiny_checkpoint, data_dir
     )
     assert (tmp_path / "reconstructions.png").name in result.stdout
     assert_is_a_drawing(tmp_path / "reconstructions.png", (1760, 264))
+
+
+def test_evaluate_on_another_dataset_than_the_models_says_so(tiny_checkpoint):
+    if not DEBIAN_FASHION_DIR.is_dir():
+        pytest.skip(f"Fashion-MNIST not installed in {DEBIAN_FASHION_DIR}")
+    flags = ["--checkpoint", tiny_checkpoint, "--dataset", "fashion-mnist", "--test-subset", 8]
+    text = run_in_process("evaluate.py", *flags).stdout
+    assert "note: the model was trained on mnist, not fashion-mnist" in text
+    result = json.loads(run_in_process("evaluate.py", *flags, "--json").stdout)
+    assert (result["dataset"], result["trained_on"]) == ("fashion-mnist", "mnist")
 
 
 @pytest.mark.parametrize("count", [0, -3])
