@@ -39,8 +39,8 @@ def picture(image: torch.Tensor) -> dict:
     image = image.float().cpu()
     if image.dim() == 3 and image.shape[0] == 3:
         image = image.permute(1, 2, 0)  # (H, W, 3)
-        return {"X": image / 255 if image.max() > 1 else image.clamp(0, 1)}
-    return {"X": image.squeeze(0), "cmap": "gray"}
+        return {"X": (image / 255 if image.max() > 1 else image.clamp(0, 1)).numpy()}
+    return {"X": image.squeeze(0).numpy(), "cmap": "gray"}
 
 
 def plot_curve(records: list[dict], path: Path) -> Path:
@@ -118,7 +118,7 @@ def plot_test_errors(
 def plot_confusion(matrix: torch.Tensor, accuracy: float, class_names, path: Path) -> Path:
     """(K, K) counts on a log colour scale, each non-zero cell labelled with its count."""
     figure, axis = pyplot().subplots(figsize=(6, 5))
-    image = axis.imshow(torch.log1p(matrix.float()), cmap="Blues")
+    image = axis.imshow(torch.log1p(matrix.float()).numpy(), cmap="Blues")
     size = len(class_names)
     for row in range(size):
         for col in range(size):
@@ -204,9 +204,9 @@ def save_pair_reconstructions(
     )
     for column, index in enumerate(chosen.tolist()):
         truth, guess = split.labels[index].tolist(), top2[column].tolist()
-        axes[0, column].imshow(split.images[index], cmap="gray")
+        axes[0, column].imshow(split.images[index].numpy(), cmap="gray")
         axes[0, column].set_title(f"{truth[0]}+{truth[1]}", fontsize=10)
-        axes[1, column].imshow(colour[column].clamp(0, 1))
+        axes[1, column].imshow(colour[column].clamp(0, 1).numpy())
         ok = sorted(truth) == sorted(guess)
         axes[1, column].set_title(
             f"R:{guess[0]} G:{guess[1]}", fontsize=10, color="black" if ok else "crimson"
