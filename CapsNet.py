@@ -410,9 +410,9 @@ def capsule_loss(
     alone and `reconstructions` may be None.
     """
     per_example = margin_loss(lengths, target)  # (B,)
-    if reconstruction_weight and reconstructions is None:
-        raise ValueError("reconstructions are None, but reconstruction_weight is not 0")
     if reconstruction_weight:
+        if reconstructions is None:
+            raise ValueError("reconstructions are None, but reconstruction_weight is not 0")
         sse = reconstruction_loss(reconstructions.float(), images)  # (B,)
         per_example = per_example + reconstruction_weight * sse
     return per_example.mean()

@@ -39,6 +39,14 @@ def exit_on_user_error(main):
         sys.exit(1)
 
 
+def check_new_output_folder(folder: Path) -> None:
+    """A folder a tool fills from scratch must be new or empty, and not a file."""
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{folder} is a file, not a folder")
+    if folder.exists() and any(folder.iterdir()):
+        raise UserError(f"{folder} is not empty: choose a new folder")
+
+
 def make_output_folder(folder: Path, flag: str) -> None:
     """Create the folder a flag names for output files, before any work is done for them."""
     if folder.exists() and not folder.is_dir():

@@ -25,6 +25,7 @@ give the same batches in the same order, shifted in the main process with the sa
 so a run does not depend on which one it took (tests/test_folder_dataset.py checks this).
 """
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass, replace
@@ -115,9 +116,15 @@ def scan_split(folder: Path, min_side: int = RECEPTIVE_FIELD) -> FolderScan:
 
 def image_header(path: Path) -> tuple[str, tuple[int, int]]:
     """(mode, (width, height)) from the file's header; one UserError if it is no image."""
+    with image_errors(path), Image.open(path) as image:
+        return image.mode, image.size
+
+
+@contextlib.contextmanager
+def image_errors(path: str | Path):
+    """What Pillow raises on a file it cannot or will not decode, as one UserError naming it."""
     try:
-        with Image.open(path) as image:
-            return image.mode, image.size
+        yield
     except Image.DecompressionBombError as error:
         raise UserError(f"{path} is too large to decode safely ({first_line(error)})") from error
     except (UnidentifiedImageError, OSError, ValueError) as error:
@@ -175,16 +182,11 @@ def check_saved_classes(scan: FolderScan, class_names: tuple[str, ...]) -> None:
 
 def read_image(path: str | Path, image_size: int, channels: int) -> torch.Tensor:
     """One file -> uint8 (N, N) for channels 1, (3, N, N) for channels 3."""
-    try:
-        with Image.open(path) as image:
-            image = image.convert("L" if channels == 1 else "RGB")
-            if image.size != (image_size, image_size):
-                image = image.resize((image_size, image_size), Image.BILINEAR)
-            pixels = np.array(image, dtype=np.uint8)  # (N, N) or (N, N, 3)
-    except Image.DecompressionBombError as error:
-        raise UserError(f"{path} is too large to decode safely ({first_line(error)})") from error
-    except (UnidentifiedImageError, OSError, ValueError) as error:
-        raise UserError(f"{path} is not an image PIL can read ({first_line(error)})") from error
+    with image_errors(path), Image.open(path) as image:
+        image = image.convert("L" if channels == 1 else "RGB")
+        if image.size != (image_size, image_size):
+            image = image.resize((image_size, image_size), Image.BILINEAR)
+        pixels = np.array(image, dtype=np.uint8)  # (N, N) or (N, N, 3)
     tensor = torch.from_numpy(pixels)
     return tensor if channels == 1 else tensor.permute(2, 0, 1).contiguous()  # (3, N, N)
 

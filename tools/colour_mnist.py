@@ -21,7 +21,12 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
 
 from capslab.data import load_split  # noqa: E402
-from capslab.errors import UserError, exit_on_user_error, make_output_folder  # noqa: E402
+from capslab.errors import (  # noqa: E402
+    UserError,
+    check_new_output_folder,
+    exit_on_user_error,
+    make_output_folder,
+)
 
 MIN_DISTANCE = 0.5  # Euclidean distance in RGB [0, 1]^3 between ink and background
 
@@ -52,10 +57,7 @@ def paint(digits: torch.Tensor, ink: torch.Tensor, background: torch.Tensor) -> 
 
 
 def make(out: Path, data_dir: str, train: int, test: int, seed: int, background: str) -> None:
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out} is a file, not a folder")
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"{out} is not empty: choose a new folder")
+    check_new_output_folder(out)
     # Both splits are read before anything is written: a bad MNIST file leaves no half folder.
     splits = {
         name: load_split("mnist", data_dir, train=name == "train") for name in ("train", "test")

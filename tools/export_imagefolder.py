@@ -21,7 +21,12 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
 
 from capslab.data import CLASS_NAMES, load_split  # noqa: E402
-from capslab.errors import UserError, exit_on_user_error, make_output_folder  # noqa: E402
+from capslab.errors import (  # noqa: E402
+    UserError,
+    check_new_output_folder,
+    exit_on_user_error,
+    make_output_folder,
+)
 
 
 def folder_name(label: int, name: str) -> str:
@@ -31,10 +36,7 @@ def folder_name(label: int, name: str) -> str:
 
 def export(dataset: str, data_dir: str, out: Path, limit: int | None = None) -> dict:
     """Write both splits; returns how many images each got."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out} is a file, not a folder")
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"{out} is not empty: choose a new folder")
+    check_new_output_folder(out)
     if limit is not None and limit < 1:
         raise UserError(f"--limit must be at least 1, got {limit}")
     # Both splits are read before anything is written: a bad file leaves no half folder.
