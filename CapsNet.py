@@ -22,6 +22,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+try:  # beside capslab/, CPU routing runs in its compiled kernel; CapsNet.py alone runs without
+    from capslab import fused_routing
+except ImportError:
+    fused_routing = None
+
 EPS = 1e-8  # inside every square root, so norms have finite gradients at 0
 CPU_ROUTING_PIECE = 16  # images routed at once on a CPU; see DigitCaps.forward
 
@@ -188,13 +193,18 @@ class DigitCaps(nn.Module):
 
     def votes(self, u: torch.Tensor) -> torch.Tensor:
         """Eq. 2's prediction vectors u_hat_j|i = W_ij u_i: (B, I, 8) -> (B, J, I, 16)."""
-        batch, num_in, _ = u.shape
-        u_hat = torch.bmm(u.transpose(0, 1), self.W)  # (I, B, J*16); bf16 under autocast
-        u_hat = u_hat.view(num_in, batch, self.num_out, self.out_dim)  # (I, B, J, 16)
-        # (B, J, I, 16) makes both routing contractions batched matrix-vector products.
-        # Routing is float32 (float64 for float64 capsules): one copy moves u_hat there and
-        # casts bf16 votes alike.
-        u_hat = u_hat.permute(1, 2, 0, 3)  # (B, J, I, 16), strided
+        return self.routing_layout(self.raw_votes(u))
+
+    def raw_votes(self, u: torch.Tensor) -> torch.Tensor:
+        """The votes as one matmul writes them: (B, I, 8) -> (I, B, J*16); bf16 under autocast."""
+        return torch.bmm(u.transpose(0, 1), self.W)
+
+    def routing_layout(self, raw: torch.Tensor) -> torch.Tensor:
+        """(I, B, J*16) -> (B, J, I, 16), where both routing contractions are batched
+        matrix-vector products. Routing is float32 (float64 for float64 capsules): one copy
+        moves u_hat there and casts bf16 votes alike."""
+        num_in, batch, _ = raw.shape
+        u_hat = raw.view(num_in, batch, self.num_out, self.out_dim).permute(1, 2, 0, 3)
         dtype = torch.promote_types(u_hat.dtype, torch.float32)
         return u_hat.to(dtype, memory_format=torch.contiguous_format).contiguous()
 
@@ -207,11 +217,18 @@ class DigitCaps(nn.Module):
         """
         iterations = self.iterations if iterations is None else iterations
         check_positive_int("iterations", iterations)
+        raw = self.raw_votes(u)  # (I, B, J*16)
+        if fused_routing and fused_routing.usable(raw, self.num_out, self.out_dim):
+            # On a CPU, the compiled kernel: the same values, to float rounding, read faster.
+            args = (iterations, self.detach_early, self.num_out, EPS)
+            with torch.autocast(device_type="cpu", enabled=False):
+                return fused_routing.FusedRouting.apply(raw, *args)
         # Routing is per example, so splitting the batch changes no value. On a CPU it pays:
         # u_hat is 737 KB per image and routing reads it 2r - 1 times, so a 16-image piece
         # (12 MB) stays in cache, where a whole batch of 128 (94 MB) streams from memory.
         piece = CPU_ROUTING_PIECE if u.device.type == "cpu" else len(u)
-        routed = [self.route(self.votes(part), iterations) for part in u.split(piece)]
+        pieces = raw.split(piece, dim=1)  # (I, b, J*16) each
+        routed = [self.route(self.routing_layout(part), iterations) for part in pieces]
         v_j, c_ij = zip(*routed)  # per piece: v (b, J, 16), c (b, J, I)
         return torch.cat(v_j), torch.cat(c_ij)
 

@@ -6,6 +6,7 @@
     python bench.py --model paper-cnn --bf16     # a baseline CNN's speed (it has no floor)
     python bench.py --dataset multimnist --bf16  # 36x36 pairs: 3,200 primary capsules
     python bench.py --bf16 --batch-size 64 --profile results/profile.txt  # time by op, too
+    python bench.py --bf16 --routing torch       # routing in torch code, not the CPU kernel
 
 The floor is what Conv1 and the PrimaryCaps convolution alone cost (forward+backward with
 weight gradients for training, forward only for evaluation): ~95% of CapsNet's arithmetic.
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from capslab import fused_routing
 from capslab.checkpoint import write_atomically
 from capslab.data import IMAGE_SIZE, Split, to_model_input
 from capslab.errors import UserError, exit_on_user_error, flag_name, make_output_folder
@@ -165,6 +167,7 @@ def measure(args: argparse.Namespace) -> dict:
         "rounds": args.rounds,
         "compile": args.compile,
         "bf16": args.bf16,
+        "routing": routing_used(device),
         "train_img_per_s": max(train_rates),
         "train_floor_img_per_s": max(floor_rates, default=None),
         "eval_img_per_s": max(eval_rates),
@@ -179,6 +182,13 @@ def measure(args: argparse.Namespace) -> dict:
     return {
         key: round(value, 3) if isinstance(value, float) else value for key, value in result.items()
     }
+
+
+def routing_used(device: torch.device) -> str:
+    """'kernel' where DigitCaps routed in the compiled CPU kernel, else 'torch'."""
+    if device.type == "cpu" and fused_routing.is_enabled() and fused_routing.library():
+        return "kernel"
+    return "torch"
 
 
 def main(argv=None) -> None:
@@ -217,6 +227,13 @@ def main(argv=None) -> None:
         help="bfloat16 autocast for model and floor alike (default: off)",
     )
     parser.add_argument(
+        "--routing",
+        choices=("kernel", "torch"),
+        default="kernel",
+        help="route on the CPU in the compiled kernel, or in torch code, as on a GPU "
+        "(default: kernel)",
+    )
+    parser.add_argument(
         "--profile",
         type=Path,
         default=None,
@@ -234,6 +251,7 @@ def main(argv=None) -> None:
             raise UserError(f"--profile {args.profile} is a folder, not a file")
         make_output_folder(args.profile.parent, "--profile's folder")
     set_threads(args.threads)
+    fused_routing.set_enabled(args.routing == "kernel")
     keep_freed_memory()  # as train.py does, for model and floor alike
     print(json.dumps(measure(args)))
 

@@ -1,0 +1,173 @@
+"""Dynamic routing on the CPU in a compiled kernel (capslab/routing.cpp), built on first use.
+
+CapsNet.DynamicRouting spends a CPU step moving the votes u_hat (737 KB an image at 28x28,
+2 MB at 36x36) through memory: a layout copy, 2r - 1 batched products each way and their
+backward. The kernel routes one example at a time with its votes in cache and reads them in the
+layout the votes' matmul writes. results/README.md § "bf16 near its floor" has the timings.
+
+It is built with the system's C++ compiler (GCC: it uses GCC's vector extensions) for the CPU
+it runs on, into ~/.cache/capsnet or $CAPSNET_CACHE, under a name that hashes the source, the
+compiler and the CPU, so no machine loads a build made for another. Where no compiler builds
+it, `library()` returns None after one warning and routing runs the torch code.
+"""
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import filelock
+import torch
+
+SOURCE = Path(__file__).with_name("routing.cpp")
+LANES = 16  # the kernel's capsule width, and the most outputs it routes to
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
+SUFFIXES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float64: "float64"}
+_enabled = True
+
+
+def set_enabled(enabled: bool) -> None:
+    """Route with the kernel (True, the default) or with the torch code (bench.py's baseline)."""
+    global _enabled
+    _enabled = enabled
+
+
+def is_enabled() -> bool:
+    return _enabled
+
+
+def usable(votes: torch.Tensor, num_out: int, dim: int) -> bool:
+    """Whether the kernel can route these votes: CPU, 16-D capsules, at most 16 outputs."""
+    return (
+        is_enabled()
+        and votes.device.type == "cpu"
+        and votes.dtype in SUFFIXES
+        and dim == LANES
+        and num_out <= LANES
+        and library() is not None
+    )
+
+
+def cache_folder() -> Path:
+    return Path(os.environ.get("CAPSNET_CACHE") or Path.home() / ".cache" / "capsnet")
+
+
+def build_key(compiler: str) -> str:
+    """A hash of everything the build depends on: source, flags, compiler and CPU."""
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    cpuinfo = Path("/proc/cpuinfo")
+    cpu = cpuinfo.read_text().split("\n\n")[0] if cpuinfo.exists() else os.uname().machine
+    parts = (SOURCE.read_bytes(), " ".join(FLAGS).encode(), version.encode(), cpu.encode())
+    return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
+
+
+def build(compiler: str) -> Path:
+    """Compile routing.cpp once per key; a concurrent build waits for the first one."""
+    folder = cache_folder()
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / f"routing-{build_key(compiler)}.so"
+    with filelock.FileLock(str(target) + ".lock"):
+        if not target.exists():
+            with tempfile.TemporaryDirectory(dir=folder) as scratch:
+                built = Path(scratch) / target.name
+                command = [compiler, *FLAGS, "-o", str(built), str(SOURCE)]
+                subprocess.run(command, check=True, capture_output=True, text=True)
+                os.replace(built, target)  # whole or absent, never half-written
+    return target
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The compiled kernel, or None (with one warning) where it cannot be built here."""
+    compiler = os.environ.get("CXX") or "c++"
+    if shutil.which(compiler) is None:
+        return unavailable(f"no C++ compiler {compiler!r}")
+    try:
+        return ctypes.CDLL(str(build(compiler)))
+    except subprocess.CalledProcessError as error:
+        first_line = (error.stderr or "").strip().splitlines()[:1]
+        return unavailable(f"{compiler} failed: {' '.join(first_line)}")
+    except OSError as error:
+        return unavailable(str(error))
+
+
+def unavailable(reason: str) -> None:
+    warnings.warn(
+        f"routing runs without its compiled CPU kernel ({reason}); it is slower", stacklevel=3
+    )
+    return None
+
+
+@functools.cache
+def helper_threads(count: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=count, thread_name_prefix="routing")
+
+
+def in_parallel(entry_point, batch: int, leading: tuple, trailing: tuple) -> None:
+    """entry_point(*leading, begin, end, *trailing) over torch's thread count, in contiguous
+    ranges of examples; the calling thread takes the first range. ctypes releases the GIL."""
+    threads = max(1, min(torch.get_num_threads(), batch))
+    bounds = [batch * k // threads for k in range(threads + 1)]
+    ranges = [(ctypes.c_int64(a), ctypes.c_int64(b)) for a, b in zip(bounds, bounds[1:])]
+    pending = [
+        helper_threads(threads - 1).submit(entry_point, *leading, *span, *trailing)
+        for span in ranges[1:]
+    ]
+    entry_point(*leading, *ranges[0], *trailing)
+    for job in pending:
+        job.result()
+
+
+def address(tensor: torch.Tensor) -> ctypes.c_void_p:
+    return ctypes.c_void_p(tensor.data_ptr())
+
+
+class FusedRouting(torch.autograd.Function):
+    """Procedure 1 on votes (I, B, J*16) -> v_j (B, J, 16), c_ij (B, J, I): CapsNet's
+    DynamicRouting, computed by the kernel. Float32 out for float32 or bf16 votes."""
+
+    @staticmethod
+    def forward(ctx, votes, iterations: int, detach_early: bool, num_out: int, eps: float):
+        num_in, batch, _ = votes.shape
+        votes = votes.contiguous()
+        dtype = torch.float64 if votes.dtype == torch.float64 else torch.float32
+        slot = -(-num_in // LANES) * num_out * LANES  # per-input values in blocks of 16 inputs
+        dims = torch.tensor([num_in, batch, num_out, iterations], dtype=torch.int64)
+        v = torch.empty(batch, num_out, LANES, dtype=dtype)
+        c = torch.empty(batch, num_out, num_in, dtype=dtype)
+        saved_s = torch.empty(batch, iterations, LANES, LANES, dtype=dtype)
+        saved_c = torch.empty(batch, iterations, slot, dtype=dtype)
+        logits = torch.empty(batch, slot, dtype=dtype)
+        entry_point = getattr(library(), "forward_" + SUFFIXES[votes.dtype])
+        outputs = (address(v), address(c), address(saved_s), address(saved_c), address(logits))
+        leading = (address(votes), address(dims))
+        in_parallel(entry_point, batch, leading, (ctypes.c_double(eps), *outputs))
+        ctx.save_for_backward(votes, dims, saved_s, saved_c)
+        ctx.detach_early, ctx.eps = detach_early, eps
+        ctx.mark_non_differentiable(c)
+        return v, c
+
+    @staticmethod
+    def backward(ctx, grad_v, grad_c):
+        votes, dims, saved_s, saved_c = ctx.saved_tensors
+        grad_v = grad_v.to(saved_s.dtype).contiguous()
+        grad_votes = torch.empty_like(votes)
+        scratch = torch.empty_like(saved_c)
+        entry_point = getattr(library(), "backward_" + SUFFIXES[votes.dtype])
+        trailing = (
+            ctypes.c_int64(ctx.detach_early),
+            ctypes.c_double(ctx.eps),
+            address(saved_s),
+            address(saved_c),
+            address(grad_v),
+            address(grad_votes),
+            address(scratch),
+        )
+        in_parallel(entry_point, votes.shape[1], (address(votes), address(dims)), trailing)
+        return grad_votes, None, None, None, None

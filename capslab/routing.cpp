@@ -1,0 +1,380 @@
+// Dynamic routing (Procedure 1 of Sabour et al. 2017) fused for the CPU, forward and backward:
+// the same values and gradients as CapsNet.DynamicRouting, to float rounding.
+//
+// The votes u_hat come in the layout their matmul produces, (I, B, J, 16). One example at a
+// time, its votes are copied into a contiguous buffer (737 KB at 28x28, which stays in cache;
+// the strided rows would collide in a few cache sets), during the first pass. Forward then
+// reads them r times in all (the logit update, the softmax and the next weighted sum share one
+// pass), backward r times plus one pass that writes grad u_hat in the votes' layout. The torch
+// code reads and writes u_hat about three times as often, and copies it into its own layout.
+// Capsules are 16 wide: one 16-lane vector, and at most 16 outputs J. bf16 votes are widened
+// to float32; all arithmetic is float32 (float64 for float64 votes). GCC vector extensions:
+// the compiler picks the instructions (AVX-512, AVX2 or SSE) for the CPU it builds on.
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+constexpr int kLanes = 16;  // the capsule dimension D, and the padded number of outputs J
+
+// One capsule (or one padded row of logits) as a GCC vector; shuffle masks of its lane width.
+template <typename Acc>
+struct Lanes;
+template <>
+struct Lanes<float> {
+  typedef float Vec __attribute__((vector_size(kLanes * 4)));
+  typedef int32_t Mask __attribute__((vector_size(kLanes * 4)));
+};
+template <>
+struct Lanes<double> {
+  typedef double Vec __attribute__((vector_size(kLanes * 8)));
+  typedef int64_t Mask __attribute__((vector_size(kLanes * 8)));
+};
+template <typename Acc>
+using Vec = typename Lanes<Acc>::Vec;
+template <typename Acc>
+using Mask = typename Lanes<Acc>::Mask;
+
+template <typename Acc>
+Vec<Acc> load(const Acc* p) {
+  Vec<Acc> out;
+  std::memcpy(&out, p, sizeof out);
+  return out;
+}
+
+Vec<float> load(const uint16_t* p) {  // bfloat16 -> float32 is exact: the high 16 bits
+  using Half = uint16_t __attribute__((vector_size(kLanes * 2)));
+  using Wide = uint32_t __attribute__((vector_size(kLanes * 4)));
+  Half bits;
+  std::memcpy(&bits, p, sizeof bits);
+  Wide wide = __builtin_convertvector(bits, Wide) << 16;
+  Vec<float> out;
+  std::memcpy(&out, &wide, sizeof out);
+  return out;
+}
+
+template <typename Acc>
+void store(Vec<Acc> x, Acc* p) {
+  std::memcpy(p, &x, sizeof x);
+}
+
+void store(Vec<float> x, uint16_t* p) {  // float32 -> bfloat16, rounded to nearest even
+  using Wide = uint32_t __attribute__((vector_size(kLanes * 4)));
+  using Half = uint16_t __attribute__((vector_size(kLanes * 2)));
+  Wide bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  Wide rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16;
+  Wide quiet_nan = Wide{} + 0x7FC0;
+  rounded = x != x ? quiet_nan : rounded;
+  Half half = __builtin_convertvector(rounded, Half);
+  std::memcpy(p, &half, sizeof half);
+}
+
+// Rotation by `step` lanes, and reductions in four rotations instead of fifteen steps in a row.
+template <typename Acc, int step>
+Vec<Acc> rotate(Vec<Acc> x) {
+  using M = Mask<Acc>;
+  constexpr int k = step;
+  return __builtin_shuffle(x, M{k % 16, (k + 1) % 16, (k + 2) % 16, (k + 3) % 16, (k + 4) % 16,
+                                (k + 5) % 16, (k + 6) % 16, (k + 7) % 16, (k + 8) % 16,
+                                (k + 9) % 16, (k + 10) % 16, (k + 11) % 16, (k + 12) % 16,
+                                (k + 13) % 16, (k + 14) % 16, (k + 15) % 16});
+}
+
+template <typename Acc>
+Acc sum(Vec<Acc> x) {
+  x += rotate<Acc, 8>(x);
+  x += rotate<Acc, 4>(x);
+  x += rotate<Acc, 2>(x);
+  x += rotate<Acc, 1>(x);
+  return x[0];
+}
+
+template <typename Acc>
+Vec<Acc> larger(Vec<Acc> x, Vec<Acc> y) {
+  return x > y ? x : y;
+}
+
+template <typename Acc>
+Acc max(Vec<Acc> x) {
+  x = larger<Acc>(x, rotate<Acc, 8>(x));
+  x = larger<Acc>(x, rotate<Acc, 4>(x));
+  x = larger<Acc>(x, rotate<Acc, 2>(x));
+  x = larger<Acc>(x, rotate<Acc, 1>(x));
+  return x[0];
+}
+
+// Lane k of the result is sum(p[k]), for 16 vectors: four rounds of pairwise shuffles and adds
+// instead of 16 separate horizontal sums. Each round halves the lanes a vector's partial sums
+// take up, and leaves lane k holding vector bitreverse(k), so the input is bit-reversed first.
+template <typename Acc>
+__attribute__((always_inline)) inline Vec<Acc> sums(const Vec<Acc>* p) {
+  using M = Mask<Acc>;
+  static constexpr int kBitReversed[kLanes] = {0, 8, 4, 12, 2, 10, 6, 14,
+                                               1, 9, 5, 13, 3, 11, 7, 15};
+  Vec<Acc> level[kLanes];
+#pragma GCC unroll 16
+  for (int k = 0; k < kLanes; ++k) level[k] = p[kBitReversed[k]];
+  const M low[4] = {
+      {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23},
+      {0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27},
+      {0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29},
+      {0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30}};
+  const M high[4] = {
+      {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31},
+      {4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31},
+      {2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31},
+      {1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31}};
+#pragma GCC unroll 4
+  for (int round = 0, count = kLanes; round < 4; ++round, count /= 2)
+#pragma GCC unroll 8
+    for (int k = 0; k < count / 2; ++k)
+      level[k] = __builtin_shuffle(level[2 * k], level[2 * k + 1], low[round]) +
+                 __builtin_shuffle(level[2 * k], level[2 * k + 1], high[round]);
+  return level[0];
+}
+
+// e^x for x <= 0, lane by lane. float32: Cephes' expf polynomial (about 1 ulp), exact 0 below
+// e^-87.3; float64: the library's exp.
+template <typename Acc>
+Vec<Acc> exp_nonpositive(Vec<Acc> x) {
+  if constexpr (sizeof(Acc) == 8) {
+    for (int k = 0; k < kLanes; ++k) x[k] = std::exp(x[k]);
+    return x;
+  } else {
+    const Vec<float> lowest = x < -87.3f ? Vec<float>{} + 0.0f : Vec<float>{} + 1.0f;
+    x = x < -87.3f ? Vec<float>{} - 87.3f : x;
+    Vec<float> n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(x/ln 2)
+    Vec<float> r = x - n * 0.693359375f + n * 2.12194440e-4f;                // x - n ln 2
+    Vec<float> p = 1.9875691500e-4f * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    using Int = int32_t __attribute__((vector_size(kLanes * 4)));
+    Int scale_bits = (__builtin_convertvector(n, Int) + 127) << 23;  // 2^n
+    Vec<float> scale;
+    std::memcpy(&scale, &scale_bits, sizeof scale);
+    return p * scale * lowest;
+  }
+}
+
+// Eq. 1 as CapsNet.squash computes it: t = s / m, m = max(max_d |s_d|, 1), q = |t|^2,
+// a = 1 / m^2, v = t q / (a + q) / sqrt(q + EPS a).
+template <typename Acc>
+Vec<Acc> squash(Vec<Acc> s, Acc eps) {
+  Acc m = max<Acc>(s < 0 ? -s : s);
+  Acc inv = Acc(1) / (m > 1 ? m : Acc(1));
+  Vec<Acc> t = s * inv;
+  Acc q = sum<Acc>(t * t), a = inv * inv;
+  return t * (q / (a + q) / std::sqrt(q + eps * a));
+}
+
+// Vector-Jacobian product of squash at s, with m held constant as in CapsNet.squash:
+// v = t f(q), f(q) = q / (a + q) / sqrt(q + e), f'(q) = (a (q + e) - q (a + q) / 2) /
+// ((a + q)^2 (q + e)^(3/2)), and grad s = (f grad v + 2 f'(q) (grad v . t) t) / m.
+template <typename Acc>
+Vec<Acc> squash_backward(Vec<Acc> s, Vec<Acc> grad_v, Acc eps) {
+  Acc m = max<Acc>(s < 0 ? -s : s);
+  Acc inv = Acc(1) / (m > 1 ? m : Acc(1));
+  Vec<Acc> t = s * inv;
+  Acc q = sum<Acc>(t * t), dot = sum<Acc>(grad_v * t), a = inv * inv, e = eps * a;
+  Acc root = std::sqrt(q + e);
+  Acc f = q / (a + q) / root;
+  Acc df = (a * (q + e) - Acc(0.5) * q * (a + q)) / ((a + q) * (a + q) * (q + e) * root);
+  return (grad_v * f + t * (Acc(2) * dot * df)) * inv;
+}
+
+struct Shape {
+  int64_t inputs, batch, outputs, iterations;  // I, B, J, r
+  int64_t stride() const { return batch * outputs * kLanes; }  // from input i to i + 1
+  int64_t blocks() const { return (inputs + kLanes - 1) / kLanes; }
+  // Per-input values (b_ij, c_ij, G_ij) are stored by blocks of 16 inputs: (I/16, J, 16),
+  // so that a vector holds one output's value for 16 inputs.
+  int64_t slot() const { return blocks() * outputs * kLanes; }
+};
+
+// Lane k of the result: u_hat_{i0+k, j} . x, for the n <= 16 inputs of the block.
+template <typename In, typename Acc>
+Vec<Acc> block_dots(const In* block, int64_t n, int64_t stride, int64_t j, Vec<Acc> x) {
+  Vec<Acc> products[kLanes];
+#pragma GCC unroll 16
+  for (int k = 0; k < kLanes; ++k)
+    products[k] = k < n ? load(block + k * stride + j * kLanes) * x : Vec<Acc>{};
+  return sums<Acc>(products);
+}
+
+// sum_k weights[k] u_hat_{i0+k, j}, for the n inputs of the block.
+template <typename In, typename Acc>
+Vec<Acc> block_weighted_sum(const In* block, int64_t n, int64_t stride, int64_t j,
+                            Vec<Acc> weights) {
+  Vec<Acc> total{};
+  for (int64_t k = 0; k < n; ++k) total += weights[k] * load(block + k * stride + j * kLanes);
+  return total;
+}
+
+// One example's forward: v (J, 16), c (J, I); saves s_t (r, 16, 16) and c_t (r, slot).
+template <typename In, typename Acc>
+void forward_one(const In* strided_votes, Shape n, Acc eps, Acc* v_out, Acc* c_out,
+                 Acc* saved_s, Acc* saved_c, Acc* logits, In* votes) {
+  const int64_t I = n.inputs, J = n.outputs, stride = J * kLanes;
+  const Vec<Acc> zero{};
+  Vec<Acc> s[kLanes], v[kLanes];
+  for (int j = 0; j < J; ++j) s[j] = zero;
+  for (int64_t i = 0; i < I; ++i) {  // c_0 is uniform: s_0 = sum_i u_hat_i / J
+    std::memcpy(votes + i * stride, strided_votes + i * n.stride(), stride * sizeof(In));
+    for (int j = 0; j < J; ++j) s[j] += load(votes + i * stride + j * kLanes);
+  }
+  const Vec<Acc> uniform = zero + Acc(1) / Acc(J);
+  for (int64_t k = 0; k < n.slot(); k += kLanes) {
+    store(uniform, saved_c + k);
+    store(zero, logits + k);
+  }
+  for (int64_t t = 0;; ++t) {
+    for (int j = 0; j < J; ++j) {
+      if (t == 0) s[j] /= Acc(J);
+      store(s[j], saved_s + (t * kLanes + j) * kLanes);
+      v[j] = squash(s[j], eps);
+      s[j] = zero;
+    }
+    if (t == n.iterations - 1) break;
+    Acc* c_next = saved_c + (t + 1) * n.slot();
+    for (int64_t i0 = 0; i0 < I; i0 += kLanes) {  // b += u_hat . v; c = softmax_j(b); s += c u_hat
+      const In* block = votes + i0 * stride;
+      const int64_t count = I - i0 < kLanes ? I - i0 : kLanes;
+      Acc* b_block = logits + i0 * J;
+      Vec<Acc> b[kLanes], top;
+      for (int j = 0; j < J; ++j) {
+        b[j] = load(b_block + j * kLanes) + block_dots<In, Acc>(block, count, stride, j, v[j]);
+        store(b[j], b_block + j * kLanes);
+        top = j == 0 ? b[j] : larger<Acc>(top, b[j]);
+      }
+      Vec<Acc> total = zero;
+      for (int j = 0; j < J; ++j) total += (b[j] = exp_nonpositive<Acc>(b[j] - top));
+      for (int j = 0; j < J; ++j) {
+        Vec<Acc> c = b[j] / total;
+        store(c, c_next + i0 * J + j * kLanes);
+        s[j] += block_weighted_sum<In, Acc>(block, count, stride, j, c);
+      }
+    }
+  }
+  for (int j = 0; j < J; ++j) store(v[j], v_out + j * kLanes);
+  const Acc* c_last = saved_c + (n.iterations - 1) * n.slot();
+  for (int64_t i = 0; i < I; ++i)
+    for (int j = 0; j < J; ++j) c_out[j * I + i] = c_last[(i - i % kLanes) * J + j * kLanes + i % kLanes];
+}
+
+// One example's backward: grad v (J, 16) -> grad u_hat, written in the votes' layout.
+// G_t = dL/db_{t+1} (t < r - 1) goes to scratch (r, slot); the last slot is the running sum.
+template <typename In, typename Acc>
+void backward_one(const In* strided_votes, Shape n, bool detach_early, Acc eps,
+                  const Acc* saved_s, const Acc* saved_c, const Acc* grad_v_in, In* grads,
+                  Acc* scratch, In* votes) {
+  const int64_t I = n.inputs, J = n.outputs, stride = J * kLanes, last = n.iterations - 1;
+  for (int64_t i = 0; i < I; ++i)
+    std::memcpy(votes + i * stride, strided_votes + i * n.stride(), stride * sizeof(In));
+  const Vec<Acc> zero{};
+  std::vector<Vec<Acc>> v(n.iterations * J), grad_s(n.iterations * J);  // (r, J)
+  Vec<Acc> grad_v[kLanes];
+  Acc* running = scratch + last * n.slot();
+  for (int64_t k = 0; k < n.slot(); k += kLanes) store(zero, running + k);
+  for (int j = 0; j < J; ++j) grad_v[j] = load(grad_v_in + j * kLanes);
+  int64_t first = last;  // the earliest iteration the gradient reaches
+  for (int64_t t = last;; --t) {
+    first = t;
+    if (t < last) std::memcpy(scratch + t * n.slot(), running, n.slot() * sizeof(Acc));  // G_t
+    for (int j = 0; j < J; ++j) {
+      Vec<Acc> s = load(saved_s + (t * kLanes + j) * kLanes);
+      v[t * J + j] = squash(s, eps);
+      grad_s[t * J + j] = squash_backward(s, grad_v[j], eps);
+    }
+    if (detach_early || t == 0) break;  // c_0 is uniform; detached c_t carry no gradient
+    // b_t feeds c_t (softmax over j) and b_{t+1}: G += c (grad c - sum_j c grad c), with
+    // grad c_ij = u_hat_ij . grad s_j. Then v_{t-1} gets sum_i G_ij u_hat_ij.
+    const Acc* c_t = saved_c + t * n.slot();
+    for (int j = 0; j < J; ++j) grad_v[j] = zero;
+    for (int64_t i0 = 0; i0 < I; i0 += kLanes) {
+      const In* block = votes + i0 * stride;
+      const int64_t count = I - i0 < kLanes ? I - i0 : kLanes;
+      Vec<Acc> grad_c[kLanes], c[kLanes], mean = zero;
+      for (int j = 0; j < J; ++j) {
+        grad_c[j] = block_dots<In, Acc>(block, count, stride, j, grad_s[t * J + j]);
+        c[j] = load(c_t + i0 * J + j * kLanes);
+        mean += c[j] * grad_c[j];
+      }
+      for (int j = 0; j < J; ++j) {
+        Acc* g_block = running + i0 * J + j * kLanes;
+        Vec<Acc> g = load(g_block) + c[j] * (grad_c[j] - mean);
+        store(g, g_block);
+        grad_v[j] += block_weighted_sum<In, Acc>(block, count, stride, j, g);
+      }
+    }
+  }
+  // grad u_hat_ij = sum_t c_t,ij grad s_t,j + sum_{t < r-1} G_t,ij v_t,j
+  for (int64_t i = 0; i < I; ++i) {
+    In* out = grads + i * n.stride();
+    const int64_t at = (i - i % kLanes) * J + i % kLanes;  // (i, j = 0) in a slot
+    for (int j = 0; j < J; ++j) {
+      Vec<Acc> total = zero;
+      for (int64_t t = first; t <= last; ++t) {
+        total += saved_c[t * n.slot() + at + j * kLanes] * grad_s[t * J + j];
+        if (t < last) total += scratch[t * n.slot() + at + j * kLanes] * v[t * J + j];
+      }
+      store(total, out + j * kLanes);
+    }
+  }
+}
+
+// Examples [begin, end) of the batch, one at a time; the caller splits a batch among threads.
+template <typename In, typename Acc>
+void forward_range(const In* votes, const int64_t* dims, int64_t begin, int64_t end,
+                   double eps, Acc* v, Acc* c, Acc* saved_s, Acc* saved_c, Acc* logits) {
+  const Shape n{dims[0], dims[1], dims[2], dims[3]};
+  const int64_t I = n.inputs, J = n.outputs, r = n.iterations;
+  std::vector<In> votes_of_one(I * J * kLanes);  // contiguous: no cache-set conflicts
+  for (int64_t b = begin; b < end; ++b)
+    forward_one<In, Acc>(votes + b * J * kLanes, n, Acc(eps), v + b * J * kLanes, c + b * J * I,
+                         saved_s + b * r * kLanes * kLanes, saved_c + b * r * n.slot(),
+                         logits + b * n.slot(), votes_of_one.data());
+}
+
+template <typename In, typename Acc>
+void backward_range(const In* votes, const int64_t* dims, int64_t begin, int64_t end,
+                    int64_t detach_early, double eps, const Acc* saved_s, const Acc* saved_c,
+                    const Acc* grad_v, In* grads, Acc* scratch) {
+  const Shape n{dims[0], dims[1], dims[2], dims[3]};
+  const int64_t I = n.inputs, J = n.outputs, r = n.iterations;
+  std::vector<In> votes_of_one(I * J * kLanes);
+  for (int64_t b = begin; b < end; ++b)
+    backward_one<In, Acc>(votes + b * J * kLanes, n, detach_early != 0, Acc(eps),
+                          saved_s + b * r * kLanes * kLanes, saved_c + b * r * n.slot(),
+                          grad_v + b * J * kLanes, grads + b * J * kLanes,
+                          scratch + b * r * n.slot(), votes_of_one.data());
+}
+
+}  // namespace
+
+// The C entry points capslab/fused_routing.py calls, one pair per votes dtype.
+// dims: I, B, J, r. votes and grads: (I, B, J, 16). Per example: v (J, 16), c (J, I),
+// saved_s (r, 16, 16), and saved_c, logits and scratch in slots of (I/16, J, 16) (see Shape).
+#define ROUTING_ENTRY_POINTS(suffix, In, Acc)                                                   \
+  extern "C" void forward_##suffix(const In* votes, const int64_t* dims, int64_t begin,       \
+                                   int64_t end, double eps, Acc* v, Acc* c, Acc* saved_s,     \
+                                   Acc* saved_c, Acc* logits) {                               \
+    forward_range<In, Acc>(votes, dims, begin, end, eps, v, c, saved_s, saved_c, logits);     \
+  }                                                                                           \
+  extern "C" void backward_##suffix(const In* votes, const int64_t* dims, int64_t begin,      \
+                                    int64_t end, int64_t detach_early, double eps,            \
+                                    const Acc* saved_s, const Acc* saved_c, const Acc* grad_v, \
+                                    In* grads, Acc* scratch) {                                \
+    backward_range<In, Acc>(votes, dims, begin, end, detach_early, eps, saved_s, saved_c,     \
+                            grad_v, grads, scratch);                                          \
+  }
+
+ROUTING_ENTRY_POINTS(float32, float, float)
+ROUTING_ENTRY_POINTS(bfloat16, uint16_t, float)
+ROUTING_ENTRY_POINTS(float64, double, double)
