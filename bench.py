@@ -251,9 +251,9 @@ def main(argv=None) -> None:
             raise UserError(f"--profile {args.profile} is a folder, not a file")
         make_output_folder(args.profile.parent, "--profile's folder")
     set_threads(args.threads)
-    fused_routing.set_enabled(args.routing == "kernel")
     keep_freed_memory()  # as train.py does, for model and floor alike
-    print(json.dumps(measure(args)))
+    with fused_routing.kernel_enabled(args.routing == "kernel"):
+        print(json.dumps(measure(args)))
 
 
 if __name__ == "__main__":

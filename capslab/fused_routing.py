@@ -11,6 +11,7 @@ compiler and the CPU, so no machine loads a build made for another. Where no com
 it, `library()` returns None after one warning and routing runs the torch code.
 """
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -32,10 +33,16 @@ SUFFIXES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float64:
 _enabled = True
 
 
-def set_enabled(enabled: bool) -> None:
-    """Route with the kernel (True, the default) or with the torch code (bench.py's baseline)."""
+@contextlib.contextmanager
+def kernel_enabled(enabled: bool):
+    """Route with the kernel (True, the default) or with the torch code (bench.py's baseline)
+    inside the block; the setting before it comes back after."""
     global _enabled
-    _enabled = enabled
+    before, _enabled = _enabled, enabled
+    try:
+        yield
+    finally:
+        _enabled = before
 
 
 def is_enabled() -> bool:

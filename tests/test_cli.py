@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 import train
+from capslab import fused_routing
 from capslab.checkpoint import export_weights, load_checkpoint
 from capslab.data import DEBIAN_FASHION_DIR, Split
 from capslab.errors import flag_name
@@ -491,6 +492,15 @@ def test_bench_prints_its_speeds_as_json(model):
         )
     else:
         assert result["train_floor_img_per_s"] is None and result["train_ratio"] is None
+
+
+def test_bench_routes_in_the_kernel_or_in_torch_code_as_asked():
+    flags = ["--batch-size", 2, "--steps", 1, "--rounds", 1, "--device", "cpu"]
+    for routing in ("torch", "kernel"):
+        result = json.loads(run_in_process("bench.py", *flags, "--routing", routing).stdout)
+        expected = "kernel" if routing == "kernel" and fused_routing.library() else "torch"
+        assert result["routing"] == expected
+    assert fused_routing.is_enabled()  # bench.py leaves the kernel on for what runs next
 
 
 def test_bench_refuses_bad_flags(tmp_path):

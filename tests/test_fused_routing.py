@@ -121,14 +121,12 @@ def test_digit_caps_on_the_kernel_matches_the_torch_code():
     u = (0.1 * torch.randn(5, 1152, 8)).requires_grad_()
     assert fused_routing.usable(layer.raw_votes(u), 10, 16)
     outputs = []
-    try:
-        for enabled in (True, False):
-            fused_routing.set_enabled(enabled)
+    for enabled in (True, False):
+        with fused_routing.kernel_enabled(enabled):
             v, c = layer(u)
-            grads = torch.autograd.grad(v.square().sum(), (u, layer.W))
-            outputs.append((v, c, *grads))
-    finally:
-        fused_routing.set_enabled(True)
+        grads = torch.autograd.grad(v.square().sum(), (u, layer.W))
+        outputs.append((v, c, *grads))
+    assert fused_routing.is_enabled()
     for ours, theirs in zip(*outputs):
         torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6)
 
