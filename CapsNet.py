@@ -14,6 +14,9 @@ Where this code departs from the paper (each is flagged again where it happens):
   routing iteration, as some ports do. The paper lets gradients flow through every iteration.
 - Mixed precision (the paper predates it): under bf16 autocast the convolutions, the votes
   W_ij u_i and the decoder compute in bf16; squash, routing and its backward stay float32.
+
+On a CPU, with capslab/ beside this file, routing runs in a compiled kernel
+(capslab/routing.cpp) with the same values and gradients as DynamicRouting, to float rounding.
 """
 
 from dataclasses import dataclass, field, replace
