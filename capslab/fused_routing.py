@@ -16,21 +16,26 @@ import ctypes
 import functools
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
 import warnings
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
 import filelock
 import torch
+from torch.autograd.function import once_differentiable
+
+from capslab.hardware import cpu_fields
 
 SOURCE = Path(__file__).with_name("routing.cpp")
 LANES = 16  # the kernel's capsule width, and the most outputs it routes to
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
 SUFFIXES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float64: "float64"}
 _enabled = True
+kernel_calls = 0  # forward passes the kernel has routed in this process (bench.py reports it)
 
 
 @contextlib.contextmanager
@@ -61,15 +66,27 @@ def usable(votes: torch.Tensor, num_out: int, dim: int) -> bool:
     )
 
 
+# The /proc/cpuinfo fields code generation depends on; "cpu MHz" and "bogomips" change between
+# reads on a machine that scales its clock, and must not change the key.
+CPU_FIELDS = ("vendor_id", "cpu family", "model", "model name", "stepping", "flags")
+CPU_FIELDS_ARM = ("CPU implementer", "CPU architecture", "CPU variant", "CPU part", "Features")
+
+
 def cache_folder() -> Path:
     return Path(os.environ.get("CAPSNET_CACHE") or Path.home() / ".cache" / "capsnet")
 
 
-def build_key(compiler: str) -> str:
+def cpu_identity(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """What the CPU can run, from /proc/cpuinfo's stable fields, else the platform's name."""
+    if not cpuinfo.exists():
+        return platform.machine() + " " + platform.processor()
+    fields = cpu_fields(cpuinfo)
+    return "\n".join(f"{name}: {fields.get(name, '')}" for name in CPU_FIELDS + CPU_FIELDS_ARM)
+
+
+def build_key(compiler: str, cpu: str) -> str:
     """A hash of everything the build depends on: source, flags, compiler and CPU."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    cpuinfo = Path("/proc/cpuinfo")
-    cpu = cpuinfo.read_text().split("\n\n")[0] if cpuinfo.exists() else os.uname().machine
     parts = (SOURCE.read_bytes(), " ".join(FLAGS).encode(), version.encode(), cpu.encode())
     return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
 
@@ -78,7 +95,7 @@ def build(compiler: str) -> Path:
     """Compile routing.cpp once per key; a concurrent build waits for the first one."""
     folder = cache_folder()
     folder.mkdir(parents=True, exist_ok=True)
-    target = folder / f"routing-{build_key(compiler)}.so"
+    target = folder / f"routing-{build_key(compiler, cpu_identity())}.so"
     with filelock.FileLock(str(target) + ".lock"):
         if not target.exists():
             with tempfile.TemporaryDirectory(dir=folder) as scratch:
@@ -89,6 +106,16 @@ def build(compiler: str) -> Path:
     return target
 
 
+def load(compiler: str) -> ctypes.CDLL:
+    """The built kernel; a cached file that does not load (damaged) is built again, once."""
+    target = build(compiler)
+    try:
+        return ctypes.CDLL(str(target))
+    except OSError:
+        target.unlink(missing_ok=True)
+        return ctypes.CDLL(str(build(compiler)))
+
+
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The compiled kernel, or None (with one warning) where it cannot be built here."""
@@ -96,11 +123,11 @@ def library() -> ctypes.CDLL | None:
     if shutil.which(compiler) is None:
         return unavailable(f"no C++ compiler {compiler!r}")
     try:
-        return ctypes.CDLL(str(build(compiler)))
+        return load(compiler)
     except subprocess.CalledProcessError as error:
         first_line = (error.stderr or "").strip().splitlines()[:1]
         return unavailable(f"{compiler} failed: {' '.join(first_line)}")
-    except OSError as error:
+    except (OSError, RuntimeError) as error:  # RuntimeError: Path.home() without a home
         return unavailable(str(error))
 
 
@@ -126,7 +153,10 @@ def in_parallel(entry_point, batch: int, leading: tuple, trailing: tuple) -> Non
         helper_threads(threads - 1).submit(entry_point, *leading, *span, *trailing)
         for span in ranges[1:]
     ]
-    entry_point(*leading, *ranges[0], *trailing)
+    try:
+        entry_point(*leading, *ranges[0], *trailing)
+    finally:  # even on Ctrl-C: the helpers write into tensors the caller is about to free
+        wait(pending)
     for job in pending:
         job.result()
 
@@ -141,7 +171,14 @@ class FusedRouting(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, votes, iterations: int, detach_early: bool, num_out: int, eps: float):
-        num_in, batch, _ = votes.shape
+        global kernel_calls
+        num_in, batch, width = votes.shape
+        if iterations < 1 or not 1 <= num_out <= LANES or width != num_out * LANES:
+            raise ValueError(
+                f"the routing kernel takes r >= 1 and 1 to {LANES} outputs of {LANES} dimensions,"
+                f" got r = {iterations}, {num_out} outputs, votes {tuple(votes.shape)}"
+            )
+        kernel_calls += 1
         votes = votes.contiguous()
         dtype = torch.float64 if votes.dtype == torch.float64 else torch.float32
         slot = -(-num_in // LANES) * num_out * LANES  # per-input values in blocks of 16 inputs
@@ -161,6 +198,7 @@ class FusedRouting(torch.autograd.Function):
         return v, c
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_v, grad_c):
         votes, dims, saved_s, saved_c = ctx.saved_tensors
         grad_v = grad_v.to(saved_s.dtype).contiguous()

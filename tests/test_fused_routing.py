@@ -39,9 +39,9 @@ def random_votes(num_in, batch, num_out, dtype=torch.float64, scale=0.5, seed=0)
 
 @pytest.mark.parametrize("iterations", [1, 2, 3, 5])
 @pytest.mark.parametrize("detach_early", [False, True])
-@pytest.mark.parametrize("num_in, num_out", [(5, 3), (37, 10), (16, 16)])
+@pytest.mark.parametrize("num_in, num_out", [(5, 3), (37, 10), (16, 16), (37, 16), (32, 1)])
 def test_kernel_matches_the_torch_routing_in_float64(iterations, detach_early, num_in, num_out):
-    # 37 inputs leave a partial block of 16; 16 outputs fill every lane.
+    # 37 inputs leave a partial block of 16, 32 fill two; 16 outputs fill every lane.
     votes = random_votes(num_in, 3, num_out, seed=iterations)
     v, c = kernel(votes, iterations, detach_early)
     v_ref, c_ref = DynamicRouting.apply(torch_layout(votes), iterations, detach_early)
@@ -91,6 +91,13 @@ def test_bf16_votes_route_in_float32_and_get_bf16_gradients():
     torch.testing.assert_close(grad.float(), grad_ref, rtol=0.01, atol=1e-3)
 
 
+def test_kernel_refuses_what_it_cannot_route():
+    with pytest.raises(ValueError, match="r >= 1"):
+        FusedRouting.apply(random_votes(5, 2, 3), 0, False, 3, EPS)
+    with pytest.raises(ValueError, match="1 to 16 outputs"):
+        FusedRouting.apply(random_votes(5, 2, 17), 3, False, 17, EPS)
+
+
 def test_kernel_stays_finite_when_votes_are_huge():
     votes = random_votes(40, 2, 10, dtype=torch.float32, scale=1e6)
     v, c = kernel(votes)
@@ -131,6 +138,20 @@ def test_digit_caps_on_the_kernel_matches_the_torch_code():
         torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6)
 
 
+def test_digit_caps_under_bf16_autocast_matches_the_torch_code():
+    torch.manual_seed(0)
+    layer = DigitCaps(CapsNetConfig())
+    u = 0.1 * torch.randn(3, 1152, 8)
+    outputs = []
+    for enabled in (True, False):
+        with fused_routing.kernel_enabled(enabled), torch.autocast("cpu", dtype=torch.bfloat16):
+            outputs.append(layer(u))
+    (v, c), (v_ref, c_ref) = outputs
+    assert v.dtype == torch.float32
+    torch.testing.assert_close(v, v_ref, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(c, c_ref, rtol=1e-4, atol=1e-7)
+
+
 def test_other_capsule_widths_route_with_the_torch_code():
     model = CapsNet(CapsNetConfig(digit_dim=8, conv1_channels=16, primary_channels=4))
     u = torch.randn(2, model.config.num_primary_caps, 8)
@@ -163,5 +184,44 @@ def test_without_a_compiler_routing_warns_once_and_uses_the_torch_code(tmp_path,
             model = CapsNet(CapsNetConfig(conv1_channels=16, primary_channels=4))
             lengths, _, _ = model(torch.rand(2, 1, 28, 28))
         assert torch.isfinite(lengths).all()
+    finally:
+        fused_routing.library.cache_clear()
+
+
+def test_the_cache_key_follows_the_cpu_but_not_its_clock(tmp_path):
+    def identity(mhz, flags):
+        cpuinfo = tmp_path / f"cpuinfo-{mhz}-{flags}"
+        cpuinfo.write_text(
+            f"processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel\t\t: 17\ncpu MHz\t\t: {mhz}\n"
+            f"flags\t\t: {flags}\nbogomips\t: {mhz * 2}\n\nprocessor\t: 1\n"
+        )
+        return fused_routing.cpu_identity(cpuinfo)
+
+    assert identity(2596.1, "avx2 avx512f") == identity(3700.0, "avx2 avx512f")
+    assert identity(2596.1, "avx2 avx512f") != identity(2596.1, "avx2")
+    assert fused_routing.build_key("c++", identity(1, "avx2")) != fused_routing.build_key(
+        "c++", identity(1, "avx2 avx512f")
+    )
+
+
+def test_a_compiler_that_fails_leaves_routing_to_the_torch_code(tmp_path, monkeypatch):
+    monkeypatch.setenv("CAPSNET_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", "false")  # exists, and fails
+    fused_routing.library.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="false failed"):
+            assert fused_routing.library() is None
+    finally:
+        fused_routing.library.cache_clear()
+
+
+def test_a_damaged_cached_build_is_built_again(tmp_path, monkeypatch):
+    monkeypatch.setenv("CAPSNET_CACHE", str(tmp_path))
+    fused_routing.library.cache_clear()
+    try:
+        built = fused_routing.build(os.environ.get("CXX") or "c++")
+        built.write_bytes(b"not a shared library")
+        assert fused_routing.library() is not None
+        assert built.read_bytes()[:4] == b"\x7fELF"
     finally:
         fused_routing.library.cache_clear()
