@@ -174,7 +174,17 @@ class PrimaryCaps(nn.Module):
         out = out.permute(0, 1, 3, 4, 2)  # (B, 32, 6, 6, 8)
         # Squashed in float32, also under autocast: bf16 elementwise passes over the 1152
         # capsules cost more than the cast, and Eq. 1's norms keep their precision.
-        return squash(out.reshape(batch, -1, self.dim).float())  # (B, 1152, 8)
+        capsules = out.reshape(batch, -1, self.dim).float()  # (B, 1152, 8)
+        if fused_routing and fused_routing.squash_usable(capsules):  # one pass on a CPU
+            return fused_routing.FusedSquash.apply(capsules, EPS)
+        return squash(capsules)
+
+
+def votes_dtype(u: torch.Tensor, W: torch.Tensor) -> torch.dtype:
+    """The dtype the votes' matmul W_ij u_i computes in: autocast's where it is on (bf16)."""
+    if torch.is_autocast_enabled(u.device.type):
+        return torch.get_autocast_dtype(u.device.type)
+    return torch.promote_types(u.dtype, W.dtype)
 
 
 class DigitCaps(nn.Module):
@@ -220,12 +230,15 @@ class DigitCaps(nn.Module):
         """
         iterations = self.iterations if iterations is None else iterations
         check_positive_int("iterations", iterations)
-        raw = self.raw_votes(u)  # (I, B, J*16)
-        if fused_routing and fused_routing.usable(raw, self.num_out, self.out_dim):
-            # On a CPU, the compiled kernel: the same values, to float rounding, read faster.
-            args = (iterations, self.detach_early, self.num_out, EPS)
+        dtype = votes_dtype(u, self.W)
+        if fused_routing and fused_routing.usable(u, dtype, self.num_out, self.out_dim):
+            # On a CPU, the compiled kernel makes the votes and routes them: the same values,
+            # to float rounding, without the votes' trips through memory.
             with torch.autocast(device_type="cpu", enabled=False):
-                return fused_routing.FusedRouting.apply(raw, *args)
+                W = self.W.to(fused_routing.routing_dtype(dtype))  # float32 W even for bf16 u
+                args = (iterations, self.detach_early, EPS)
+                return fused_routing.FusedRouting.apply(u.to(dtype), W, *args)
+        raw = self.raw_votes(u)  # (I, B, J*16)
         # Routing is per example, so splitting the batch changes no value. On a CPU it pays:
         # u_hat is 737 KB per image and routing reads it 2r - 1 times, so a 16-image piece
         # (12 MB) stays in cache, where a whole batch of 128 (94 MB) streams from memory.

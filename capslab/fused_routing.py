@@ -1,9 +1,13 @@
-"""Dynamic routing on the CPU in a compiled kernel (capslab/routing.cpp), built on first use.
+"""Votes and dynamic routing on the CPU in a compiled kernel (capslab/routing.cpp), built on
+first use.
 
-CapsNet.DynamicRouting spends a CPU step moving the votes u_hat (737 KB an image at 28x28,
-2 MB at 36x36) through memory: a layout copy, 2r - 1 batched products each way and their
-backward. The kernel routes one example at a time with its votes in cache and reads them in the
-layout the votes' matmul writes. results/README.md § "bf16 near its floor" has the timings.
+CapsNet's torch code spends a CPU step moving the votes u_hat (737 KB an image at 28x28, 2 MB at
+36x36) through memory: a matmul with 8-long sums writes them, a layout copy, 2r - 1 batched
+products each way, and the matmul's backward reads grad u_hat back. The kernel makes each
+example's votes itself, routes it with its votes in cache, and in backward turns grad u_hat
+into grad u and grad W without writing it. It also squashes the primary capsules in one pass
+each way (FusedSquash), where CapsNet.squash makes eight. Its threads are torch's own OpenMP
+threads. results/README.md § "The CPU routing kernel" has the timings.
 
 It is built with the system's C++ compiler (GCC: it uses GCC's vector extensions) for the CPU
 it runs on, into ~/.cache/capsnet or $CAPSNET_CACHE, under a name that hashes the source, the
@@ -21,7 +25,6 @@ import shutil
 import subprocess
 import tempfile
 import warnings
-from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
 import filelock
@@ -32,7 +35,7 @@ from capslab.hardware import cpu_fields
 
 SOURCE = Path(__file__).with_name("routing.cpp")
 LANES = 16  # the kernel's capsule width, and the most outputs it routes to
-FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-fopenmp", "-shared", "-fPIC")
 SUFFIXES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float64: "float64"}
 _enabled = True
 kernel_calls = 0  # forward passes the kernel has routed in this process (bench.py reports it)
@@ -54,14 +57,16 @@ def is_enabled() -> bool:
     return _enabled
 
 
-def usable(votes: torch.Tensor, num_out: int, dim: int) -> bool:
-    """Whether the kernel can route these votes: CPU, 16-D capsules, at most 16 outputs."""
+def usable(u: torch.Tensor, dtype: torch.dtype, num_out: int, dim: int) -> bool:
+    """Whether the kernel can make and route the votes of u (B, I, K) in `dtype`: the CPU,
+    16-D output capsules, at most 16 outputs and at most 16-D inputs."""
     return (
         is_enabled()
-        and votes.device.type == "cpu"
-        and votes.dtype in SUFFIXES
+        and u.device.type == "cpu"
+        and dtype in SUFFIXES
         and dim == LANES
         and num_out <= LANES
+        and u.shape[-1] <= LANES
         and library() is not None
     )
 
@@ -138,27 +143,14 @@ def unavailable(reason: str) -> None:
     return None
 
 
-@functools.cache
-def helper_threads(count: int) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=count, thread_name_prefix="routing")
+def threads() -> ctypes.c_int64:
+    """How many OpenMP threads the kernel splits its work over: torch's own count."""
+    return ctypes.c_int64(torch.get_num_threads())
 
 
-def in_parallel(entry_point, batch: int, leading: tuple, trailing: tuple) -> None:
-    """entry_point(*leading, begin, end, *trailing) over torch's thread count, in contiguous
-    ranges of examples; the calling thread takes the first range. ctypes releases the GIL."""
-    threads = max(1, min(torch.get_num_threads(), batch))
-    bounds = [batch * k // threads for k in range(threads + 1)]
-    ranges = [(ctypes.c_int64(a), ctypes.c_int64(b)) for a, b in zip(bounds, bounds[1:])]
-    pending = [
-        helper_threads(threads - 1).submit(entry_point, *leading, *span, *trailing)
-        for span in ranges[1:]
-    ]
-    try:
-        entry_point(*leading, *ranges[0], *trailing)
-    finally:  # even on Ctrl-C: the helpers write into tensors the caller is about to free
-        wait(pending)
-    for job in pending:
-        job.result()
+def routing_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What the kernel routes (and keeps W) in for capsules u of `dtype`: float32 or float64."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def address(tensor: torch.Tensor) -> ctypes.c_void_p:
@@ -166,33 +158,47 @@ def address(tensor: torch.Tensor) -> ctypes.c_void_p:
 
 
 class FusedRouting(torch.autograd.Function):
-    """Procedure 1 on votes (I, B, J*16) -> v_j (B, J, 16), c_ij (B, J, I): CapsNet's
-    DynamicRouting, computed by the kernel. Float32 out for float32 or bf16 votes."""
+    """Eq. 2 and Procedure 1: u (B, I, K) and W (I, K, J*16) -> v_j (B, J, 16) and c_ij
+    (B, J, I), as CapsNet's DigitCaps computes them with torch. u is float32, bf16 or float64;
+    W, v and c are float32, or float64 for float64 u. Gradients for u and W in their dtype."""
 
     @staticmethod
-    def forward(ctx, votes, iterations: int, detach_early: bool, num_out: int, eps: float):
+    def forward(ctx, u, W, iterations: int, detach_early: bool, eps: float):
         global kernel_calls
-        num_in, batch, width = votes.shape
-        if iterations < 1 or not 1 <= num_out <= LANES or width != num_out * LANES:
+        batch, num_in, in_dim = u.shape
+        width = W.shape[-1]
+        num_out = width // LANES
+        if (
+            iterations < 1
+            or not 1 <= num_out <= LANES
+            or width != num_out * LANES
+            or not 1 <= in_dim <= LANES
+            or W.shape != (num_in, in_dim, width)
+            or W.dtype != routing_dtype(u.dtype)
+        ):
             raise ValueError(
-                f"the routing kernel takes r >= 1 and 1 to {LANES} outputs of {LANES} dimensions,"
-                f" got r = {iterations}, {num_out} outputs, votes {tuple(votes.shape)}"
+                f"the routing kernel takes r >= 1, inputs of 1 to {LANES} dimensions and 1 to "
+                f"{LANES} outputs of {LANES}, W in the dtype it routes in; got r = {iterations}, "
+                f"u {tuple(u.shape)} {u.dtype}, W {tuple(W.shape)} {W.dtype}"
             )
         kernel_calls += 1
-        votes = votes.contiguous()
-        dtype = torch.float64 if votes.dtype == torch.float64 else torch.float32
+        u, W = u.contiguous(), W.contiguous()
+        dtype = W.dtype
         slot = -(-num_in // LANES) * num_out * LANES  # per-input values in blocks of 16 inputs
-        dims = torch.tensor([num_in, batch, num_out, iterations], dtype=torch.int64)
+        dims = torch.tensor([num_in, batch, num_out, iterations, in_dim], dtype=torch.int64)
+        votes = torch.empty(batch, num_in, width, dtype=u.dtype)
         v = torch.empty(batch, num_out, LANES, dtype=dtype)
         c = torch.empty(batch, num_out, num_in, dtype=dtype)
         saved_s = torch.empty(batch, iterations, LANES, LANES, dtype=dtype)
         saved_c = torch.empty(batch, iterations, slot, dtype=dtype)
         logits = torch.empty(batch, slot, dtype=dtype)
-        entry_point = getattr(library(), "forward_" + SUFFIXES[votes.dtype])
-        outputs = (address(v), address(c), address(saved_s), address(saved_c), address(logits))
-        leading = (address(votes), address(dims))
-        in_parallel(entry_point, batch, leading, (ctypes.c_double(eps), *outputs))
-        ctx.save_for_backward(votes, dims, saved_s, saved_c)
+        getattr(library(), "forward_" + SUFFIXES[u.dtype])(
+            *map(address, (u, W, dims)),
+            threads(),
+            ctypes.c_double(eps),
+            *map(address, (votes, v, c, saved_s, saved_c, logits)),
+        )
+        ctx.save_for_backward(u, W, votes, dims, saved_s, saved_c)
         ctx.detach_early, ctx.eps = detach_early, eps
         ctx.mark_non_differentiable(c)
         return v, c
@@ -200,19 +206,77 @@ class FusedRouting(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_v, grad_c):
-        votes, dims, saved_s, saved_c = ctx.saved_tensors
+        u, W, votes, dims, saved_s, saved_c = ctx.saved_tensors
+        batch = u.shape[0]
+        iterations = saved_s.shape[1]
         grad_v = grad_v.to(saved_s.dtype).contiguous()
-        grad_votes = torch.empty_like(votes)
         scratch = torch.empty_like(saved_c)
-        entry_point = getattr(library(), "backward_" + SUFFIXES[votes.dtype])
-        trailing = (
+        grad_s = torch.empty(batch, iterations, grad_v.shape[1], LANES, dtype=saved_s.dtype)
+        v = torch.empty_like(grad_s)  # v_t, each iteration's output
+        suffix = SUFFIXES[u.dtype]
+        getattr(library(), "backward_" + suffix)(  # through routing, example by example
+            *map(address, (votes, dims)),
+            threads(),
             ctypes.c_int64(ctx.detach_early),
             ctypes.c_double(ctx.eps),
-            address(saved_s),
-            address(saved_c),
-            address(grad_v),
-            address(grad_votes),
-            address(scratch),
+            *map(address, (saved_s, saved_c, grad_v, scratch, grad_s, v)),
         )
-        in_parallel(entry_point, votes.shape[1], (address(votes), address(dims)), trailing)
-        return grad_votes, None, None, None, None
+        grad_u, grad_W = torch.empty_like(u), torch.empty_like(W)
+        first = iterations - 1 if ctx.detach_early else 0  # the earliest t the gradient reaches
+        getattr(library(), "votes_backward_" + suffix)(  # into u and W, input by input
+            *map(address, (u, W, dims)),
+            threads(),
+            ctypes.c_int64(first),
+            *map(address, (saved_c, scratch, grad_s, v, grad_u, grad_W)),
+        )
+        return grad_u, grad_W, None, None, None
+
+
+def squash_usable(s: torch.Tensor) -> bool:
+    """Whether the kernel can squash these capsules: float32 or float64 on the CPU, K <= 16."""
+    return (
+        is_enabled()
+        and s.device.type == "cpu"
+        and s.dtype in (torch.float32, torch.float64)
+        and s.shape[-1] <= LANES
+        and library() is not None
+    )
+
+
+class FusedSquash(torch.autograd.Function):
+    """CapsNet.squash over the last dimension (at most 16), in one pass each way."""
+
+    @staticmethod
+    def forward(ctx, s, eps: float):
+        s = s.contiguous()
+        u = torch.empty_like(s)
+        dim = s.shape[-1]
+        getattr(library(), "squash_" + SUFFIXES[s.dtype])(
+            address(s),
+            ctypes.c_int64(s.numel() // dim),
+            ctypes.c_int64(dim),
+            threads(),
+            ctypes.c_double(eps),
+            address(u),
+        )
+        ctx.save_for_backward(s)
+        ctx.eps = eps
+        return u
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_u):
+        (s,) = ctx.saved_tensors
+        grad_u = grad_u.to(s.dtype).contiguous()
+        grad_s = torch.empty_like(s)
+        dim = s.shape[-1]
+        getattr(library(), "squash_backward_" + SUFFIXES[s.dtype])(
+            address(s),
+            address(grad_u),
+            ctypes.c_int64(s.numel() // dim),
+            ctypes.c_int64(dim),
+            threads(),
+            ctypes.c_double(ctx.eps),
+            address(grad_s),
+        )
+        return grad_s, None

@@ -1,18 +1,23 @@
-// Dynamic routing (Procedure 1 of Sabour et al. 2017) fused for the CPU, forward and backward:
-// the same values and gradients as CapsNet.DynamicRouting, to float rounding.
+// Dynamic routing (Procedure 1 of Sabour et al. 2017) fused for the CPU with the votes that feed
+// it (Eq. 2, u_hat_j|i = W_ij u_i), forward and backward: the same values and gradients as
+// CapsNet's raw_votes and DynamicRouting, to float rounding.
 //
-// The votes u_hat come in the layout their matmul produces, (I, B, J, 16). One example at a
-// time, its votes are copied into a contiguous buffer (737 KB at 28x28, which stays in cache;
-// the strided rows would collide in a few cache sets), during the first pass. Forward then
-// reads them r times in all (the logit update, the softmax and the next weighted sum share one
-// pass), backward r times plus one pass that writes grad u_hat in the votes' layout. The torch
-// code reads and writes u_hat about three times as often, and copies it into its own layout.
-// Capsules are 16 wide: one 16-lane vector, and at most 16 outputs J. bf16 votes are widened
-// to float32; all arithmetic is float32 (float64 for float64 votes). GCC vector extensions:
+// Forward computes the votes input by input for a few examples at a time, so each W_i is read
+// once per group rather than once per example, into (B, I, J, 16): each example's votes lie
+// together (737 KB at 28x28 in float32) and stay in cache while it routes. It then reads them r
+// times in all (the logit update, the softmax and the next weighted sum share one pass), and
+// backward r times more. Backward never writes grad u_hat: a second pass, input by input over
+// the whole batch, forms it from what routing saved and turns it straight into grad u and
+// grad W, the products torch's matmul backward would otherwise make from it in memory.
+// Capsules are 16 wide: one 16-lane vector, and at most 16 outputs J and 16 input dimensions.
+// W and its gradient are float32 (float64 for float64 capsules), as the parameter is; bf16
+// capsules u are widened, and the votes rounded to bf16 as a bf16 matmul would round them.
+// All arithmetic is float32 (float64 for float64 capsules). GCC vector extensions:
 // the compiler picks the instructions (AVX-512, AVX2 or SSE) for the CPU it builds on.
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <omp.h>
 #include <vector>
 
 namespace {
@@ -70,6 +75,31 @@ void store(Vec<float> x, uint16_t* p) {  // float32 -> bfloat16, rounded to near
   rounded = x != x ? quiet_nan : rounded;
   Half half = __builtin_convertvector(rounded, Half);
   std::memcpy(p, &half, sizeof half);
+}
+
+inline float widen(uint16_t x) {  // one bfloat16 -> float32
+  const uint32_t bits = uint32_t(x) << 16;
+  float out;
+  std::memcpy(&out, &bits, sizeof out);
+  return out;
+}
+inline float widen(float x) { return x; }
+inline double widen(double x) { return x; }
+
+// The first `count` lanes of x into p, in p's type.
+template <typename In, typename Acc>
+void store_first(Vec<Acc> x, In* p, int64_t count) {
+  In lanes[kLanes];
+  store(x, lanes);
+  std::memcpy(p, lanes, count * sizeof(In));
+}
+
+// `count` values from p into the first lanes, zeros in the rest.
+template <typename Acc>
+Vec<Acc> load_first(const Acc* p, int64_t count) {
+  Acc lanes[kLanes] = {};
+  std::memcpy(lanes, p, count * sizeof(Acc));
+  return load(lanes);
 }
 
 // Rotation by `step` lanes, and reductions in four rotations instead of fifteen steps in a row.
@@ -189,8 +219,8 @@ Vec<Acc> squash_backward(Vec<Acc> s, Vec<Acc> grad_v, Acc eps) {
 }
 
 struct Shape {
-  int64_t inputs, batch, outputs, iterations;  // I, B, J, r
-  int64_t stride() const { return batch * outputs * kLanes; }  // from input i to i + 1
+  int64_t inputs, batch, outputs, iterations, in_dim;  // I, B, J, r, and K (u_i is K-D)
+  int64_t width() const { return outputs * kLanes; }  // one input's votes, J x 16
   int64_t blocks() const { return (inputs + kLanes - 1) / kLanes; }
   // Per-input values (b_ij, c_ij, G_ij) are stored by blocks of 16 inputs: (I/16, J, 16),
   // so that a vector holds one output's value for 16 inputs.
@@ -216,18 +246,53 @@ Vec<Acc> block_weighted_sum(const In* block, int64_t n, int64_t stride, int64_t 
   return total;
 }
 
-// One example's forward: v (J, 16), c (J, I); saves s_t (r, 16, 16) and c_t (r, slot).
+// Eq. 2 for examples [begin, end): votes (B, I, J*16) = W_ij u_bi, with u (B, I, K) and W
+// (I, K, J*16). Input by input, so that W_i is loaded once for all of these examples. kJ and
+// kK, when not 0, are J and K known at compile time: the sums over k then run side by side
+// for every j, in registers, rather than one after another.
+template <typename In, typename Acc, int kJ, int kK>
+void compute_votes(const In* u, const Acc* W, Shape n, int64_t begin, int64_t end, In* votes) {
+  const int64_t I = n.inputs, J = kJ ? kJ : n.outputs, K = kK ? kK : n.in_dim;
+  const int64_t width = n.width();
+  std::vector<Vec<Acc>> weights(K * J);  // W_i: (K, J) vectors
+  for (int64_t i = 0; i < I; ++i) {
+    for (int64_t k = 0; k < K; ++k)
+      for (int j = 0; j < J; ++j) weights[k * J + j] = load(W + (i * K + k) * width + j * kLanes);
+    for (int64_t b = begin; b < end; ++b) {
+      const In* u_bi = u + (b * I + i) * K;
+      Vec<Acc> total[kLanes];
+      for (int j = 0; j < J; ++j) total[j] = Vec<Acc>{};
+      for (int64_t k = 0; k < K; ++k) {
+        const Acc u_bik = widen(u_bi[k]);
+        for (int j = 0; j < J; ++j) total[j] += u_bik * weights[k * J + j];
+      }
+      In* out = votes + (b * I + i) * width;
+      for (int j = 0; j < J; ++j) store(total[j], out + j * kLanes);
+    }
+  }
+}
+
+// The shapes CapsNet has (J = 10 digit capsules of 8-D inputs) compiled for; others at run time.
 template <typename In, typename Acc>
-void forward_one(const In* strided_votes, Shape n, Acc eps, Acc* v_out, Acc* c_out,
-                 Acc* saved_s, Acc* saved_c, Acc* logits, In* votes) {
-  const int64_t I = n.inputs, J = n.outputs, stride = J * kLanes;
+void compute_votes_any(const In* u, const Acc* W, Shape n, int64_t begin, int64_t end,
+                       In* votes) {
+  if (n.outputs == 10 && n.in_dim == 8)
+    compute_votes<In, Acc, 10, 8>(u, W, n, begin, end, votes);
+  else
+    compute_votes<In, Acc, 0, 0>(u, W, n, begin, end, votes);
+}
+
+// One example's forward from its votes (I, J*16): v (J, 16), c (J, I); saves s_t (r, 16, 16)
+// and c_t (r, slot).
+template <typename In, typename Acc>
+void forward_one(const In* votes, Shape n, Acc eps, Acc* v_out, Acc* c_out, Acc* saved_s,
+                 Acc* saved_c, Acc* logits) {
+  const int64_t I = n.inputs, J = n.outputs, stride = n.width();
   const Vec<Acc> zero{};
   Vec<Acc> s[kLanes], v[kLanes];
   for (int j = 0; j < J; ++j) s[j] = zero;
-  for (int64_t i = 0; i < I; ++i) {  // c_0 is uniform: s_0 = sum_i u_hat_i / J
-    std::memcpy(votes + i * stride, strided_votes + i * n.stride(), stride * sizeof(In));
+  for (int64_t i = 0; i < I; ++i)  // c_0 is uniform: s_0 = sum_i u_hat_i / J
     for (int j = 0; j < J; ++j) s[j] += load(votes + i * stride + j * kLanes);
-  }
   const Vec<Acc> uniform = zero + Acc(1) / Acc(J);
   for (int64_t k = 0; k < n.slot(); k += kLanes) {
     store(uniform, saved_c + k);
@@ -264,32 +329,31 @@ void forward_one(const In* strided_votes, Shape n, Acc eps, Acc* v_out, Acc* c_o
   for (int j = 0; j < J; ++j) store(v[j], v_out + j * kLanes);
   const Acc* c_last = saved_c + (n.iterations - 1) * n.slot();
   for (int64_t i = 0; i < I; ++i)
-    for (int j = 0; j < J; ++j) c_out[j * I + i] = c_last[(i - i % kLanes) * J + j * kLanes + i % kLanes];
+    for (int j = 0; j < J; ++j)
+      c_out[j * I + i] = c_last[(i - i % kLanes) * J + j * kLanes + i % kLanes];
 }
 
-// One example's backward: grad v (J, 16) -> grad u_hat, written in the votes' layout.
-// G_t = dL/db_{t+1} (t < r - 1) goes to scratch (r, slot); the last slot is the running sum.
+// One example's backward through routing, from grad v (J, 16): saves grad s_t and v_t (r, J, 16)
+// for t >= first (first = r - 1 with detach_early, else 0), and G_t = dL/db_{t+1} for t < r - 1
+// in scratch (r, slot), whose last slot is the running sum. votes_backward_range turns these
+// into grad u and grad W.
 template <typename In, typename Acc>
-void backward_one(const In* strided_votes, Shape n, bool detach_early, Acc eps,
-                  const Acc* saved_s, const Acc* saved_c, const Acc* grad_v_in, In* grads,
-                  Acc* scratch, In* votes) {
-  const int64_t I = n.inputs, J = n.outputs, stride = J * kLanes, last = n.iterations - 1;
-  for (int64_t i = 0; i < I; ++i)
-    std::memcpy(votes + i * stride, strided_votes + i * n.stride(), stride * sizeof(In));
+void backward_one(const In* votes, Shape n, bool detach_early, Acc eps, const Acc* saved_s,
+                  const Acc* saved_c, const Acc* grad_v_in, Acc* scratch, Acc* grad_s_out,
+                  Acc* v_out) {
+  const int64_t I = n.inputs, J = n.outputs, stride = n.width(), last = n.iterations - 1;
   const Vec<Acc> zero{};
-  std::vector<Vec<Acc>> v(n.iterations * J), grad_s(n.iterations * J);  // (r, J)
   Vec<Acc> grad_v[kLanes];
   Acc* running = scratch + last * n.slot();
   for (int64_t k = 0; k < n.slot(); k += kLanes) store(zero, running + k);
   for (int j = 0; j < J; ++j) grad_v[j] = load(grad_v_in + j * kLanes);
-  int64_t first = last;  // the earliest iteration the gradient reaches
   for (int64_t t = last;; --t) {
-    first = t;
     if (t < last) std::memcpy(scratch + t * n.slot(), running, n.slot() * sizeof(Acc));  // G_t
+    Vec<Acc> grad_s[kLanes];
     for (int j = 0; j < J; ++j) {
       Vec<Acc> s = load(saved_s + (t * kLanes + j) * kLanes);
-      v[t * J + j] = squash(s, eps);
-      grad_s[t * J + j] = squash_backward(s, grad_v[j], eps);
+      store(squash(s, eps), v_out + (t * J + j) * kLanes);
+      store(grad_s[j] = squash_backward(s, grad_v[j], eps), grad_s_out + (t * J + j) * kLanes);
     }
     if (detach_early || t == 0) break;  // c_0 is uniform; detached c_t carry no gradient
     // b_t feeds c_t (softmax over j) and b_{t+1}: G += c (grad c - sum_j c grad c), with
@@ -301,7 +365,7 @@ void backward_one(const In* strided_votes, Shape n, bool detach_early, Acc eps,
       const int64_t count = I - i0 < kLanes ? I - i0 : kLanes;
       Vec<Acc> grad_c[kLanes], c[kLanes], mean = zero;
       for (int j = 0; j < J; ++j) {
-        grad_c[j] = block_dots<In, Acc>(block, count, stride, j, grad_s[t * J + j]);
+        grad_c[j] = block_dots<In, Acc>(block, count, stride, j, grad_s[j]);
         c[j] = load(c_t + i0 * J + j * kLanes);
         mean += c[j] * grad_c[j];
       }
@@ -313,67 +377,182 @@ void backward_one(const In* strided_votes, Shape n, bool detach_early, Acc eps,
       }
     }
   }
-  // grad u_hat_ij = sum_t c_t,ij grad s_t,j + sum_{t < r-1} G_t,ij v_t,j
-  for (int64_t i = 0; i < I; ++i) {
-    In* out = grads + i * n.stride();
-    const int64_t at = (i - i % kLanes) * J + i % kLanes;  // (i, j = 0) in a slot
-    for (int j = 0; j < J; ++j) {
-      Vec<Acc> total = zero;
-      for (int64_t t = first; t <= last; ++t) {
-        total += saved_c[t * n.slot() + at + j * kLanes] * grad_s[t * J + j];
-        if (t < last) total += scratch[t * n.slot() + at + j * kLanes] * v[t * J + j];
-      }
-      store(total, out + j * kLanes);
-    }
-  }
 }
 
-// Examples [begin, end) of the batch, one at a time; the caller splits a batch among threads.
+// Examples [begin, end) of the batch, a group at a time: the group's votes, then each example
+// routed while its votes are still in cache. The caller splits a batch among threads.
 template <typename In, typename Acc>
-void forward_range(const In* votes, const int64_t* dims, int64_t begin, int64_t end,
-                   double eps, Acc* v, Acc* c, Acc* saved_s, Acc* saved_c, Acc* logits) {
-  const Shape n{dims[0], dims[1], dims[2], dims[3]};
+void forward_range(const In* u, const Acc* W, const int64_t* dims, int64_t begin, int64_t end,
+                   double eps, In* votes, Acc* v, Acc* c, Acc* saved_s, Acc* saved_c,
+                   Acc* logits) {
+  constexpr int64_t kGroup = 4;  // examples whose votes are made together
+  const Shape n{dims[0], dims[1], dims[2], dims[3], dims[4]};
   const int64_t I = n.inputs, J = n.outputs, r = n.iterations;
-  std::vector<In> votes_of_one(I * J * kLanes);  // contiguous: no cache-set conflicts
-  for (int64_t b = begin; b < end; ++b)
-    forward_one<In, Acc>(votes + b * J * kLanes, n, Acc(eps), v + b * J * kLanes, c + b * J * I,
-                         saved_s + b * r * kLanes * kLanes, saved_c + b * r * n.slot(),
-                         logits + b * n.slot(), votes_of_one.data());
+  for (int64_t first = begin; first < end; first += kGroup) {
+    const int64_t last = first + kGroup < end ? first + kGroup : end;
+    compute_votes_any<In, Acc>(u, W, n, first, last, votes);
+    for (int64_t b = first; b < last; ++b)
+      forward_one<In, Acc>(votes + b * I * n.width(), n, Acc(eps), v + b * J * kLanes,
+                           c + b * J * I, saved_s + b * r * kLanes * kLanes,
+                           saved_c + b * r * n.slot(), logits + b * n.slot());
+  }
 }
 
 template <typename In, typename Acc>
 void backward_range(const In* votes, const int64_t* dims, int64_t begin, int64_t end,
                     int64_t detach_early, double eps, const Acc* saved_s, const Acc* saved_c,
-                    const Acc* grad_v, In* grads, Acc* scratch) {
-  const Shape n{dims[0], dims[1], dims[2], dims[3]};
+                    const Acc* grad_v, Acc* scratch, Acc* grad_s, Acc* v) {
+  const Shape n{dims[0], dims[1], dims[2], dims[3], dims[4]};
   const int64_t I = n.inputs, J = n.outputs, r = n.iterations;
-  std::vector<In> votes_of_one(I * J * kLanes);
   for (int64_t b = begin; b < end; ++b)
-    backward_one<In, Acc>(votes + b * J * kLanes, n, detach_early != 0, Acc(eps),
+    backward_one<In, Acc>(votes + b * I * n.width(), n, detach_early != 0, Acc(eps),
                           saved_s + b * r * kLanes * kLanes, saved_c + b * r * n.slot(),
-                          grad_v + b * J * kLanes, grads + b * J * kLanes,
-                          scratch + b * r * n.slot(), votes_of_one.data());
+                          grad_v + b * J * kLanes, scratch + b * r * n.slot(),
+                          grad_s + b * r * J * kLanes, v + b * r * J * kLanes);
+}
+
+// Inputs [begin, end), each over the whole batch: grad u_hat_bij = sum_t c_t,bij grad s_t,bj +
+// sum_{t < r-1} G_t,bij v_t,bj, then grad W_ij = sum_b grad u_hat_bij u_bi^T and grad u_bi =
+// sum_j W_ij^T grad u_hat_bij. Each grad W_i is complete in one thread: no sums across threads.
+// kJ and kK as for compute_votes; every loop keeps independent sums side by side.
+template <typename In, typename Acc, int kJ, int kK>
+void votes_backward(const In* u, const Acc* W, Shape n, int64_t begin, int64_t end,
+                    int64_t first, const Acc* saved_c, const Acc* scratch, const Acc* grad_s,
+                    const Acc* v, In* grad_u, Acc* grad_W) {
+  const int64_t I = n.inputs, B = n.batch, J = kJ ? kJ : n.outputs, K = kK ? kK : n.in_dim;
+  const int64_t width = n.width(), r = n.iterations, last = r - 1;
+  std::vector<Vec<Acc>> grad_votes(B * J), weights(K * J);  // (B, J) and W_i's (K, J)
+  std::vector<Acc> u_i(B * K);
+  for (int64_t i = begin; i < end; ++i) {
+    const int64_t at = (i - i % kLanes) * J + i % kLanes;  // (i, j = 0) in a slot
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t k = 0; k < K; ++k) u_i[b * K + k] = widen(u[(b * I + i) * K + k]);
+      Vec<Acc> total[kLanes];
+      for (int j = 0; j < J; ++j) total[j] = Vec<Acc>{};
+      for (int64_t t = first; t <= last; ++t) {
+        const int64_t row = b * r + t;
+        const Acc* c_t = saved_c + row * n.slot() + at;
+        const Acc* G_t = scratch + row * n.slot() + at;
+        for (int j = 0; j < J; ++j) {
+          total[j] += c_t[j * kLanes] * load(grad_s + (row * J + j) * kLanes);
+          if (t < last) total[j] += G_t[j * kLanes] * load(v + (row * J + j) * kLanes);
+        }
+      }
+      for (int j = 0; j < J; ++j) grad_votes[b * J + j] = total[j];
+    }
+    for (int64_t k = 0; k < K; ++k)
+      for (int j = 0; j < J; ++j) weights[k * J + j] = load(W + (i * K + k) * width + j * kLanes);
+    for (int j = 0; j < J; ++j) {
+      Vec<Acc> total[kLanes];
+      for (int64_t k = 0; k < K; ++k) total[k] = Vec<Acc>{};
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t k = 0; k < K; ++k) total[k] += u_i[b * K + k] * grad_votes[b * J + j];
+      for (int64_t k = 0; k < K; ++k) store(total[k], grad_W + (i * K + k) * width + j * kLanes);
+    }
+    for (int64_t b = 0; b < B; ++b) {
+      Vec<Acc> products[kLanes];  // lane d of products[k]: sum_j W_ijdk grad u_hat_bijd
+      for (int k = 0; k < kLanes; ++k) products[k] = Vec<Acc>{};
+      for (int j = 0; j < J; ++j)
+        for (int64_t k = 0; k < K; ++k) products[k] += weights[k * J + j] * grad_votes[b * J + j];
+      store_first<In, Acc>(sums<Acc>(products), grad_u + (b * I + i) * K, K);
+    }
+  }
+}
+
+// The same choice for votes_backward.
+template <typename In, typename Acc>
+void votes_backward_range(const In* u, const Acc* W, const int64_t* dims, int64_t begin,
+                          int64_t end, int64_t first, const Acc* saved_c, const Acc* scratch,
+                          const Acc* grad_s, const Acc* v, In* grad_u, Acc* grad_W) {
+  const Shape n{dims[0], dims[1], dims[2], dims[3], dims[4]};
+  const auto body = n.outputs == 10 && n.in_dim == 8 ? votes_backward<In, Acc, 10, 8>
+                                                     : votes_backward<In, Acc, 0, 0>;
+  body(u, W, n, begin, end, first, saved_c, scratch, grad_s, v, grad_u, grad_W);
+}
+
+// Eq. 1 for capsules [begin, end) of K <= 16 dimensions, (n, K) -> (n, K), in one pass where
+// CapsNet.squash makes eight; zero lanes pad a capsule to 16 and change none of its sums.
+template <typename Acc>
+void squash_range(const Acc* s, int64_t K, int64_t begin, int64_t end, Acc eps, Acc* u) {
+  for (int64_t i = begin; i < end; ++i)
+    store_first<Acc, Acc>(squash(load_first(s + i * K, K), eps), u + i * K, K);
+}
+
+template <typename Acc>
+void squash_backward_range(const Acc* s, const Acc* grad_u, int64_t K, int64_t begin,
+                           int64_t end, Acc eps, Acc* grad_s) {
+  for (int64_t i = begin; i < end; ++i) {
+    const Vec<Acc> s_i = load_first(s + i * K, K), grad_u_i = load_first(grad_u + i * K, K);
+    store_first<Acc, Acc>(squash_backward(s_i, grad_u_i, eps), grad_s + i * K, K);
+  }
+}
+
+// body(begin, end) over [0, count) in contiguous ranges, one per thread, on the OpenMP threads
+// torch computes with (the same runtime where torch brings libgomp.so.1, as its Linux wheels
+// do): they are awake from torch's last operation, where threads of our own would wait for
+// them to yield the cores.
+template <typename Body>
+void in_parallel(int64_t count, int64_t threads, const Body& body) {
+#pragma omp parallel num_threads(threads)
+  {
+    const int64_t rank = omp_get_thread_num(), size = omp_get_num_threads();
+    body(count * rank / size, count * (rank + 1) / size);
+  }
 }
 
 }  // namespace
 
-// The C entry points capslab/fused_routing.py calls, one pair per votes dtype.
-// dims: I, B, J, r. votes and grads: (I, B, J, 16). Per example: v (J, 16), c (J, I),
-// saved_s (r, 16, 16), and saved_c, logits and scratch in slots of (I/16, J, 16) (see Shape).
+// The C entry points capslab/fused_routing.py calls, one set per input dtype. dims: I, B, J, r,
+// K. u (B, I, K), W (I, K, J*16), votes (B, I, J*16). Per example: v (J, 16), c (J, I), saved_s
+// (r, 16, 16), grad_s and v_t (r, J, 16), and saved_c, logits and scratch in slots of
+// (I/16, J, 16) (see Shape). Forward and backward split the batch among `threads` threads,
+// votes_backward the inputs.
 #define ROUTING_ENTRY_POINTS(suffix, In, Acc)                                                   \
-  extern "C" void forward_##suffix(const In* votes, const int64_t* dims, int64_t begin,       \
-                                   int64_t end, double eps, Acc* v, Acc* c, Acc* saved_s,     \
-                                   Acc* saved_c, Acc* logits) {                               \
-    forward_range<In, Acc>(votes, dims, begin, end, eps, v, c, saved_s, saved_c, logits);     \
+  extern "C" void forward_##suffix(const In* u, const Acc* W, const int64_t* dims,             \
+                                   int64_t threads, double eps, In* votes, Acc* v, Acc* c,    \
+                                   Acc* saved_s, Acc* saved_c, Acc* logits) {                 \
+    in_parallel(dims[1], threads, [&](int64_t begin, int64_t end) {                           \
+      forward_range<In, Acc>(u, W, dims, begin, end, eps, votes, v, c, saved_s, saved_c,      \
+                             logits);                                                         \
+    });                                                                                       \
   }                                                                                           \
-  extern "C" void backward_##suffix(const In* votes, const int64_t* dims, int64_t begin,      \
-                                    int64_t end, int64_t detach_early, double eps,            \
-                                    const Acc* saved_s, const Acc* saved_c, const Acc* grad_v, \
-                                    In* grads, Acc* scratch) {                                \
-    backward_range<In, Acc>(votes, dims, begin, end, detach_early, eps, saved_s, saved_c,     \
-                            grad_v, grads, scratch);                                          \
+  extern "C" void backward_##suffix(const In* votes, const int64_t* dims, int64_t threads,    \
+                                    int64_t detach_early, double eps, const Acc* saved_s,     \
+                                    const Acc* saved_c, const Acc* grad_v, Acc* scratch,      \
+                                    Acc* grad_s, Acc* v) {                                    \
+    in_parallel(dims[1], threads, [&](int64_t begin, int64_t end) {                           \
+      backward_range<In, Acc>(votes, dims, begin, end, detach_early, eps, saved_s, saved_c,   \
+                              grad_v, scratch, grad_s, v);                                    \
+    });                                                                                       \
+  }                                                                                           \
+  extern "C" void votes_backward_##suffix(                                                    \
+      const In* u, const Acc* W, const int64_t* dims, int64_t threads, int64_t first,          \
+      const Acc* saved_c, const Acc* scratch, const Acc* grad_s, const Acc* v, In* grad_u,    \
+      Acc* grad_W) {                                                                           \
+    in_parallel(dims[0], threads, [&](int64_t begin, int64_t end) {                           \
+      votes_backward_range<In, Acc>(u, W, dims, begin, end, first, saved_c, scratch, grad_s,  \
+                                    v, grad_u, grad_W);                                       \
+    });                                                                                       \
+  }
+
+// Squash: s and u (n, K), float32 or float64.
+#define SQUASH_ENTRY_POINTS(suffix, Acc)                                                        \
+  extern "C" void squash_##suffix(const Acc* s, int64_t count, int64_t K, int64_t threads,    \
+                                  double eps, Acc* u) {                                       \
+    in_parallel(count, threads, [&](int64_t begin, int64_t end) {                             \
+      squash_range<Acc>(s, K, begin, end, Acc(eps), u);                                       \
+    });                                                                                       \
+  }                                                                                           \
+  extern "C" void squash_backward_##suffix(const Acc* s, const Acc* grad_u, int64_t count,    \
+                                           int64_t K, int64_t threads, double eps,            \
+                                           Acc* grad_s) {                                     \
+    in_parallel(count, threads, [&](int64_t begin, int64_t end) {                             \
+      squash_backward_range<Acc>(s, grad_u, K, begin, end, Acc(eps), grad_s);                 \
+    });                                                                                       \
   }
 
 ROUTING_ENTRY_POINTS(float32, float, float)
 ROUTING_ENTRY_POINTS(bfloat16, uint16_t, float)
 ROUTING_ENTRY_POINTS(float64, double, double)
+SQUASH_ENTRY_POINTS(float32, float)
+SQUASH_ENTRY_POINTS(float64, double)

@@ -1,4 +1,5 @@
-"""The compiled CPU routing kernel (capslab/routing.cpp) against the torch code and the paper."""
+"""The compiled CPU votes-and-routing kernel (capslab/routing.cpp) against the torch code and
+the paper."""
 
 import os
 import shutil
@@ -9,7 +10,7 @@ import torch
 
 from capslab import fused_routing
 from capslab.fused_routing import FusedRouting
-from CapsNet import EPS, CapsNet, CapsNetConfig, DigitCaps, DynamicRouting
+from CapsNet import EPS, CapsNet, CapsNetConfig, DigitCaps, DynamicRouting, PrimaryCaps, squash
 
 from test_model import reference_routing
 
@@ -18,115 +19,184 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def kernel(votes, iterations=3, detach_early=False):
-    """votes (I, B, J*16) -> v (B, J, 16), c (B, J, I) through the kernel."""
-    num_out = votes.shape[2] // 16
-    return FusedRouting.apply(votes, iterations, detach_early, num_out, EPS)
+def kernel(u, W, iterations=3, detach_early=False):
+    """u (B, I, K), W (I, K, J*16) -> v (B, J, 16), c (B, J, I) through the kernel."""
+    return FusedRouting.apply(u, W, iterations, detach_early, EPS)
 
 
-def torch_layout(votes: torch.Tensor) -> torch.Tensor:
-    """(I, B, J*16) -> (B, J, I, 16), the torch code's layout, in float32 or float64."""
+def reference(u, W, iterations=3, detach_early=False, routing=DynamicRouting.apply):
+    """The torch code: votes by matmul, in the (B, J, I, 16) layout, then `routing`."""
+    votes = torch.bmm(u.transpose(0, 1), W)  # (I, B, J*16)
     num_in, batch, width = votes.shape
     u_hat = votes.view(num_in, batch, width // 16, 16).permute(1, 2, 0, 3)
-    return u_hat.to(torch.promote_types(votes.dtype, torch.float32))
+    u_hat = u_hat.to(torch.promote_types(votes.dtype, torch.float32))
+    return routing(u_hat, iterations, detach_early)
 
 
-def random_votes(num_in, batch, num_out, dtype=torch.float64, scale=0.5, seed=0):
+def random_inputs(num_in, batch, num_out, in_dim=8, dtype=torch.float64, scale=0.5, seed=0):
+    """u (B, I, K) and W (I, K, J*16) whose votes have about `scale` spread, needing grad."""
     generator = torch.Generator().manual_seed(seed)
-    votes = scale * torch.randn(num_in, batch, num_out * 16, generator=generator, dtype=dtype)
-    return votes.requires_grad_()
+    u = torch.randn(batch, num_in, in_dim, generator=generator, dtype=dtype)
+    W = scale / in_dim**0.5 * torch.randn(num_in, in_dim, num_out * 16, generator=generator)
+    return u.requires_grad_(), W.to(dtype).requires_grad_()
+
+
+def assert_same_routing(ours, theirs, atol, rtol=0.0):
+    """v, c and the gradients of a random function of v for u and W, kernel against reference."""
+    (u, W), (v, c), (v_ref, c_ref) = ours[0], ours[1], theirs
+    torch.testing.assert_close(v, v_ref, rtol=rtol, atol=atol)
+    torch.testing.assert_close(c, c_ref, rtol=rtol, atol=atol)
+    grad_v = torch.randn_like(v)
+    grads = torch.autograd.grad(v, (u, W), grad_v)
+    grads_ref = torch.autograd.grad(v_ref, (u, W), grad_v)
+    for grad, grad_ref in zip(grads, grads_ref):
+        assert grad.dtype == grad_ref.dtype
+        torch.testing.assert_close(grad, grad_ref, rtol=rtol, atol=atol)
 
 
 @pytest.mark.parametrize("iterations", [1, 2, 3, 5])
 @pytest.mark.parametrize("detach_early", [False, True])
 @pytest.mark.parametrize("num_in, num_out", [(5, 3), (37, 10), (16, 16), (37, 16), (32, 1)])
-def test_kernel_matches_the_torch_routing_in_float64(iterations, detach_early, num_in, num_out):
+def test_kernel_matches_the_torch_code_in_float64(iterations, detach_early, num_in, num_out):
     # 37 inputs leave a partial block of 16, 32 fill two; 16 outputs fill every lane.
-    votes = random_votes(num_in, 3, num_out, seed=iterations)
-    v, c = kernel(votes, iterations, detach_early)
-    v_ref, c_ref = DynamicRouting.apply(torch_layout(votes), iterations, detach_early)
-    torch.testing.assert_close(v, v_ref, rtol=0, atol=1e-13)
-    torch.testing.assert_close(c, c_ref, rtol=0, atol=1e-13)
-    grad_v = torch.randn_like(v)
-    (grad,) = torch.autograd.grad(v, votes, grad_v)
-    (grad_ref,) = torch.autograd.grad(v_ref, votes, grad_v)
-    torch.testing.assert_close(grad, grad_ref, rtol=0, atol=1e-13)
+    u, W = random_inputs(num_in, 3, num_out, seed=iterations)
+    ours = kernel(u, W, iterations, detach_early)
+    theirs = reference(u, W, iterations, detach_early)
+    assert_same_routing(((u, W), ours), theirs, atol=1e-13)
+
+
+@pytest.mark.parametrize("in_dim", [1, 5, 16])
+def test_kernel_takes_any_input_width_up_to_16(in_dim):
+    u, W = random_inputs(20, 5, 10, in_dim=in_dim)
+    assert_same_routing(((u, W), kernel(u, W)), reference(u, W), atol=1e-13)
 
 
 def test_kernel_matches_procedure_1_written_plainly():
-    votes = random_votes(6, 2, 3)
-    v, c = kernel(votes)
-    v_ref, c_ref = reference_routing(torch_layout(votes), 3)
+    u, W = random_inputs(6, 2, 3)
+    v, c = kernel(u, W)
+    v_ref, c_ref = reference(u, W, routing=lambda u_hat, r, _: reference_routing(u_hat, r))
     torch.testing.assert_close(v, v_ref, rtol=0, atol=1e-12)
     torch.testing.assert_close(c, c_ref, rtol=0, atol=1e-12)
 
 
 def test_kernel_passes_gradcheck():
-    votes = random_votes(5, 2, 3)
-    assert torch.autograd.gradcheck(lambda x: kernel(x)[0], (votes,))
+    u, W = random_inputs(5, 2, 3, in_dim=3)
+    assert torch.autograd.gradcheck(lambda u, W: kernel(u, W)[0], (u, W))
 
 
-def test_float32_kernel_agrees_with_the_torch_routing():
-    votes = random_votes(1152, 4, 10, dtype=torch.float32, scale=0.05)
-    v, c = kernel(votes)
-    v_ref, c_ref = DynamicRouting.apply(torch_layout(votes), 3, False)
-    assert v.dtype == c.dtype == torch.float32
-    torch.testing.assert_close(v, v_ref, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(c, c_ref, rtol=1e-5, atol=1e-7)
-    assert torch.allclose(c.sum(dim=1), torch.ones(4, 1152))
+def test_float32_kernel_agrees_with_the_torch_code():
+    u, W = random_inputs(1152, 4, 10, dtype=torch.float32, scale=0.05)
+    ours = kernel(u, W)
+    assert ours[0].dtype == ours[1].dtype == torch.float32
+    assert torch.allclose(ours[1].sum(dim=1), torch.ones(4, 1152))
+    assert_same_routing(((u, W), ours), reference(u, W), rtol=1e-4, atol=1e-6)
 
 
-def test_bf16_votes_route_in_float32_and_get_bf16_gradients():
-    votes = random_votes(1152, 2, 10, dtype=torch.float32, scale=0.05).detach().bfloat16()
-    votes.requires_grad_()
-    v, c = kernel(votes)
-    exact = votes.detach().float().requires_grad_()  # the same values, widened
-    v_ref, c_ref = DynamicRouting.apply(torch_layout(exact), 3, False)
+def test_bf16_capsules_route_in_float32_and_get_bf16_gradients():
+    u, W = random_inputs(1152, 2, 10, scale=0.05)
+    u = u.detach().bfloat16().requires_grad_()
+    W = W.detach().float().bfloat16().float().requires_grad_()  # what bf16 can hold exactly
+    v, c = kernel(u, W)
+    v_ref, c_ref = reference(u, W.bfloat16())  # the bf16 matmul rounds the votes alike
     assert v.dtype == torch.float32
     torch.testing.assert_close(v, v_ref, rtol=1e-5, atol=1e-6)
-    grad_v = torch.randn_like(v)
-    (grad,) = torch.autograd.grad(v, votes, grad_v)
-    (grad_ref,) = torch.autograd.grad(v_ref, exact, grad_v)
-    assert grad.dtype == torch.bfloat16
-    torch.testing.assert_close(grad.float(), grad_ref, rtol=0.01, atol=1e-3)
+    torch.testing.assert_close(c, c_ref, rtol=1e-5, atol=1e-6)
+    # Gradients: the kernel keeps grad u_hat in float32 where the torch code rounds it to bf16,
+    # so both sit within bf16 rounding of the float64 truth for the same bf16 inputs.
+    grad_v = torch.randn(v.shape, generator=torch.Generator().manual_seed(1))
+    exact = [x.detach().double().requires_grad_() for x in (u, W)]
+    truths = torch.autograd.grad(reference(*exact)[0], exact, grad_v.double())
+    dtypes = (torch.bfloat16, torch.float32)  # of grad u, and of grad W as of W
+    for grad, truth, dtype in zip(torch.autograd.grad(v, (u, W), grad_v), truths, dtypes):
+        assert grad.dtype == dtype
+        scale = truth.abs().max().item()
+        torch.testing.assert_close(grad.double(), truth, rtol=2**-7, atol=2**-8 * scale)
 
 
 def test_kernel_refuses_what_it_cannot_route():
+    u, W = random_inputs(5, 2, 3)
     with pytest.raises(ValueError, match="r >= 1"):
-        FusedRouting.apply(random_votes(5, 2, 3), 0, False, 3, EPS)
+        kernel(u, W, iterations=0)
     with pytest.raises(ValueError, match="1 to 16 outputs"):
-        FusedRouting.apply(random_votes(5, 2, 17), 3, False, 17, EPS)
+        kernel(*random_inputs(5, 2, 17))
+    with pytest.raises(ValueError, match="1 to 16 dimensions"):
+        kernel(*random_inputs(5, 2, 3, in_dim=17))
+    with pytest.raises(ValueError, match="W in the dtype it routes in"):
+        kernel(u, W.detach().float())
 
 
 def test_kernel_stays_finite_when_votes_are_huge():
-    votes = random_votes(40, 2, 10, dtype=torch.float32, scale=1e6)
-    v, c = kernel(votes)
+    u, W = random_inputs(40, 2, 10, dtype=torch.float32, scale=1e6)
+    v, c = kernel(u, W)
     v.sum().backward()
     assert torch.isfinite(v).all() and torch.isfinite(c).all()
-    assert torch.isfinite(votes.grad).all()
+    assert torch.isfinite(u.grad).all() and torch.isfinite(W.grad).all()
 
 
-def test_threads_split_the_batch_without_changing_a_bit():
-    votes = random_votes(100, 7, 10, dtype=torch.float32)
+def test_threads_split_batch_and_inputs_without_changing_a_bit():
+    u, W = random_inputs(100, 7, 10, dtype=torch.float32)
     results = []
     threads = torch.get_num_threads()
     try:
         for count in (1, 3):
             torch.set_num_threads(count)
-            v, c = kernel(votes)
-            (grad,) = torch.autograd.grad(v.square().sum(), votes)
-            results.append((v, c, grad))
+            v, c = kernel(u, W)
+            grads = torch.autograd.grad(v.square().sum(), (u, W))
+            results.append((v, c, *grads))
     finally:
         torch.set_num_threads(threads)
     for one, other in zip(*results):
         assert torch.equal(one, other)
 
 
+@pytest.mark.parametrize("dim", [1, 5, 8, 16])
+def test_fused_squash_matches_capsnet_squash_in_float64(dim):
+    generator = torch.Generator().manual_seed(dim)
+    # Small, ordinary and huge capsules: the last take squash's rescaled path (max |s| > 1).
+    scales = torch.tensor([1e-3, 0.3, 3.0, 1e12], dtype=torch.float64).repeat_interleave(6)
+    s = (scales[:, None] * torch.randn(24, dim, generator=generator, dtype=torch.float64))
+    s = s.view(2, 12, dim).requires_grad_()
+    u = fused_routing.FusedSquash.apply(s, EPS)
+    u_ref = squash(s)
+    torch.testing.assert_close(u, u_ref, rtol=0, atol=1e-14)
+    grad_u = torch.randn(u.shape, generator=generator, dtype=torch.float64)
+    (grad,) = torch.autograd.grad(u, s, grad_u)
+    (grad_ref,) = torch.autograd.grad(u_ref, s, grad_u)
+    torch.testing.assert_close(grad, grad_ref, rtol=1e-12, atol=1e-14)
+
+
+def test_fused_squash_passes_gradcheck():
+    s = torch.randn(3, 7, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: fused_routing.FusedSquash.apply(x, EPS), (s,))
+
+
+def test_fused_squash_takes_only_what_it_can():
+    assert fused_routing.squash_usable(torch.zeros(2, 3, 16))
+    assert not fused_routing.squash_usable(torch.zeros(2, 3, 17))
+    assert not fused_routing.squash_usable(torch.zeros(2, 3, 8, dtype=torch.bfloat16))
+    with fused_routing.kernel_enabled(False):
+        assert not fused_routing.squash_usable(torch.zeros(2, 3, 8))
+
+
+def test_primary_caps_on_the_kernel_match_the_torch_code():
+    torch.manual_seed(0)
+    layer = PrimaryCaps(CapsNetConfig())
+    x = torch.rand(3, 256, 20, 20)
+    outputs = []
+    for enabled in (True, False):
+        with fused_routing.kernel_enabled(enabled):
+            u = layer(x)
+        outputs.append((u, *torch.autograd.grad(u.square().sum(), layer.conv.weight)))
+    for ours, theirs in zip(*outputs):  # float32 sums over 3 x 400 positions, in other orders
+        scale = theirs.abs().max().item()
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6 * scale)
+
+
 def test_digit_caps_on_the_kernel_matches_the_torch_code():
     torch.manual_seed(0)
     layer = DigitCaps(CapsNetConfig())
     u = (0.1 * torch.randn(5, 1152, 8)).requires_grad_()
-    assert fused_routing.usable(layer.raw_votes(u), 10, 16)
+    assert fused_routing.usable(u, u.dtype, 10, 16)
     outputs = []
     for enabled in (True, False):
         with fused_routing.kernel_enabled(enabled):
@@ -148,14 +218,16 @@ def test_digit_caps_under_bf16_autocast_matches_the_torch_code():
             outputs.append(layer(u))
     (v, c), (v_ref, c_ref) = outputs
     assert v.dtype == torch.float32
-    torch.testing.assert_close(v, v_ref, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(c, c_ref, rtol=1e-4, atol=1e-7)
+    # The torch code rounds W to bf16 for its matmul; the kernel keeps W float32.
+    scale = v_ref.abs().max().item()
+    torch.testing.assert_close(v, v_ref, rtol=2**-7, atol=2**-7 * scale)
+    torch.testing.assert_close(c, c_ref, rtol=2**-7, atol=1e-6)
 
 
 def test_other_capsule_widths_route_with_the_torch_code():
     model = CapsNet(CapsNetConfig(digit_dim=8, conv1_channels=16, primary_channels=4))
     u = torch.randn(2, model.config.num_primary_caps, 8)
-    assert not fused_routing.usable(model.digit_caps.raw_votes(u), 10, 8)
+    assert not fused_routing.usable(u, u.dtype, 10, 8)
     lengths, reconstructions, v = model(torch.rand(2, 1, 28, 28))
     assert v.shape == (2, 10, 8) and torch.isfinite(lengths).all()
 
