@@ -174,10 +174,7 @@ class PrimaryCaps(nn.Module):
         out = out.permute(0, 1, 3, 4, 2)  # (B, 32, 6, 6, 8)
         # Squashed in float32, also under autocast: bf16 elementwise passes over the 1152
         # capsules cost more than the cast, and Eq. 1's norms keep their precision.
-        capsules = out.reshape(batch, -1, self.dim).float()  # (B, 1152, 8)
-        if fused_routing and fused_routing.squash_usable(capsules):  # one pass on a CPU
-            return fused_routing.FusedSquash.apply(capsules, EPS)
-        return squash(capsules)
+        return squash(out.reshape(batch, -1, self.dim).float())  # (B, 1152, 8)
 
 
 def votes_dtype(u: torch.Tensor, W: torch.Tensor) -> torch.dtype:

@@ -5,9 +5,8 @@ CapsNet's torch code spends a CPU step moving the votes u_hat (737 KB an image a
 36x36) through memory: a matmul with 8-long sums writes them, a layout copy, 2r - 1 batched
 products each way, and the matmul's backward reads grad u_hat back. The kernel makes each
 example's votes itself, routes it with its votes in cache, and in backward turns grad u_hat
-into grad u and grad W without writing it. It also squashes the primary capsules in one pass
-each way (FusedSquash), where CapsNet.squash makes eight. Its threads are torch's own OpenMP
-threads. results/README.md § "The CPU routing kernel" has the timings.
+into grad u and grad W without writing it. Its threads are torch's own OpenMP threads.
+results/README.md § "The CPU routing kernel" has the timings.
 
 It is built with the system's C++ compiler (GCC: it uses GCC's vector extensions) for the CPU
 it runs on, into ~/.cache/capsnet or $CAPSNET_CACHE, under a name that hashes the source, the
@@ -230,53 +229,3 @@ class FusedRouting(torch.autograd.Function):
             *map(address, (saved_c, scratch, grad_s, v, grad_u, grad_W)),
         )
         return grad_u, grad_W, None, None, None
-
-
-def squash_usable(s: torch.Tensor) -> bool:
-    """Whether the kernel can squash these capsules: float32 or float64 on the CPU, K <= 16."""
-    return (
-        is_enabled()
-        and s.device.type == "cpu"
-        and s.dtype in (torch.float32, torch.float64)
-        and s.shape[-1] <= LANES
-        and library() is not None
-    )
-
-
-class FusedSquash(torch.autograd.Function):
-    """CapsNet.squash over the last dimension (at most 16), in one pass each way."""
-
-    @staticmethod
-    def forward(ctx, s, eps: float):
-        s = s.contiguous()
-        u = torch.empty_like(s)
-        dim = s.shape[-1]
-        getattr(library(), "squash_" + SUFFIXES[s.dtype])(
-            address(s),
-            ctypes.c_int64(s.numel() // dim),
-            ctypes.c_int64(dim),
-            threads(),
-            ctypes.c_double(eps),
-            address(u),
-        )
-        ctx.save_for_backward(s)
-        ctx.eps = eps
-        return u
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_u):
-        (s,) = ctx.saved_tensors
-        grad_u = grad_u.to(s.dtype).contiguous()
-        grad_s = torch.empty_like(s)
-        dim = s.shape[-1]
-        getattr(library(), "squash_backward_" + SUFFIXES[s.dtype])(
-            address(s),
-            address(grad_u),
-            ctypes.c_int64(s.numel() // dim),
-            ctypes.c_int64(dim),
-            threads(),
-            ctypes.c_double(ctx.eps),
-            address(grad_s),
-        )
-        return grad_s, None

@@ -94,14 +94,6 @@ void store_first(Vec<Acc> x, In* p, int64_t count) {
   std::memcpy(p, lanes, count * sizeof(In));
 }
 
-// `count` values from p into the first lanes, zeros in the rest.
-template <typename Acc>
-Vec<Acc> load_first(const Acc* p, int64_t count) {
-  Acc lanes[kLanes] = {};
-  std::memcpy(lanes, p, count * sizeof(Acc));
-  return load(lanes);
-}
-
 // Rotation by `step` lanes, and reductions in four rotations instead of fifteen steps in a row.
 template <typename Acc, int step>
 Vec<Acc> rotate(Vec<Acc> x) {
@@ -470,23 +462,6 @@ void votes_backward_range(const In* u, const Acc* W, const int64_t* dims, int64_
   body(u, W, n, begin, end, first, saved_c, scratch, grad_s, v, grad_u, grad_W);
 }
 
-// Eq. 1 for capsules [begin, end) of K <= 16 dimensions, (n, K) -> (n, K), in one pass where
-// CapsNet.squash makes eight; zero lanes pad a capsule to 16 and change none of its sums.
-template <typename Acc>
-void squash_range(const Acc* s, int64_t K, int64_t begin, int64_t end, Acc eps, Acc* u) {
-  for (int64_t i = begin; i < end; ++i)
-    store_first<Acc, Acc>(squash(load_first(s + i * K, K), eps), u + i * K, K);
-}
-
-template <typename Acc>
-void squash_backward_range(const Acc* s, const Acc* grad_u, int64_t K, int64_t begin,
-                           int64_t end, Acc eps, Acc* grad_s) {
-  for (int64_t i = begin; i < end; ++i) {
-    const Vec<Acc> s_i = load_first(s + i * K, K), grad_u_i = load_first(grad_u + i * K, K);
-    store_first<Acc, Acc>(squash_backward(s_i, grad_u_i, eps), grad_s + i * K, K);
-  }
-}
-
 // body(begin, end) over [0, count) in contiguous ranges, one per thread, on the OpenMP threads
 // torch computes with (the same runtime where torch brings libgomp.so.1, as its Linux wheels
 // do): they are awake from torch's last operation, where threads of our own would wait for
@@ -535,24 +510,6 @@ void in_parallel(int64_t count, int64_t threads, const Body& body) {
     });                                                                                       \
   }
 
-// Squash: s and u (n, K), float32 or float64.
-#define SQUASH_ENTRY_POINTS(suffix, Acc)                                                        \
-  extern "C" void squash_##suffix(const Acc* s, int64_t count, int64_t K, int64_t threads,    \
-                                  double eps, Acc* u) {                                       \
-    in_parallel(count, threads, [&](int64_t begin, int64_t end) {                             \
-      squash_range<Acc>(s, K, begin, end, Acc(eps), u);                                       \
-    });                                                                                       \
-  }                                                                                           \
-  extern "C" void squash_backward_##suffix(const Acc* s, const Acc* grad_u, int64_t count,    \
-                                           int64_t K, int64_t threads, double eps,            \
-                                           Acc* grad_s) {                                     \
-    in_parallel(count, threads, [&](int64_t begin, int64_t end) {                             \
-      squash_backward_range<Acc>(s, grad_u, K, begin, end, Acc(eps), grad_s);                 \
-    });                                                                                       \
-  }
-
 ROUTING_ENTRY_POINTS(float32, float, float)
 ROUTING_ENTRY_POINTS(bfloat16, uint16_t, float)
 ROUTING_ENTRY_POINTS(float64, double, double)
-SQUASH_ENTRY_POINTS(float32, float)
-SQUASH_ENTRY_POINTS(float64, double)
