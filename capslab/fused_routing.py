@@ -185,7 +185,6 @@ class FusedRouting(torch.autograd.Function):
         dtype = W.dtype
         slot = -(-num_in // LANES) * num_out * LANES  # per-input values in blocks of 16 inputs
         dims = torch.tensor([num_in, batch, num_out, iterations, in_dim], dtype=torch.int64)
-        votes = torch.empty(batch, num_in, width, dtype=u.dtype)
         v = torch.empty(batch, num_out, LANES, dtype=dtype)
         c = torch.empty(batch, num_out, num_in, dtype=dtype)
         saved_s = torch.empty(batch, iterations, LANES, LANES, dtype=dtype)
@@ -195,9 +194,9 @@ class FusedRouting(torch.autograd.Function):
             *map(address, (u, W, dims)),
             threads(),
             ctypes.c_double(eps),
-            *map(address, (votes, v, c, saved_s, saved_c, logits)),
+            *map(address, (v, c, saved_s, saved_c, logits)),
         )
-        ctx.save_for_backward(u, W, votes, dims, saved_s, saved_c)
+        ctx.save_for_backward(u, W, dims, saved_s, saved_c)  # backward makes the votes again
         ctx.detach_early, ctx.eps = detach_early, eps
         ctx.mark_non_differentiable(c)
         return v, c
@@ -205,7 +204,7 @@ class FusedRouting(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_v, grad_c):
-        u, W, votes, dims, saved_s, saved_c = ctx.saved_tensors
+        u, W, dims, saved_s, saved_c = ctx.saved_tensors
         batch = u.shape[0]
         iterations = saved_s.shape[1]
         grad_v = grad_v.to(saved_s.dtype).contiguous()
@@ -214,7 +213,7 @@ class FusedRouting(torch.autograd.Function):
         v = torch.empty_like(grad_s)  # v_t, each iteration's output
         suffix = SUFFIXES[u.dtype]
         getattr(library(), "backward_" + suffix)(  # through routing, example by example
-            *map(address, (votes, dims)),
+            *map(address, (u, W, dims)),
             threads(),
             ctypes.c_int64(ctx.detach_early),
             ctypes.c_double(ctx.eps),

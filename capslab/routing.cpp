@@ -3,12 +3,13 @@
 // CapsNet's raw_votes and DynamicRouting, to float rounding.
 //
 // Forward computes the votes input by input for a few examples at a time, so each W_i is read
-// once per group rather than once per example, into (B, I, J, 16): each example's votes lie
-// together (737 KB at 28x28 in float32) and stay in cache while it routes. It then reads them r
-// times in all (the logit update, the softmax and the next weighted sum share one pass), and
-// backward r times more. Backward never writes grad u_hat: a second pass, input by input over
-// the whole batch, forms it from what routing saved and turns it straight into grad u and
-// grad W, the products torch's matmul backward would otherwise make from it in memory.
+// once per group rather than once per example, into a buffer where each example's votes lie
+// together (368 KB at 28x28 in bf16) and stay in cache while it routes. It then reads them r
+// times in all (the logit update, the softmax and the next weighted sum share one pass).
+// Backward makes the votes again the same way and reads them r times more. It never writes
+// grad u_hat: a second pass, input by input over the whole batch, forms it from what routing
+// saved and turns it straight into grad u and grad W, the products torch's matmul backward
+// would otherwise make from it in memory.
 // Capsules are 16 wide: one 16-lane vector, and at most 16 outputs J and 16 input dimensions.
 // W and its gradient are float32 (float64 for float64 capsules), as the parameter is; bf16
 // capsules u are widened, and the votes rounded to bf16 as a bf16 matmul would round them.
@@ -238,8 +239,8 @@ Vec<Acc> block_weighted_sum(const In* block, int64_t n, int64_t stride, int64_t 
   return total;
 }
 
-// Eq. 2 for examples [begin, end): votes (B, I, J*16) = W_ij u_bi, with u (B, I, K) and W
-// (I, K, J*16). Input by input, so that W_i is loaded once for all of these examples. kJ and
+// Eq. 2 for examples [begin, end): votes (end - begin, I, J*16) = W_ij u_bi, with u (B, I, K)
+// and W (I, K, J*16). Input by input, so that W_i is loaded once for all of these examples. kJ and
 // kK, when not 0, are J and K known at compile time: the sums over k then run side by side
 // for every j, in registers, rather than one after another.
 template <typename In, typename Acc, int kJ, int kK>
@@ -258,7 +259,7 @@ void compute_votes(const In* u, const Acc* W, Shape n, int64_t begin, int64_t en
         const Acc u_bik = widen(u_bi[k]);
         for (int j = 0; j < J; ++j) total[j] += u_bik * weights[k * J + j];
       }
-      In* out = votes + (b * I + i) * width;
+      In* out = votes + ((b - begin) * I + i) * width;
       for (int j = 0; j < J; ++j) store(total[j], out + j * kLanes);
     }
   }
@@ -371,36 +372,44 @@ void backward_one(const In* votes, Shape n, bool detach_early, Acc eps, const Ac
   }
 }
 
-// Examples [begin, end) of the batch, a group at a time: the group's votes, then each example
-// routed while its votes are still in cache. The caller splits a batch among threads.
+constexpr int64_t kGroup = 4;  // examples whose votes are made together
+
+// Examples [begin, end) of the batch, a group at a time: the group's votes into a buffer of the
+// calling thread's (4 MB at 36x36 in bf16), then each example routed while its votes are in
+// cache. The votes are never kept: backward makes them again, which costs less than writing
+// and reading back a batch's votes (65 MB at 36x36), fresh pages from the OS at every step.
 template <typename In, typename Acc>
 void forward_range(const In* u, const Acc* W, const int64_t* dims, int64_t begin, int64_t end,
-                   double eps, In* votes, Acc* v, Acc* c, Acc* saved_s, Acc* saved_c,
-                   Acc* logits) {
-  constexpr int64_t kGroup = 4;  // examples whose votes are made together
+                   double eps, Acc* v, Acc* c, Acc* saved_s, Acc* saved_c, Acc* logits) {
   const Shape n{dims[0], dims[1], dims[2], dims[3], dims[4]};
-  const int64_t I = n.inputs, J = n.outputs, r = n.iterations;
+  const int64_t I = n.inputs, J = n.outputs, r = n.iterations, size = I * n.width();
+  std::vector<In> votes(kGroup * size);
   for (int64_t first = begin; first < end; first += kGroup) {
     const int64_t last = first + kGroup < end ? first + kGroup : end;
-    compute_votes_any<In, Acc>(u, W, n, first, last, votes);
+    compute_votes_any<In, Acc>(u, W, n, first, last, votes.data());
     for (int64_t b = first; b < last; ++b)
-      forward_one<In, Acc>(votes + b * I * n.width(), n, Acc(eps), v + b * J * kLanes,
+      forward_one<In, Acc>(votes.data() + (b - first) * size, n, Acc(eps), v + b * J * kLanes,
                            c + b * J * I, saved_s + b * r * kLanes * kLanes,
                            saved_c + b * r * n.slot(), logits + b * n.slot());
   }
 }
 
 template <typename In, typename Acc>
-void backward_range(const In* votes, const int64_t* dims, int64_t begin, int64_t end,
+void backward_range(const In* u, const Acc* W, const int64_t* dims, int64_t begin, int64_t end,
                     int64_t detach_early, double eps, const Acc* saved_s, const Acc* saved_c,
                     const Acc* grad_v, Acc* scratch, Acc* grad_s, Acc* v) {
   const Shape n{dims[0], dims[1], dims[2], dims[3], dims[4]};
-  const int64_t I = n.inputs, J = n.outputs, r = n.iterations;
-  for (int64_t b = begin; b < end; ++b)
-    backward_one<In, Acc>(votes + b * I * n.width(), n, detach_early != 0, Acc(eps),
-                          saved_s + b * r * kLanes * kLanes, saved_c + b * r * n.slot(),
-                          grad_v + b * J * kLanes, scratch + b * r * n.slot(),
-                          grad_s + b * r * J * kLanes, v + b * r * J * kLanes);
+  const int64_t I = n.inputs, J = n.outputs, r = n.iterations, size = I * n.width();
+  std::vector<In> votes(kGroup * size);
+  for (int64_t first = begin; first < end; first += kGroup) {
+    const int64_t last = first + kGroup < end ? first + kGroup : end;
+    compute_votes_any<In, Acc>(u, W, n, first, last, votes.data());
+    for (int64_t b = first; b < last; ++b)
+      backward_one<In, Acc>(votes.data() + (b - first) * size, n, detach_early != 0, Acc(eps),
+                            saved_s + b * r * kLanes * kLanes, saved_c + b * r * n.slot(),
+                            grad_v + b * J * kLanes, scratch + b * r * n.slot(),
+                            grad_s + b * r * J * kLanes, v + b * r * J * kLanes);
+  }
 }
 
 // Inputs [begin, end), each over the whole batch: grad u_hat_bij = sum_t c_t,bij grad s_t,bj +
@@ -478,25 +487,24 @@ void in_parallel(int64_t count, int64_t threads, const Body& body) {
 }  // namespace
 
 // The C entry points capslab/fused_routing.py calls, one set per input dtype. dims: I, B, J, r,
-// K. u (B, I, K), W (I, K, J*16), votes (B, I, J*16). Per example: v (J, 16), c (J, I), saved_s
+// K. u (B, I, K), W (I, K, J*16). Per example: v (J, 16), c (J, I), saved_s
 // (r, 16, 16), grad_s and v_t (r, J, 16), and saved_c, logits and scratch in slots of
 // (I/16, J, 16) (see Shape). Forward and backward split the batch among `threads` threads,
 // votes_backward the inputs.
 #define ROUTING_ENTRY_POINTS(suffix, In, Acc)                                                   \
-  extern "C" void forward_##suffix(const In* u, const Acc* W, const int64_t* dims,             \
-                                   int64_t threads, double eps, In* votes, Acc* v, Acc* c,    \
-                                   Acc* saved_s, Acc* saved_c, Acc* logits) {                 \
+  extern "C" void forward_##suffix(const In* u, const Acc* W, const int64_t* dims,            \
+                                   int64_t threads, double eps, Acc* v, Acc* c, Acc* saved_s, \
+                                   Acc* saved_c, Acc* logits) {                               \
     in_parallel(dims[1], threads, [&](int64_t begin, int64_t end) {                           \
-      forward_range<In, Acc>(u, W, dims, begin, end, eps, votes, v, c, saved_s, saved_c,      \
-                             logits);                                                         \
+      forward_range<In, Acc>(u, W, dims, begin, end, eps, v, c, saved_s, saved_c, logits);    \
     });                                                                                       \
   }                                                                                           \
-  extern "C" void backward_##suffix(const In* votes, const int64_t* dims, int64_t threads,    \
-                                    int64_t detach_early, double eps, const Acc* saved_s,     \
-                                    const Acc* saved_c, const Acc* grad_v, Acc* scratch,      \
-                                    Acc* grad_s, Acc* v) {                                    \
+  extern "C" void backward_##suffix(const In* u, const Acc* W, const int64_t* dims,           \
+                                    int64_t threads, int64_t detach_early, double eps,        \
+                                    const Acc* saved_s, const Acc* saved_c, const Acc* grad_v, \
+                                    Acc* scratch, Acc* grad_s, Acc* v) {                      \
     in_parallel(dims[1], threads, [&](int64_t begin, int64_t end) {                           \
-      backward_range<In, Acc>(votes, dims, begin, end, detach_early, eps, saved_s, saved_c,   \
+      backward_range<In, Acc>(u, W, dims, begin, end, detach_early, eps, saved_s, saved_c,    \
                               grad_v, scratch, grad_s, v);                                    \
     });                                                                                       \
   }                                                                                           \
