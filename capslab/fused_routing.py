@@ -6,7 +6,7 @@ CapsNet's torch code spends a CPU step moving the votes u_hat (737 KB an image a
 products each way, and the matmul's backward reads grad u_hat back. The kernel makes each
 example's votes itself, routes it with its votes in cache, and in backward turns grad u_hat
 into grad u and grad W without writing it. Its threads are torch's own OpenMP threads.
-results/README.md § "The CPU routing kernel" has the timings.
+results/README.md §§ "The CPU routing kernel" and "Votes inside the kernel" have the timings.
 
 It is built with the system's C++ compiler (GCC: it uses GCC's vector extensions) for the CPU
 it runs on, into ~/.cache/capsnet or $CAPSNET_CACHE, under a name that hashes the source, the
@@ -65,7 +65,7 @@ def usable(u: torch.Tensor, dtype: torch.dtype, num_out: int, dim: int) -> bool:
         and dtype in SUFFIXES
         and dim == LANES
         and num_out <= LANES
-        and u.shape[-1] <= LANES
+        and 1 <= u.shape[-1] <= LANES
         and library() is not None
     )
 
@@ -147,6 +147,36 @@ def threads() -> ctypes.c_int64:
     return ctypes.c_int64(torch.get_num_threads())
 
 
+def check_routable(u: torch.Tensor, W: torch.Tensor, iterations: int) -> None:
+    """A ValueError naming the first thing the kernel cannot take in u (B, I, K) and W."""
+    batch, num_in, in_dim = u.shape
+    width = W.shape[-1]
+    problems = (
+        (iterations < 1, f"the routing kernel takes r >= 1, got r = {iterations}"),
+        (
+            width % LANES != 0 or not 1 <= width // LANES <= LANES,
+            f"the routing kernel takes 1 to {LANES} outputs of {LANES} dimensions, got W "
+            f"{tuple(W.shape)}",
+        ),
+        (
+            not 1 <= in_dim <= LANES,
+            f"the routing kernel takes inputs of 1 to {LANES} dimensions, got u {tuple(u.shape)}",
+        ),
+        (
+            W.shape != (num_in, in_dim, width),
+            f"W {tuple(W.shape)} does not match u {tuple(u.shape)}: it must be (I, K, J*16)",
+        ),
+        (
+            W.dtype != routing_dtype(u.dtype),
+            f"W must be in the dtype the kernel routes {u.dtype} capsules in, "
+            f"{routing_dtype(u.dtype)}, got {W.dtype}",
+        ),
+    )
+    for failed, message in problems:
+        if failed:
+            raise ValueError(message)
+
+
 def routing_dtype(dtype: torch.dtype) -> torch.dtype:
     """What the kernel routes (and keeps W) in for capsules u of `dtype`: float32 or float64."""
     return torch.promote_types(dtype, torch.float32)
@@ -164,22 +194,9 @@ class FusedRouting(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, W, iterations: int, detach_early: bool, eps: float):
         global kernel_calls
+        check_routable(u, W, iterations)
         batch, num_in, in_dim = u.shape
-        width = W.shape[-1]
-        num_out = width // LANES
-        if (
-            iterations < 1
-            or not 1 <= num_out <= LANES
-            or width != num_out * LANES
-            or not 1 <= in_dim <= LANES
-            or W.shape != (num_in, in_dim, width)
-            or W.dtype != routing_dtype(u.dtype)
-        ):
-            raise ValueError(
-                f"the routing kernel takes r >= 1, inputs of 1 to {LANES} dimensions and 1 to "
-                f"{LANES} outputs of {LANES}, W in the dtype it routes in; got r = {iterations}, "
-                f"u {tuple(u.shape)} {u.dtype}, W {tuple(W.shape)} {W.dtype}"
-            )
+        num_out = W.shape[-1] // LANES
         kernel_calls += 1
         u, W = u.contiguous(), W.contiguous()
         dtype = W.dtype

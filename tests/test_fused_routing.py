@@ -119,9 +119,11 @@ def test_kernel_refuses_what_it_cannot_route():
         kernel(u, W, iterations=0)
     with pytest.raises(ValueError, match="1 to 16 outputs"):
         kernel(*random_inputs(5, 2, 17))
-    with pytest.raises(ValueError, match="1 to 16 dimensions"):
+    with pytest.raises(ValueError, match="inputs of 1 to 16 dimensions"):
         kernel(*random_inputs(5, 2, 3, in_dim=17))
-    with pytest.raises(ValueError, match="W in the dtype it routes in"):
+    with pytest.raises(ValueError, match="does not match u"):
+        kernel(u, W[:4])
+    with pytest.raises(ValueError, match="W must be in the dtype"):
         kernel(u, W.detach().float())
 
 
@@ -131,6 +133,18 @@ def test_kernel_stays_finite_when_votes_are_huge():
     v.sum().backward()
     assert torch.isfinite(v).all() and torch.isfinite(c).all()
     assert torch.isfinite(u.grad).all() and torch.isfinite(W.grad).all()
+
+
+def test_one_thread_routes_several_groups_of_examples_right():
+    # One thread takes all 9 examples: two full groups of 4 and a partial one.
+    u, W = random_inputs(37, 9, 10, seed=3)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        ours = kernel(u, W)
+        assert_same_routing(((u, W), ours), reference(u, W), atol=1e-13)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_threads_split_batch_and_inputs_without_changing_a_bit():
@@ -153,13 +167,14 @@ def test_digit_caps_on_the_kernel_matches_the_torch_code():
     torch.manual_seed(0)
     layer = DigitCaps(CapsNetConfig())
     u = (0.1 * torch.randn(5, 1152, 8)).requires_grad_()
-    assert fused_routing.usable(u, u.dtype, 10, 16)
+    calls = fused_routing.kernel_calls
     outputs = []
     for enabled in (True, False):
         with fused_routing.kernel_enabled(enabled):
             v, c = layer(u)
         grads = torch.autograd.grad(v.square().sum(), (u, layer.W))
         outputs.append((v, c, *grads))
+    assert fused_routing.kernel_calls == calls + 1  # the first arm, and only it, took the kernel
     assert fused_routing.is_enabled()
     for ours, theirs in zip(*outputs):
         torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6)
@@ -168,23 +183,27 @@ def test_digit_caps_on_the_kernel_matches_the_torch_code():
 def test_digit_caps_under_bf16_autocast_matches_the_torch_code():
     torch.manual_seed(0)
     layer = DigitCaps(CapsNetConfig())
-    u = 0.1 * torch.randn(3, 1152, 8)
+    u = (0.1 * torch.randn(3, 1152, 8)).requires_grad_()
+    calls = fused_routing.kernel_calls
     outputs = []
     for enabled in (True, False):
         with fused_routing.kernel_enabled(enabled), torch.autocast("cpu", dtype=torch.bfloat16):
-            outputs.append(layer(u))
-    (v, c), (v_ref, c_ref) = outputs
-    assert v.dtype == torch.float32
-    # The torch code rounds W to bf16 for its matmul; the kernel keeps W float32.
-    scale = v_ref.abs().max().item()
-    torch.testing.assert_close(v, v_ref, rtol=2**-7, atol=2**-7 * scale)
-    torch.testing.assert_close(c, c_ref, rtol=2**-7, atol=1e-6)
+            v, c = layer(u)
+        grads = torch.autograd.grad(v.square().sum(), (u, layer.W))
+        outputs.append((v, c, *grads))
+    assert fused_routing.kernel_calls == calls + 1
+    assert outputs[0][0].dtype == torch.float32
+    # The torch code rounds W (and grad u_hat) to bf16; the kernel keeps both float32.
+    for ours, theirs in zip(*outputs):
+        scale = theirs.abs().max().item()
+        torch.testing.assert_close(ours, theirs, rtol=2**-6, atol=2**-7 * scale)
 
 
 def test_other_capsule_widths_route_with_the_torch_code():
     model = CapsNet(CapsNetConfig(digit_dim=8, conv1_channels=16, primary_channels=4))
     u = torch.randn(2, model.config.num_primary_caps, 8)
     assert not fused_routing.usable(u, u.dtype, 10, 8)
+    assert not fused_routing.usable(u[..., :0], u.dtype, 10, 16)  # 0-D inputs
     lengths, reconstructions, v = model(torch.rand(2, 1, 28, 28))
     assert v.shape == (2, 10, 8) and torch.isfinite(lengths).all()
 
