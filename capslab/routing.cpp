@@ -375,23 +375,32 @@ void backward_one(const In* votes, Shape n, bool detach_early, Acc eps, const Ac
 constexpr int64_t kGroup = 4;  // examples whose votes are made together
 
 // Examples [begin, end) of the batch, a group at a time: the group's votes into a buffer of the
-// calling thread's (4 MB at 36x36 in bf16), then each example routed while its votes are in
-// cache. The votes are never kept: backward makes them again, which costs less than writing
-// and reading back a batch's votes (65 MB at 36x36), fresh pages from the OS at every step.
-template <typename In, typename Acc>
-void forward_range(const In* u, const Acc* W, const int64_t* dims, int64_t begin, int64_t end,
-                   double eps, Acc* v, Acc* c, Acc* saved_s, Acc* saved_c, Acc* logits) {
-  const Shape n{dims[0], dims[1], dims[2], dims[3], dims[4]};
-  const int64_t I = n.inputs, J = n.outputs, r = n.iterations, size = I * n.width();
+// calling thread's (4 MB at 36x36 in bf16), then route(b, votes of b) for each example while
+// its votes are in cache. The votes are never kept: backward makes them again, which costs less
+// than writing and reading back a batch's votes (65 MB at 36x36), fresh pages from the OS at
+// every step.
+template <typename In, typename Acc, typename Route>
+void route_in_groups(const In* u, const Acc* W, Shape n, int64_t begin, int64_t end,
+                     const Route& route) {
+  const int64_t size = n.inputs * n.width();
   std::vector<In> votes(kGroup * size);
   for (int64_t first = begin; first < end; first += kGroup) {
     const int64_t last = first + kGroup < end ? first + kGroup : end;
     compute_votes_any<In, Acc>(u, W, n, first, last, votes.data());
-    for (int64_t b = first; b < last; ++b)
-      forward_one<In, Acc>(votes.data() + (b - first) * size, n, Acc(eps), v + b * J * kLanes,
-                           c + b * J * I, saved_s + b * r * kLanes * kLanes,
-                           saved_c + b * r * n.slot(), logits + b * n.slot());
+    for (int64_t b = first; b < last; ++b) route(b, votes.data() + (b - first) * size);
   }
+}
+
+template <typename In, typename Acc>
+void forward_range(const In* u, const Acc* W, const int64_t* dims, int64_t begin, int64_t end,
+                   double eps, Acc* v, Acc* c, Acc* saved_s, Acc* saved_c, Acc* logits) {
+  const Shape n{dims[0], dims[1], dims[2], dims[3], dims[4]};
+  const int64_t I = n.inputs, J = n.outputs, r = n.iterations;
+  route_in_groups<In, Acc>(u, W, n, begin, end, [&](int64_t b, const In* votes) {
+    forward_one<In, Acc>(votes, n, Acc(eps), v + b * J * kLanes, c + b * J * I,
+                         saved_s + b * r * kLanes * kLanes, saved_c + b * r * n.slot(),
+                         logits + b * n.slot());
+  });
 }
 
 template <typename In, typename Acc>
@@ -399,17 +408,13 @@ void backward_range(const In* u, const Acc* W, const int64_t* dims, int64_t begi
                     int64_t detach_early, double eps, const Acc* saved_s, const Acc* saved_c,
                     const Acc* grad_v, Acc* scratch, Acc* grad_s, Acc* v) {
   const Shape n{dims[0], dims[1], dims[2], dims[3], dims[4]};
-  const int64_t I = n.inputs, J = n.outputs, r = n.iterations, size = I * n.width();
-  std::vector<In> votes(kGroup * size);
-  for (int64_t first = begin; first < end; first += kGroup) {
-    const int64_t last = first + kGroup < end ? first + kGroup : end;
-    compute_votes_any<In, Acc>(u, W, n, first, last, votes.data());
-    for (int64_t b = first; b < last; ++b)
-      backward_one<In, Acc>(votes.data() + (b - first) * size, n, detach_early != 0, Acc(eps),
-                            saved_s + b * r * kLanes * kLanes, saved_c + b * r * n.slot(),
-                            grad_v + b * J * kLanes, scratch + b * r * n.slot(),
-                            grad_s + b * r * J * kLanes, v + b * r * J * kLanes);
-  }
+  const int64_t J = n.outputs, r = n.iterations;
+  route_in_groups<In, Acc>(u, W, n, begin, end, [&](int64_t b, const In* votes) {
+    backward_one<In, Acc>(votes, n, detach_early != 0, Acc(eps),
+                          saved_s + b * r * kLanes * kLanes, saved_c + b * r * n.slot(),
+                          grad_v + b * J * kLanes, scratch + b * r * n.slot(),
+                          grad_s + b * r * J * kLanes, v + b * r * J * kLanes);
+  });
 }
 
 // Inputs [begin, end), each over the whole batch: grad u_hat_bij = sum_t c_t,bij grad s_t,bj +
