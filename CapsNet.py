@@ -232,7 +232,7 @@ class DigitCaps(nn.Module):
             # On a CPU, the compiled kernel makes the votes and routes them: the same values,
             # to float rounding, without the votes' trips through memory.
             with torch.autocast(device_type="cpu", enabled=False):
-                W = self.W.to(fused_routing.routing_dtype(dtype))  # float32 W even for bf16 u
+                W = self.W.to(fused_routing.routing_dtype(dtype))  # float32: grad W stays float32
                 args = (iterations, self.detach_early, EPS)
                 return fused_routing.FusedRouting.apply(u.to(dtype), W, *args)
         raw = self.raw_votes(u)  # (I, B, J*16)

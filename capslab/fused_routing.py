@@ -189,7 +189,8 @@ def address(tensor: torch.Tensor) -> ctypes.c_void_p:
 class FusedRouting(torch.autograd.Function):
     """Eq. 2 and Procedure 1: u (B, I, K) and W (I, K, J*16) -> v_j (B, J, 16) and c_ij
     (B, J, I), as CapsNet's DigitCaps computes them with torch. u is float32, bf16 or float64;
-    W, v and c are float32, or float64 for float64 u. Gradients for u and W in their dtype."""
+    W, v and c are float32, or float64 for float64 u; the votes use W rounded to u's dtype, as
+    a bf16 matmul would. Gradients for u and W in their dtype."""
 
     @staticmethod
     def forward(ctx, u, W, iterations: int, detach_early: bool, eps: float):
@@ -198,8 +199,11 @@ class FusedRouting(torch.autograd.Function):
         batch, num_in, in_dim = u.shape
         num_out = W.shape[-1] // LANES
         kernel_calls += 1
-        u, W = u.contiguous(), W.contiguous()
+        u = u.contiguous()
         dtype = W.dtype
+        # The votes are made from W in u's dtype, as autocast's bf16 matmul makes them; W's
+        # gradient stays in W's own dtype.
+        W_votes = W.to(u.dtype).contiguous()
         slot = -(-num_in // LANES) * num_out * LANES  # per-input values in blocks of 16 inputs
         dims = torch.tensor([num_in, batch, num_out, iterations, in_dim], dtype=torch.int64)
         v = torch.empty(batch, num_out, LANES, dtype=dtype)
@@ -208,12 +212,13 @@ class FusedRouting(torch.autograd.Function):
         saved_c = torch.empty(batch, iterations, slot, dtype=dtype)
         logits = torch.empty(batch, slot, dtype=dtype)
         getattr(library(), "forward_" + SUFFIXES[u.dtype])(
-            *map(address, (u, W, dims)),
+            *map(address, (u, W_votes, dims)),
             threads(),
             ctypes.c_double(eps),
             *map(address, (v, c, saved_s, saved_c, logits)),
         )
-        ctx.save_for_backward(u, W, dims, saved_s, saved_c)  # backward makes the votes again
+        ctx.save_for_backward(u, W_votes, dims, saved_s, saved_c)  # backward makes the votes again
+        ctx.W_dtype = dtype
         ctx.detach_early, ctx.eps = detach_early, eps
         ctx.mark_non_differentiable(c)
         return v, c
@@ -221,7 +226,7 @@ class FusedRouting(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_v, grad_c):
-        u, W, dims, saved_s, saved_c = ctx.saved_tensors
+        u, W_votes, dims, saved_s, saved_c = ctx.saved_tensors
         batch = u.shape[0]
         iterations = saved_s.shape[1]
         grad_v = grad_v.to(saved_s.dtype).contiguous()
@@ -230,16 +235,17 @@ class FusedRouting(torch.autograd.Function):
         v = torch.empty_like(grad_s)  # v_t, each iteration's output
         suffix = SUFFIXES[u.dtype]
         getattr(library(), "backward_" + suffix)(  # through routing, example by example
-            *map(address, (u, W, dims)),
+            *map(address, (u, W_votes, dims)),
             threads(),
             ctypes.c_int64(ctx.detach_early),
             ctypes.c_double(ctx.eps),
             *map(address, (saved_s, saved_c, grad_v, scratch, grad_s, v)),
         )
-        grad_u, grad_W = torch.empty_like(u), torch.empty_like(W)
+        grad_u = torch.empty_like(u)
+        grad_W = torch.empty(W_votes.shape, dtype=ctx.W_dtype)
         first = iterations - 1 if ctx.detach_early else 0  # the earliest t the gradient reaches
         getattr(library(), "votes_backward_" + suffix)(  # into u and W, input by input
-            *map(address, (u, W, dims)),
+            *map(address, (u, W_votes, dims)),
             threads(),
             ctypes.c_int64(first),
             *map(address, (saved_c, scratch, grad_s, v, grad_u, grad_W)),

@@ -11,9 +11,11 @@
 // saved and turns it straight into grad u and grad W, the products torch's matmul backward
 // would otherwise make from it in memory.
 // Capsules are 16 wide: one 16-lane vector, and at most 16 outputs J and 16 input dimensions.
-// W and its gradient are float32 (float64 for float64 capsules), as the parameter is; bf16
-// capsules u are widened, and the votes rounded to bf16 as a bf16 matmul would round them.
-// All arithmetic is float32 (float64 for float64 capsules). GCC vector extensions:
+// W comes in the capsules' dtype, as autocast's bf16 matmul takes it: a bf16 W halves the
+// bytes every group of examples reads, the votes' largest memory stream at 36x36. Its
+// gradient is float32 (float64 for float64 capsules), as the parameter is. bf16 values are
+// widened, and the votes rounded to bf16 as a bf16 matmul would round them. All arithmetic
+// is float32 (float64 for float64 capsules). GCC vector extensions:
 // the compiler picks the instructions (AVX-512, AVX2 or SSE) for the CPU it builds on.
 #include <cmath>
 #include <cstdint>
@@ -244,7 +246,7 @@ Vec<Acc> block_weighted_sum(const In* block, int64_t n, int64_t stride, int64_t 
 // kK, when not 0, are J and K known at compile time: the sums over k then run side by side
 // for every j, in registers, rather than one after another.
 template <typename In, typename Acc, int kJ, int kK>
-void compute_votes(const In* u, const Acc* W, Shape n, int64_t begin, int64_t end, In* votes) {
+void compute_votes(const In* u, const In* W, Shape n, int64_t begin, int64_t end, In* votes) {
   const int64_t I = n.inputs, J = kJ ? kJ : n.outputs, K = kK ? kK : n.in_dim;
   const int64_t width = n.width();
   std::vector<Vec<Acc>> weights(K * J);  // W_i: (K, J) vectors
@@ -267,7 +269,7 @@ void compute_votes(const In* u, const Acc* W, Shape n, int64_t begin, int64_t en
 
 // The shapes CapsNet has (J = 10 digit capsules of 8-D inputs) compiled for; others at run time.
 template <typename In, typename Acc>
-void compute_votes_any(const In* u, const Acc* W, Shape n, int64_t begin, int64_t end,
+void compute_votes_any(const In* u, const In* W, Shape n, int64_t begin, int64_t end,
                        In* votes) {
   if (n.outputs == 10 && n.in_dim == 8)
     compute_votes<In, Acc, 10, 8>(u, W, n, begin, end, votes);
@@ -380,7 +382,7 @@ constexpr int64_t kGroup = 4;  // examples whose votes are made together
 // than writing and reading back a batch's votes (65 MB at 36x36), fresh pages from the OS at
 // every step.
 template <typename In, typename Acc, typename Route>
-void route_in_groups(const In* u, const Acc* W, Shape n, int64_t begin, int64_t end,
+void route_in_groups(const In* u, const In* W, Shape n, int64_t begin, int64_t end,
                      const Route& route) {
   const int64_t size = n.inputs * n.width();
   std::vector<In> votes(kGroup * size);
@@ -392,7 +394,7 @@ void route_in_groups(const In* u, const Acc* W, Shape n, int64_t begin, int64_t 
 }
 
 template <typename In, typename Acc>
-void forward_range(const In* u, const Acc* W, const int64_t* dims, int64_t begin, int64_t end,
+void forward_range(const In* u, const In* W, const int64_t* dims, int64_t begin, int64_t end,
                    double eps, Acc* v, Acc* c, Acc* saved_s, Acc* saved_c, Acc* logits) {
   const Shape n{dims[0], dims[1], dims[2], dims[3], dims[4]};
   const int64_t I = n.inputs, J = n.outputs, r = n.iterations;
@@ -404,7 +406,7 @@ void forward_range(const In* u, const Acc* W, const int64_t* dims, int64_t begin
 }
 
 template <typename In, typename Acc>
-void backward_range(const In* u, const Acc* W, const int64_t* dims, int64_t begin, int64_t end,
+void backward_range(const In* u, const In* W, const int64_t* dims, int64_t begin, int64_t end,
                     int64_t detach_early, double eps, const Acc* saved_s, const Acc* saved_c,
                     const Acc* grad_v, Acc* scratch, Acc* grad_s, Acc* v) {
   const Shape n{dims[0], dims[1], dims[2], dims[3], dims[4]};
@@ -422,7 +424,7 @@ void backward_range(const In* u, const Acc* W, const int64_t* dims, int64_t begi
 // sum_j W_ij^T grad u_hat_bij. Each grad W_i is complete in one thread: no sums across threads.
 // kJ and kK as for compute_votes; every loop keeps independent sums side by side.
 template <typename In, typename Acc, int kJ, int kK>
-void votes_backward(const In* u, const Acc* W, Shape n, int64_t begin, int64_t end,
+void votes_backward(const In* u, const In* W, Shape n, int64_t begin, int64_t end,
                     int64_t first, const Acc* saved_c, const Acc* scratch, const Acc* grad_s,
                     const Acc* v, In* grad_u, Acc* grad_W) {
   const int64_t I = n.inputs, B = n.batch, J = kJ ? kJ : n.outputs, K = kK ? kK : n.in_dim;
@@ -467,7 +469,7 @@ void votes_backward(const In* u, const Acc* W, Shape n, int64_t begin, int64_t e
 
 // The same choice for votes_backward.
 template <typename In, typename Acc>
-void votes_backward_range(const In* u, const Acc* W, const int64_t* dims, int64_t begin,
+void votes_backward_range(const In* u, const In* W, const int64_t* dims, int64_t begin,
                           int64_t end, int64_t first, const Acc* saved_c, const Acc* scratch,
                           const Acc* grad_s, const Acc* v, In* grad_u, Acc* grad_W) {
   const Shape n{dims[0], dims[1], dims[2], dims[3], dims[4]};
@@ -497,14 +499,14 @@ void in_parallel(int64_t count, int64_t threads, const Body& body) {
 // (I/16, J, 16) (see Shape). Forward and backward split the batch among `threads` threads,
 // votes_backward the inputs.
 #define ROUTING_ENTRY_POINTS(suffix, In, Acc)                                                   \
-  extern "C" void forward_##suffix(const In* u, const Acc* W, const int64_t* dims,            \
+  extern "C" void forward_##suffix(const In* u, const In* W, const int64_t* dims,            \
                                    int64_t threads, double eps, Acc* v, Acc* c, Acc* saved_s, \
                                    Acc* saved_c, Acc* logits) {                               \
     in_parallel(dims[1], threads, [&](int64_t begin, int64_t end) {                           \
       forward_range<In, Acc>(u, W, dims, begin, end, eps, v, c, saved_s, saved_c, logits);    \
     });                                                                                       \
   }                                                                                           \
-  extern "C" void backward_##suffix(const In* u, const Acc* W, const int64_t* dims,           \
+  extern "C" void backward_##suffix(const In* u, const In* W, const int64_t* dims,           \
                                     int64_t threads, int64_t detach_early, double eps,        \
                                     const Acc* saved_s, const Acc* saved_c, const Acc* grad_v, \
                                     Acc* scratch, Acc* grad_s, Acc* v) {                      \
@@ -514,7 +516,7 @@ void in_parallel(int64_t count, int64_t threads, const Body& body) {
     });                                                                                       \
   }                                                                                           \
   extern "C" void votes_backward_##suffix(                                                    \
-      const In* u, const Acc* W, const int64_t* dims, int64_t threads, int64_t first,          \
+      const In* u, const In* W, const int64_t* dims, int64_t threads, int64_t first,          \
       const Acc* saved_c, const Acc* scratch, const Acc* grad_s, const Acc* v, In* grad_u,    \
       Acc* grad_W) {                                                                           \
     in_parallel(dims[0], threads, [&](int64_t begin, int64_t end) {                           \
