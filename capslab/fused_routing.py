@@ -210,12 +210,11 @@ class FusedRouting(torch.autograd.Function):
         c = torch.empty(batch, num_out, num_in, dtype=dtype)
         saved_s = torch.empty(batch, iterations, LANES, LANES, dtype=dtype)
         saved_c = torch.empty(batch, iterations, slot, dtype=dtype)
-        logits = torch.empty(batch, slot, dtype=dtype)
         getattr(library(), "forward_" + SUFFIXES[u.dtype])(
             *map(address, (u, W_votes, dims)),
             threads(),
             ctypes.c_double(eps),
-            *map(address, (v, c, saved_s, saved_c, logits)),
+            *map(address, (v, c, saved_s, saved_c)),
         )
         ctx.save_for_backward(u, W_votes, dims, saved_s, saved_c)  # backward makes the votes again
         ctx.W_dtype = dtype

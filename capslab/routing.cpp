@@ -17,6 +17,7 @@
 // widened, and the votes rounded to bf16 as a bf16 matmul would round them. All arithmetic
 // is float32 (float64 for float64 capsules). GCC vector extensions:
 // the compiler picks the instructions (AVX-512, AVX2 or SSE) for the CPU it builds on.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -78,6 +79,23 @@ void store(Vec<float> x, uint16_t* p) {  // float32 -> bfloat16, rounded to near
   rounded = x != x ? quiet_nan : rounded;
   Half half = __builtin_convertvector(rounded, Half);
   std::memcpy(p, &half, sizeof half);
+}
+
+// x as storing it in In and loading it back would give (bf16: rounded to nearest even).
+template <typename In, typename Acc>
+Vec<Acc> as_stored(Vec<Acc> x) {
+  if constexpr (sizeof(In) == 2) {
+    using Wide = uint32_t __attribute__((vector_size(kLanes * 4)));
+    Wide bits;
+    std::memcpy(&bits, &x, sizeof bits);
+    Wide rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16;
+    rounded = x != x ? bits : rounded;
+    Vec<Acc> out;
+    std::memcpy(&out, &rounded, sizeof out);
+    return out;
+  } else {
+    return x;
+  }
 }
 
 inline float widen(uint16_t x) {  // one bfloat16 -> float32
@@ -244,9 +262,12 @@ Vec<Acc> block_weighted_sum(const In* block, int64_t n, int64_t stride, int64_t 
 // Eq. 2 for examples [begin, end): votes (end - begin, I, J*16) = W_ij u_bi, with u (B, I, K)
 // and W (I, K, J*16). Input by input, so that W_i is loaded once for all of these examples. kJ and
 // kK, when not 0, are J and K known at compile time: the sums over k then run side by side
-// for every j, in registers, rather than one after another.
+// for every j, in registers, rather than one after another. With `totals` (end - begin, J)
+// vectors, also add up sum_i u_hat_bij there, in input order, while the votes are in cache:
+// forward's first pass over them.
 template <typename In, typename Acc, int kJ, int kK>
-void compute_votes(const In* u, const In* W, Shape n, int64_t begin, int64_t end, In* votes) {
+void compute_votes(const In* u, const In* W, Shape n, int64_t begin, int64_t end, In* votes,
+                   Vec<Acc>* totals) {
   const int64_t I = n.inputs, J = kJ ? kJ : n.outputs, K = kK ? kK : n.in_dim;
   const int64_t width = n.width();
   std::vector<Vec<Acc>> weights(K * J);  // W_i: (K, J) vectors
@@ -263,6 +284,10 @@ void compute_votes(const In* u, const In* W, Shape n, int64_t begin, int64_t end
       }
       In* out = votes + ((b - begin) * I + i) * width;
       for (int j = 0; j < J; ++j) store(total[j], out + j * kLanes);
+      if (totals) {  // the stored (rounded) votes, as the later passes read them
+        Vec<Acc>* sums_b = totals + (b - begin) * J;
+        for (int j = 0; j < J; ++j) sums_b[j] += as_stored<In, Acc>(total[j]);
+      }
     }
   }
 }
@@ -270,37 +295,32 @@ void compute_votes(const In* u, const In* W, Shape n, int64_t begin, int64_t end
 // The shapes CapsNet has (J = 10 digit capsules of 8-D inputs) compiled for; others at run time.
 template <typename In, typename Acc>
 void compute_votes_any(const In* u, const In* W, Shape n, int64_t begin, int64_t end,
-                       In* votes) {
+                       In* votes, Vec<Acc>* totals) {
   if (n.outputs == 10 && n.in_dim == 8)
-    compute_votes<In, Acc, 10, 8>(u, W, n, begin, end, votes);
+    compute_votes<In, Acc, 10, 8>(u, W, n, begin, end, votes, totals);
   else
-    compute_votes<In, Acc, 0, 0>(u, W, n, begin, end, votes);
+    compute_votes<In, Acc, 0, 0>(u, W, n, begin, end, votes, totals);
 }
 
-// One example's forward from its votes (I, J*16): v (J, 16), c (J, I); saves s_t (r, 16, 16)
-// and c_t (r, slot).
+// One example's forward from its votes (I, J*16) and their sums over the inputs, `totals` (J):
+// v (J, 16), c (J, I); saves s_t (r, 16, 16) and c_t (r, slot) for t >= 1. c_0 is uniform
+// (1/J), stored only where it is the last (r = 1). `logits` (slot) is the caller's scratch.
 template <typename In, typename Acc>
-void forward_one(const In* votes, Shape n, Acc eps, Acc* v_out, Acc* c_out, Acc* saved_s,
-                 Acc* saved_c, Acc* logits) {
-  const int64_t I = n.inputs, J = n.outputs, stride = n.width();
+void forward_one(const In* votes, const Vec<Acc>* totals, Shape n, Acc eps, Acc* v_out,
+                 Acc* c_out, Acc* saved_s, Acc* saved_c, Acc* logits) {
+  const int64_t I = n.inputs, J = n.outputs, stride = n.width(), last = n.iterations - 1;
   const Vec<Acc> zero{};
   Vec<Acc> s[kLanes], v[kLanes];
-  for (int j = 0; j < J; ++j) s[j] = zero;
-  for (int64_t i = 0; i < I; ++i)  // c_0 is uniform: s_0 = sum_i u_hat_i / J
-    for (int j = 0; j < J; ++j) s[j] += load(votes + i * stride + j * kLanes);
-  const Vec<Acc> uniform = zero + Acc(1) / Acc(J);
-  for (int64_t k = 0; k < n.slot(); k += kLanes) {
-    store(uniform, saved_c + k);
-    store(zero, logits + k);
-  }
+  for (int j = 0; j < J; ++j) s[j] = totals[j] / Acc(J);  // c_0 is uniform: s_0 = sum_i u_hat_i / J
+  if (last == 0)
+    for (int64_t k = 0; k < n.slot(); k += kLanes) store(zero + Acc(1) / Acc(J), saved_c + k);
   for (int64_t t = 0;; ++t) {
     for (int j = 0; j < J; ++j) {
-      if (t == 0) s[j] /= Acc(J);
       store(s[j], saved_s + (t * kLanes + j) * kLanes);
       v[j] = squash(s[j], eps);
       s[j] = zero;
     }
-    if (t == n.iterations - 1) break;
+    if (t == last) break;
     Acc* c_next = saved_c + (t + 1) * n.slot();
     for (int64_t i0 = 0; i0 < I; i0 += kLanes) {  // b += u_hat . v; c = softmax_j(b); s += c u_hat
       const In* block = votes + i0 * stride;
@@ -308,8 +328,9 @@ void forward_one(const In* votes, Shape n, Acc eps, Acc* v_out, Acc* c_out, Acc*
       Acc* b_block = logits + i0 * J;
       Vec<Acc> b[kLanes], top;
       for (int j = 0; j < J; ++j) {
-        b[j] = load(b_block + j * kLanes) + block_dots<In, Acc>(block, count, stride, j, v[j]);
-        store(b[j], b_block + j * kLanes);
+        b[j] = block_dots<In, Acc>(block, count, stride, j, v[j]);
+        if (t > 0) b[j] += load(b_block + j * kLanes);  // b_0 = 0
+        if (t + 1 < last) store(b[j], b_block + j * kLanes);  // the last pass's b is not read
         top = j == 0 ? b[j] : larger<Acc>(top, b[j]);
       }
       Vec<Acc> total = zero;
@@ -322,10 +343,11 @@ void forward_one(const In* votes, Shape n, Acc eps, Acc* v_out, Acc* c_out, Acc*
     }
   }
   for (int j = 0; j < J; ++j) store(v[j], v_out + j * kLanes);
-  const Acc* c_last = saved_c + (n.iterations - 1) * n.slot();
-  for (int64_t i = 0; i < I; ++i)
+  const Acc* c_last = saved_c + last * n.slot();
+  for (int64_t i0 = 0; i0 < I; i0 += kLanes)  // slots of 16 inputs -> rows of c
     for (int j = 0; j < J; ++j)
-      c_out[j * I + i] = c_last[(i - i % kLanes) * J + j * kLanes + i % kLanes];
+      store_first<Acc, Acc>(load(c_last + i0 * J + j * kLanes), c_out + j * I + i0,
+                            I - i0 < kLanes ? I - i0 : kLanes);
 }
 
 // One example's backward through routing, from grad v (J, 16): saves grad s_t and v_t (r, J, 16)
@@ -381,28 +403,35 @@ constexpr int64_t kGroup = 4;  // examples whose votes are made together
 // its votes are in cache. The votes are never kept: backward makes them again, which costs less
 // than writing and reading back a batch's votes (65 MB at 36x36), fresh pages from the OS at
 // every step.
+// With `add_up`, route also gets each example's votes summed over the inputs (J vectors).
 template <typename In, typename Acc, typename Route>
-void route_in_groups(const In* u, const In* W, Shape n, int64_t begin, int64_t end,
+void route_in_groups(const In* u, const In* W, Shape n, int64_t begin, int64_t end, bool add_up,
                      const Route& route) {
   const int64_t size = n.inputs * n.width();
   std::vector<In> votes(kGroup * size);
+  std::vector<Vec<Acc>> totals(kGroup * n.outputs);
   for (int64_t first = begin; first < end; first += kGroup) {
     const int64_t last = first + kGroup < end ? first + kGroup : end;
-    compute_votes_any<In, Acc>(u, W, n, first, last, votes.data());
-    for (int64_t b = first; b < last; ++b) route(b, votes.data() + (b - first) * size);
+    std::fill(totals.begin(), totals.end(), Vec<Acc>{});
+    compute_votes_any<In, Acc>(u, W, n, first, last, votes.data(),
+                               add_up ? totals.data() : nullptr);
+    for (int64_t b = first; b < last; ++b)
+      route(b, votes.data() + (b - first) * size, totals.data() + (b - first) * n.outputs);
   }
 }
 
 template <typename In, typename Acc>
 void forward_range(const In* u, const In* W, const int64_t* dims, int64_t begin, int64_t end,
-                   double eps, Acc* v, Acc* c, Acc* saved_s, Acc* saved_c, Acc* logits) {
+                   double eps, Acc* v, Acc* c, Acc* saved_s, Acc* saved_c) {
   const Shape n{dims[0], dims[1], dims[2], dims[3], dims[4]};
   const int64_t I = n.inputs, J = n.outputs, r = n.iterations;
-  route_in_groups<In, Acc>(u, W, n, begin, end, [&](int64_t b, const In* votes) {
-    forward_one<In, Acc>(votes, n, Acc(eps), v + b * J * kLanes, c + b * J * I,
-                         saved_s + b * r * kLanes * kLanes, saved_c + b * r * n.slot(),
-                         logits + b * n.slot());
-  });
+  std::vector<Acc> logits(n.slot());  // one example's at a time, in this thread's cache
+  route_in_groups<In, Acc>(
+      u, W, n, begin, end, true, [&](int64_t b, const In* votes, const Vec<Acc>* totals) {
+        forward_one<In, Acc>(votes, totals, n, Acc(eps), v + b * J * kLanes, c + b * J * I,
+                             saved_s + b * r * kLanes * kLanes, saved_c + b * r * n.slot(),
+                             logits.data());
+      });
 }
 
 template <typename In, typename Acc>
@@ -411,12 +440,13 @@ void backward_range(const In* u, const In* W, const int64_t* dims, int64_t begin
                     const Acc* grad_v, Acc* scratch, Acc* grad_s, Acc* v) {
   const Shape n{dims[0], dims[1], dims[2], dims[3], dims[4]};
   const int64_t J = n.outputs, r = n.iterations;
-  route_in_groups<In, Acc>(u, W, n, begin, end, [&](int64_t b, const In* votes) {
-    backward_one<In, Acc>(votes, n, detach_early != 0, Acc(eps),
-                          saved_s + b * r * kLanes * kLanes, saved_c + b * r * n.slot(),
-                          grad_v + b * J * kLanes, scratch + b * r * n.slot(),
-                          grad_s + b * r * J * kLanes, v + b * r * J * kLanes);
-  });
+  route_in_groups<In, Acc>(
+      u, W, n, begin, end, false, [&](int64_t b, const In* votes, const Vec<Acc>*) {
+        backward_one<In, Acc>(votes, n, detach_early != 0, Acc(eps),
+                              saved_s + b * r * kLanes * kLanes, saved_c + b * r * n.slot(),
+                              grad_v + b * J * kLanes, scratch + b * r * n.slot(),
+                              grad_s + b * r * J * kLanes, v + b * r * J * kLanes);
+      });
 }
 
 // Inputs [begin, end), each over the whole batch: grad u_hat_bij = sum_t c_t,bij grad s_t,bj +
@@ -442,7 +472,8 @@ void votes_backward(const In* u, const In* W, Shape n, int64_t begin, int64_t en
         const Acc* c_t = saved_c + row * n.slot() + at;
         const Acc* G_t = scratch + row * n.slot() + at;
         for (int j = 0; j < J; ++j) {
-          total[j] += c_t[j * kLanes] * load(grad_s + (row * J + j) * kLanes);
+          const Acc c = t == 0 ? Acc(1) / Acc(J) : c_t[j * kLanes];  // c_0 is uniform, not stored
+          total[j] += c * load(grad_s + (row * J + j) * kLanes);
           if (t < last) total[j] += G_t[j * kLanes] * load(v + (row * J + j) * kLanes);
         }
       }
@@ -494,16 +525,16 @@ void in_parallel(int64_t count, int64_t threads, const Body& body) {
 }  // namespace
 
 // The C entry points capslab/fused_routing.py calls, one set per input dtype. dims: I, B, J, r,
-// K. u (B, I, K), W (I, K, J*16). Per example: v (J, 16), c (J, I), saved_s
-// (r, 16, 16), grad_s and v_t (r, J, 16), and saved_c, logits and scratch in slots of
+// K. u (B, I, K), W (I, K, J*16), both in the capsules' dtype. Per example: v (J, 16), c (J, I),
+// saved_s (r, 16, 16), grad_s and v_t (r, J, 16), and saved_c and scratch in slots of
 // (I/16, J, 16) (see Shape). Forward and backward split the batch among `threads` threads,
 // votes_backward the inputs.
 #define ROUTING_ENTRY_POINTS(suffix, In, Acc)                                                   \
   extern "C" void forward_##suffix(const In* u, const In* W, const int64_t* dims,            \
                                    int64_t threads, double eps, Acc* v, Acc* c, Acc* saved_s, \
-                                   Acc* saved_c, Acc* logits) {                               \
+                                   Acc* saved_c) {                                            \
     in_parallel(dims[1], threads, [&](int64_t begin, int64_t end) {                           \
-      forward_range<In, Acc>(u, W, dims, begin, end, eps, v, c, saved_s, saved_c, logits);    \
+      forward_range<In, Acc>(u, W, dims, begin, end, eps, v, c, saved_s, saved_c);            \
     });                                                                                       \
   }                                                                                           \
   extern "C" void backward_##suffix(const In* u, const In* W, const int64_t* dims,           \
