@@ -1,6 +1,7 @@
 """The compiled CPU votes-and-routing kernel (capslab/routing.cpp) against the torch code and
 the paper."""
 
+import json
 import os
 import shutil
 import warnings
@@ -12,6 +13,7 @@ from capslab import fused_routing
 from capslab.fused_routing import FusedRouting
 from CapsNet import EPS, CapsNet, CapsNetConfig, DigitCaps, DynamicRouting
 
+from conftest import run
 from test_model import reference_routing
 
 pytestmark = pytest.mark.skipif(
@@ -276,3 +278,20 @@ def test_a_damaged_cached_build_is_built_again(tmp_path, monkeypatch):
         assert built.read_bytes()[:4] == b"\x7fELF"
     finally:
         fused_routing.library.cache_clear()
+
+
+@pytest.mark.slow  # two builds of the kernel, about 10 s
+def test_the_timing_tool_times_each_source_and_compares_their_outputs(tmp_path):
+    same = tmp_path / "copy.cpp"
+    shutil.copy(fused_routing.SOURCE, same)
+    tool = "tools/routing_kernel_timing.py"
+    result = run(tool, fused_routing.SOURCE, same, "--inputs", 40, "--rounds", 1, "--repeats", 1)
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [record["source"] for record in records] == [str(fused_routing.SOURCE), str(same)]
+    for record in records:
+        assert record["inputs"] == 40 and 0 < record["forward_ms"] < record["total_ms"]
+        assert set(record["largest_difference_from_first"].values()) == {0.0}  # the same bits
+    refused = run(tool, tmp_path / "missing.cpp", check=False)
+    assert refused.returncode == 2 and refused.stderr.strip() == (
+        f"error: {tmp_path / 'missing.cpp'}: no such file"
+    )

@@ -1,0 +1,162 @@
+"""Time the CPU routing kernel's three calls (forward; backward through routing; grad u and
+grad W), for one or more versions of capslab/routing.cpp, in alternating rounds in one process,
+at CapsNet's shapes in bf16 (batch 64, J = 10, K = 8, r = 3). Prints one JSON line per source:
+the best round's milliseconds per call, and the largest difference of each output from the
+first source's (0.0: the same bits).
+
+    python tools/routing_kernel_timing.py capslab/routing.cpp --inputs 3200   # 36x36 pairs
+    git show HEAD~1:capslab/routing.cpp > /tmp/before.cpp
+    python tools/routing_kernel_timing.py /tmp/before.cpp capslab/routing.cpp --rounds 30
+
+Kernels from before the votes were made from a bf16 W (they take a float32 W and a logits
+buffer) are recognised by their source and called their way. Run it alone on the machine: the
+numbers are wall-clock times.
+"""
+
+import argparse
+import ctypes
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
+
+from capslab.errors import UserError, exit_on_user_error, first_line  # noqa: E402
+from capslab.fused_routing import FLAGS, LANES, address  # noqa: E402
+from capslab.hardware import cpu_name  # noqa: E402
+
+BATCH, OUTPUTS, ITERATIONS, IN_DIM = 64, 10, 3, 8
+OUTPUT_NAMES = ("v", "c", "grad_s", "v_t", "grad_u", "grad_W")
+
+
+class Kernel:
+    """One routing.cpp, built into `folder`, with its own output buffers."""
+
+    def __init__(self, source: Path, folder: Path, inputs: int):
+        if not source.is_file():
+            raise UserError(f"{source}: no such file")
+        text = source.read_text(errors="replace")
+        self.source = source
+        self.takes_logits = "Acc* saved_c, Acc* logits)" in text
+        self.float32_W = "const In* W" not in text
+        library = folder / f"kernel{len(list(folder.iterdir()))}.so"
+        built = subprocess.run(
+            ["c++", *FLAGS, "-o", str(library), str(source)], capture_output=True, text=True
+        )
+        if built.returncode != 0:
+            raise UserError(f"{source} does not compile: {first_line(Exception(built.stderr))}")
+        self.library = ctypes.CDLL(str(library))
+        if not hasattr(self.library, "votes_backward_bfloat16"):
+            raise UserError(f"{source} has no routing kernel's entry points")
+        slot = -(-inputs // LANES) * OUTPUTS * LANES
+        shape = (BATCH, ITERATIONS, OUTPUTS, LANES)
+        self.buffers = {
+            "v": torch.empty(BATCH, OUTPUTS, LANES),
+            "c": torch.empty(BATCH, OUTPUTS, inputs),
+            "saved_s": torch.empty(BATCH, ITERATIONS, LANES, LANES),
+            "saved_c": torch.empty(BATCH, ITERATIONS, slot),
+            "logits": torch.empty(BATCH, slot),
+            "scratch": torch.empty(BATCH, ITERATIONS, slot),
+            "grad_s": torch.empty(shape),
+            "v_t": torch.empty(shape),
+        }
+
+    def weights(self, W: torch.Tensor) -> torch.Tensor:
+        return W if self.float32_W else W.bfloat16()
+
+    def calls(self, u, W, grad_v):
+        """The three calls, as FusedRouting makes them."""
+        dims = torch.tensor([u.shape[1], BATCH, OUTPUTS, ITERATIONS, IN_DIM])
+        threads = ctypes.c_int64(torch.get_num_threads())
+        eps = ctypes.c_double(1e-7)
+        W = self.weights(W)
+        b = self.buffers
+        b["grad_u"], b["grad_W"] = torch.empty_like(u), torch.empty_like(W, dtype=torch.float32)
+        forward_outputs = [b["v"], b["c"], b["saved_s"], b["saved_c"]]
+        forward_outputs += [b["logits"]] if self.takes_logits else []
+        return (
+            lambda: self.library.forward_bfloat16(
+                *map(address, (u, W, dims)), threads, eps, *map(address, forward_outputs)
+            ),
+            lambda: self.library.backward_bfloat16(
+                *map(address, (u, W, dims)),
+                threads,
+                ctypes.c_int64(0),
+                eps,
+                *map(address, (b["saved_s"], b["saved_c"], grad_v, b["scratch"])),
+                *map(address, (b["grad_s"], b["v_t"])),
+            ),
+            lambda: self.library.votes_backward_bfloat16(
+                *map(address, (u, W, dims)),
+                threads,
+                ctypes.c_int64(0),
+                *map(address, (b["saved_c"], b["scratch"], b["grad_s"], b["v_t"])),
+                *map(address, (b["grad_u"], b["grad_W"])),
+            ),
+        )
+
+
+def best_milliseconds(call, repeats: int) -> float:
+    call()  # warm-up
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - started)
+    return min(times) * 1000
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("sources", nargs="+", type=Path, help="routing.cpp files to compare")
+    parser.add_argument("--inputs", type=int, default=3200, help="I: 1152 (28x28) or 3200")
+    parser.add_argument("--rounds", type=int, default=20, help="alternating rounds, best kept")
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per round")
+    args = parser.parse_args()
+    for flag, value in (
+        ("--inputs", args.inputs),
+        ("--rounds", args.rounds),
+        ("--repeats", args.repeats),
+    ):
+        if value < 1:
+            raise UserError(f"{flag} must be at least 1, got {value}")
+    torch.manual_seed(0)
+    u = (0.3 * torch.randn(BATCH, args.inputs, IN_DIM)).bfloat16()
+    W = 0.05 * torch.randn(args.inputs, IN_DIM, OUTPUTS * LANES)
+    grad_v = torch.randn(BATCH, OUTPUTS, LANES)
+    with tempfile.TemporaryDirectory() as folder:
+        kernels = [Kernel(source, Path(folder), args.inputs) for source in args.sources]
+        calls = [kernel.calls(u, W, grad_v) for kernel in kernels]
+        best = [[float("inf")] * 3 for _ in kernels]
+        for _ in range(args.rounds):
+            for times, three in zip(best, calls):
+                for index, call in enumerate(three):
+                    times[index] = min(times[index], best_milliseconds(call, args.repeats))
+        for kernel, times in zip(kernels, best):
+            outputs = {name: kernel.buffers[name].float() for name in OUTPUT_NAMES}
+            first = kernels[0].buffers
+            differences = {
+                name: (outputs[name] - first[name].float()).abs().max().item()
+                for name in OUTPUT_NAMES
+            }
+            record = {
+                "source": str(kernel.source),
+                "cpu": cpu_name(),
+                "threads": torch.get_num_threads(),
+                "inputs": args.inputs,
+                "forward_ms": round(times[0], 2),
+                "backward_ms": round(times[1], 2),
+                "grad_u_and_W_ms": round(times[2], 2),
+                "total_ms": round(sum(times), 2),
+                "largest_difference_from_first": differences,
+            }
+            print(json.dumps(record))
+
+
+if __name__ == "__main__":
+    exit_on_user_error(main)
