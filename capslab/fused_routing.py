@@ -6,7 +6,8 @@ CapsNet's torch code spends a CPU step moving the votes u_hat (737 KB an image a
 products each way, and the matmul's backward reads grad u_hat back. The kernel makes each
 example's votes itself, routes it with its votes in cache, and in backward turns grad u_hat
 into grad u and grad W without writing it. Its threads are torch's own OpenMP threads.
-results/README.md §§ "The CPU routing kernel" and "Votes inside the kernel" have the timings.
+results/README.md §§ "The CPU routing kernel", "Votes inside the kernel" and "Votes from a bf16
+W, and fewer passes" have the timings.
 
 It is built with the system's C++ compiler (GCC: it uses GCC's vector extensions) for the CPU
 it runs on, into ~/.cache/capsnet or $CAPSNET_CACHE, under a name that hashes the source, the

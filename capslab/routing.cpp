@@ -4,12 +4,12 @@
 //
 // Forward computes the votes input by input for a few examples at a time, so each W_i is read
 // once per group rather than once per example, into a buffer where each example's votes lie
-// together (368 KB at 28x28 in bf16) and stay in cache while it routes. It then reads them r
-// times in all (the logit update, the softmax and the next weighted sum share one pass).
-// Backward makes the votes again the same way and reads them r times more. It never writes
-// grad u_hat: a second pass, input by input over the whole batch, forms it from what routing
-// saved and turns it straight into grad u and grad W, the products torch's matmul backward
-// would otherwise make from it in memory.
+// together (368 KB at 28x28 in bf16) and stay in cache while it routes. It adds them up as it
+// makes them (s_0), then reads them r - 1 times (the logit update, the softmax and the next
+// weighted sum share one pass). Backward makes the votes again the same way and reads them
+// r - 1 times more. It never writes grad u_hat: a second pass, input by input over the whole
+// batch, forms it from what routing saved and turns it straight into grad u and grad W, the
+// products torch's matmul backward would otherwise make from it in memory.
 // Capsules are 16 wide: one 16-lane vector, and at most 16 outputs J and 16 input dimensions.
 // W comes in the capsules' dtype, as autocast's bf16 matmul takes it: a bf16 W halves the
 // bytes every group of examples reads, the votes' largest memory stream at 36x36. Its
