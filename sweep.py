@@ -259,19 +259,34 @@ def exit_status(code: int) -> str:
     return f"killed by signal {-code}" if code < 0 else f"exit {code}"
 
 
+def resume_flags(flags: list[str]) -> list[str]:
+    """A run's flags for resuming it: without --init-from, which only starts a run (train.py
+    refuses it beside --resume, and the run's own checkpoint holds its weights)."""
+    kept, skip_value = [], False
+    for flag in flags:
+        if skip_value:
+            skip_value = False
+        elif flag == "--init-from":
+            skip_value = True
+        elif not flag.startswith("--init-from="):
+            kept.append(flag)
+    return kept
+
+
 def train(run: dict, folder: Path, data_dir: str) -> tuple[int, list[str]]:
     """train.py on the run, its output echoed; its exit status and its last LOG_TAIL lines."""
+    resuming = (folder / "last.pt").exists()
     command = [
         sys.executable,
         str(Path(__file__).parent / "train.py"),
-        *run["flags"],
+        *(resume_flags(run["flags"]) if resuming else run["flags"]),
         "--data-dir",
         data_dir,
         "--checkpoint-dir",
         str(folder),
         "--quiet",
     ]
-    if (folder / "last.pt").exists():
+    if resuming:
         command.append("--resume")
     print(f"[{run['name']}] {' '.join(command[1:])}", flush=True)
     # In a session of its own, the run hears a Ctrl-C or SIGTERM once, from here, however it

@@ -439,3 +439,8 @@ def test_a_failed_evaluation_is_recorded_as_the_runs_failure(tmp_path, monkeypat
         "exit_status": 2,
         "log_tail": ["error: --affine needs ..."],
     }
+
+
+def test_a_resumed_run_drops_init_from_which_train_refuses_beside_resume():
+    flags = ["--dataset", "multimnist", "--init-from", "a.pt", "--epochs", "10", "--init-from=b.pt"]
+    assert sweep.resume_flags(flags) == ["--dataset", "multimnist", "--epochs", "10"]
