@@ -53,12 +53,13 @@ Vec<Acc> load(const Acc* p) {
   return out;
 }
 
+using Bits = uint32_t __attribute__((vector_size(kLanes * 4)));  // a float32 vector's bits
+using Half = uint16_t __attribute__((vector_size(kLanes * 2)));  // a bfloat16 vector's
+
 Vec<float> load(const uint16_t* p) {  // bfloat16 -> float32 is exact: the high 16 bits
-  using Half = uint16_t __attribute__((vector_size(kLanes * 2)));
-  using Wide = uint32_t __attribute__((vector_size(kLanes * 4)));
   Half bits;
   std::memcpy(&bits, p, sizeof bits);
-  Wide wide = __builtin_convertvector(bits, Wide) << 16;
+  Bits wide = __builtin_convertvector(bits, Bits) << 16;
   Vec<float> out;
   std::memcpy(&out, &wide, sizeof out);
   return out;
@@ -69,27 +70,24 @@ void store(Vec<Acc> x, Acc* p) {
   std::memcpy(p, &x, sizeof x);
 }
 
-void store(Vec<float> x, uint16_t* p) {  // float32 -> bfloat16, rounded to nearest even
-  using Wide = uint32_t __attribute__((vector_size(kLanes * 4)));
-  using Half = uint16_t __attribute__((vector_size(kLanes * 2)));
-  Wide bits;
+// float32 -> bfloat16 rounded to nearest even, in the high 16 bits of each lane (NaN: quiet).
+Bits bfloat16_bits(Vec<float> x) {
+  Bits bits;
   std::memcpy(&bits, &x, sizeof bits);
-  Wide rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16;
-  Wide quiet_nan = Wide{} + 0x7FC0;
-  rounded = x != x ? quiet_nan : rounded;
-  Half half = __builtin_convertvector(rounded, Half);
+  Bits rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000u;
+  return x != x ? Bits{} + 0x7FC00000u : rounded;
+}
+
+void store(Vec<float> x, uint16_t* p) {
+  Half half = __builtin_convertvector(bfloat16_bits(x) >> 16, Half);
   std::memcpy(p, &half, sizeof half);
 }
 
-// x as storing it in In and loading it back would give (bf16: rounded to nearest even).
+// x as storing it in In and loading it back would give.
 template <typename In, typename Acc>
 Vec<Acc> as_stored(Vec<Acc> x) {
   if constexpr (sizeof(In) == 2) {
-    using Wide = uint32_t __attribute__((vector_size(kLanes * 4)));
-    Wide bits;
-    std::memcpy(&bits, &x, sizeof bits);
-    Wide rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16;
-    rounded = x != x ? bits : rounded;
+    const Bits rounded = bfloat16_bits(x);
     Vec<Acc> out;
     std::memcpy(&out, &rounded, sizeof out);
     return out;
