@@ -218,7 +218,6 @@ class FusedRouting(torch.autograd.Function):
             *map(address, (v, c, saved_s, saved_c)),
         )
         ctx.save_for_backward(u, W_votes, dims, saved_s, saved_c)  # backward makes the votes again
-        ctx.W_dtype = dtype
         ctx.detach_early, ctx.eps = detach_early, eps
         ctx.mark_non_differentiable(c)
         return v, c
@@ -242,7 +241,7 @@ class FusedRouting(torch.autograd.Function):
             *map(address, (saved_s, saved_c, grad_v, scratch, grad_s, v)),
         )
         grad_u = torch.empty_like(u)
-        grad_W = torch.empty(W_votes.shape, dtype=ctx.W_dtype)
+        grad_W = torch.empty(W_votes.shape, dtype=saved_s.dtype)  # W's own dtype
         first = iterations - 1 if ctx.detach_early else 0  # the earliest t the gradient reaches
         getattr(library(), "votes_backward_" + suffix)(  # into u and W, input by input
             *map(address, (u, W_votes, dims)),
