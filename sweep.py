@@ -261,14 +261,16 @@ def exit_status(code: int) -> str:
 
 def resume_flags(flags: list[str]) -> list[str]:
     """A run's flags for resuming it: without --init-from, which only starts a run (train.py
-    refuses it beside --resume, and the run's own checkpoint holds its weights)."""
+    refuses it beside --resume, and the run's own checkpoint holds its weights). argparse
+    takes any unambiguous prefix of a flag; the grid's check already refused ambiguous ones."""
     kept, skip_value = [], False
     for flag in flags:
+        name, has_value = flag.split("=", 1)[0], "=" in flag
         if skip_value:
             skip_value = False
-        elif flag == "--init-from":
-            skip_value = True
-        elif not flag.startswith("--init-from="):
+        elif len(name) > 2 and "--init-from".startswith(name):
+            skip_value = not has_value
+        else:
             kept.append(flag)
     return kept
 

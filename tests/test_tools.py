@@ -444,3 +444,5 @@ def test_a_failed_evaluation_is_recorded_as_the_runs_failure(tmp_path, monkeypat
 def test_a_resumed_run_drops_init_from_which_train_refuses_beside_resume():
     flags = ["--dataset", "multimnist", "--init-from", "a.pt", "--epochs", "10", "--init-from=b.pt"]
     assert sweep.resume_flags(flags) == ["--dataset", "multimnist", "--epochs", "10"]
+    assert sweep.resume_flags(["--init-f", "a.pt", "--lr", "1e-3"]) == ["--lr", "1e-3"]  # a prefix
+    assert sweep.train_flags_problem(["--init-f", "a.pt"]) is None  # as train.py takes it
