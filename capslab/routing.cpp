@@ -46,6 +46,25 @@ using Vec = typename Lanes<Acc>::Vec;
 template <typename Acc>
 using Mask = typename Lanes<Acc>::Mask;
 
+// The widest vector the CPU's registers hold. GCC splits a wider Vec (16 floats on an AVX2 CPU)
+// into halves, and in loops that keep many of them live it keeps those halves on the stack:
+// the votes' sums are written with these instead, so that they stay in registers.
+#ifdef __AVX512F__
+constexpr int kRegisterBytes = 64;
+#else
+constexpr int kRegisterBytes = 32;
+#endif
+template <typename Acc>
+struct Register {
+  typedef Acc Vec __attribute__((vector_size(kRegisterBytes)));
+  static constexpr int kLanes = kRegisterBytes / sizeof(Acc);
+  static Vec load(const Acc* p) {
+    Vec out;
+    std::memcpy(&out, p, sizeof out);
+    return out;
+  }
+};
+
 template <typename Acc>
 Vec<Acc> load(const Acc* p) {
   Vec<Acc> out;
@@ -267,24 +286,35 @@ template <typename In, typename Acc, int kJ, int kK>
 void compute_votes(const In* u, const In* W, Shape n, int64_t begin, int64_t end, In* votes,
                    Vec<Acc>* totals) {
   const int64_t I = n.inputs, J = kJ ? kJ : n.outputs, K = kK ? kK : n.in_dim;
-  const int64_t width = n.width();
+  const int64_t width = J * kLanes;  // n.width(), known at compile time with kJ
   std::vector<Vec<Acc>> weights(K * J);  // W_i: (K, J) vectors
+  const Acc* flat_weights = reinterpret_cast<const Acc*>(weights.data());
+  using R = Register<Acc>;
+  constexpr int kChunk = 10;  // sums held in registers at once, with room for the broadcast u
+  const int64_t registers = width / R::kLanes;  // one input's votes, in registers
   for (int64_t i = 0; i < I; ++i) {
     for (int64_t k = 0; k < K; ++k)
       for (int j = 0; j < J; ++j) weights[k * J + j] = load(W + (i * K + k) * width + j * kLanes);
     for (int64_t b = begin; b < end; ++b) {
       const In* u_bi = u + (b * I + i) * K;
-      Vec<Acc> total[kLanes];
-      for (int j = 0; j < J; ++j) total[j] = Vec<Acc>{};
-      for (int64_t k = 0; k < K; ++k) {
-        const Acc u_bik = widen(u_bi[k]);
-        for (int j = 0; j < J; ++j) total[j] += u_bik * weights[k * J + j];
+      Acc row[kLanes * kLanes];  // u_hat_bi: (J, 16)
+      for (int64_t r0 = 0; r0 < registers; r0 += kChunk) {
+        typename R::Vec total[kChunk];
+        for (int c = 0; c < kChunk; ++c) total[c] = typename R::Vec{};
+        for (int64_t k = 0; k < K; ++k) {
+          const Acc u_bik = widen(u_bi[k]);
+          const Acc* W_ik = flat_weights + k * width + r0 * R::kLanes;
+          for (int c = 0; c < kChunk; ++c)
+            if (r0 + c < registers) total[c] += u_bik * R::load(W_ik + c * R::kLanes);
+        }
+        for (int c = 0; c < kChunk; ++c)
+          if (r0 + c < registers) std::memcpy(row + (r0 + c) * R::kLanes, &total[c], sizeof total[c]);
       }
       In* out = votes + ((b - begin) * I + i) * width;
-      for (int j = 0; j < J; ++j) store(total[j], out + j * kLanes);
+      for (int j = 0; j < J; ++j) store(load(row + j * kLanes), out + j * kLanes);
       if (totals) {  // the stored (rounded) votes, as the later passes read them
         Vec<Acc>* sums_b = totals + (b - begin) * J;
-        for (int j = 0; j < J; ++j) sums_b[j] += as_stored<In, Acc>(total[j]);
+        for (int j = 0; j < J; ++j) sums_b[j] += as_stored<In, Acc>(load(row + j * kLanes));
       }
     }
   }

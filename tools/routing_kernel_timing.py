@@ -1,10 +1,11 @@
 """Time the CPU routing kernel's three calls (forward; backward through routing; grad u and
 grad W), for one or more versions of capslab/routing.cpp, in alternating rounds in one process,
-at CapsNet's shapes in bf16 (batch 64, J = 10, K = 8, r = 3). Prints one JSON line per source:
-the best round's milliseconds per call, and the largest difference of each output from the
-first source's (0.0: the same bits).
+at CapsNet's shapes (J = 10, K = 8, r = 3; batch 64 in bf16 by default). Prints one JSON line
+per source: the best round's milliseconds per call, and the largest difference of each output
+from the first source's (0.0: the same bits).
 
     python tools/routing_kernel_timing.py capslab/routing.cpp --inputs 3200   # 36x36 pairs
+    python tools/routing_kernel_timing.py capslab/routing.cpp --dtype float32 --batch 128
     git show HEAD~1:capslab/routing.cpp > /tmp/before.cpp
     python tools/routing_kernel_timing.py /tmp/before.cpp capslab/routing.cpp --rounds 30
 
@@ -30,20 +31,22 @@ from capslab.errors import UserError, exit_on_user_error, first_line  # noqa: E4
 from capslab.fused_routing import FLAGS, LANES, address  # noqa: E402
 from capslab.hardware import cpu_name  # noqa: E402
 
-BATCH, OUTPUTS, ITERATIONS, IN_DIM = 64, 10, 3, 8
+OUTPUTS, ITERATIONS, IN_DIM = 10, 3, 8
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 OUTPUT_NAMES = ("v", "c", "grad_s", "v_t", "grad_u", "grad_W")
 
 
 class Kernel:
     """One routing.cpp, built into `folder`, with its own output buffers."""
 
-    def __init__(self, source: Path, folder: Path, inputs: int):
+    def __init__(self, source: Path, folder: Path, inputs: int, batch: int, dtype: str):
         if not source.is_file():
             raise UserError(f"{source}: no such file")
         text = source.read_text(errors="replace")
         self.source = source
         self.takes_logits = "Acc* saved_c, Acc* logits)" in text
         self.float32_W = "const In* W" not in text
+        self.dtype = dtype
         library = folder / f"kernel{len(list(folder.iterdir()))}.so"
         built = subprocess.run(
             ["c++", *FLAGS, "-o", str(library), str(source)], capture_output=True, text=True
@@ -54,24 +57,24 @@ class Kernel:
         if not hasattr(self.library, "votes_backward_bfloat16"):
             raise UserError(f"{source} has no routing kernel's entry points")
         slot = -(-inputs // LANES) * OUTPUTS * LANES
-        shape = (BATCH, ITERATIONS, OUTPUTS, LANES)
+        shape = (batch, ITERATIONS, OUTPUTS, LANES)
         self.buffers = {
-            "v": torch.empty(BATCH, OUTPUTS, LANES),
-            "c": torch.empty(BATCH, OUTPUTS, inputs),
-            "saved_s": torch.empty(BATCH, ITERATIONS, LANES, LANES),
-            "saved_c": torch.empty(BATCH, ITERATIONS, slot),
-            "logits": torch.empty(BATCH, slot),
-            "scratch": torch.empty(BATCH, ITERATIONS, slot),
+            "v": torch.empty(batch, OUTPUTS, LANES),
+            "c": torch.empty(batch, OUTPUTS, inputs),
+            "saved_s": torch.empty(batch, ITERATIONS, LANES, LANES),
+            "saved_c": torch.empty(batch, ITERATIONS, slot),
+            "logits": torch.empty(batch, slot),
+            "scratch": torch.empty(batch, ITERATIONS, slot),
             "grad_s": torch.empty(shape),
             "v_t": torch.empty(shape),
         }
 
     def weights(self, W: torch.Tensor) -> torch.Tensor:
-        return W if self.float32_W else W.bfloat16()
+        return W if self.float32_W else W.to(DTYPES[self.dtype])
 
     def calls(self, u, W, grad_v):
         """The three calls, as FusedRouting makes them."""
-        dims = torch.tensor([u.shape[1], BATCH, OUTPUTS, ITERATIONS, IN_DIM])
+        dims = torch.tensor([u.shape[1], u.shape[0], OUTPUTS, ITERATIONS, IN_DIM])
         threads = ctypes.c_int64(torch.get_num_threads())
         eps = ctypes.c_double(1e-7)
         W = self.weights(W)
@@ -80,10 +83,10 @@ class Kernel:
         forward_outputs = [b["v"], b["c"], b["saved_s"], b["saved_c"]]
         forward_outputs += [b["logits"]] if self.takes_logits else []
         return (
-            lambda: self.library.forward_bfloat16(
+            lambda: getattr(self.library, f"forward_{self.dtype}")(
                 *map(address, (u, W, dims)), threads, eps, *map(address, forward_outputs)
             ),
-            lambda: self.library.backward_bfloat16(
+            lambda: getattr(self.library, f"backward_{self.dtype}")(
                 *map(address, (u, W, dims)),
                 threads,
                 ctypes.c_int64(0),
@@ -91,7 +94,7 @@ class Kernel:
                 *map(address, (b["saved_s"], b["saved_c"], grad_v, b["scratch"])),
                 *map(address, (b["grad_s"], b["v_t"])),
             ),
-            lambda: self.library.votes_backward_bfloat16(
+            lambda: getattr(self.library, f"votes_backward_{self.dtype}")(
                 *map(address, (u, W, dims)),
                 threads,
                 ctypes.c_int64(0),
@@ -117,20 +120,31 @@ def main() -> None:
     parser.add_argument("--inputs", type=int, default=3200, help="I: 1152 (28x28) or 3200")
     parser.add_argument("--rounds", type=int, default=20, help="alternating rounds, best kept")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per round")
+    parser.add_argument("--batch", type=int, default=64, help="examples per call")
+    parser.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="bfloat16",
+        help="the capsules' dtype: float32 where the CPU lacks native bf16",
+    )
     args = parser.parse_args()
     for flag, value in (
         ("--inputs", args.inputs),
         ("--rounds", args.rounds),
         ("--repeats", args.repeats),
+        ("--batch", args.batch),
     ):
         if value < 1:
             raise UserError(f"{flag} must be at least 1, got {value}")
     torch.manual_seed(0)
-    u = (0.3 * torch.randn(BATCH, args.inputs, IN_DIM)).bfloat16()
+    u = (0.3 * torch.randn(args.batch, args.inputs, IN_DIM)).to(DTYPES[args.dtype])
     W = 0.05 * torch.randn(args.inputs, IN_DIM, OUTPUTS * LANES)
-    grad_v = torch.randn(BATCH, OUTPUTS, LANES)
+    grad_v = torch.randn(args.batch, OUTPUTS, LANES)
     with tempfile.TemporaryDirectory() as folder:
-        kernels = [Kernel(source, Path(folder), args.inputs) for source in args.sources]
+        kernels = [
+            Kernel(source, Path(folder), args.inputs, args.batch, args.dtype)
+            for source in args.sources
+        ]
         calls = [kernel.calls(u, W, grad_v) for kernel in kernels]
         best = [[float("inf")] * 3 for _ in kernels]
         for _ in range(args.rounds):
@@ -149,6 +163,8 @@ def main() -> None:
                 "cpu": cpu_name(),
                 "threads": torch.get_num_threads(),
                 "inputs": args.inputs,
+                "batch": args.batch,
+                "dtype": args.dtype,
                 "forward_ms": round(times[0], 2),
                 "backward_ms": round(times[1], 2),
                 "grad_u_and_W_ms": round(times[2], 2),
