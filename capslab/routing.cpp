@@ -22,6 +22,8 @@
 #include <cstdint>
 #include <cstring>
 #include <omp.h>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -57,10 +59,22 @@ constexpr int kRegisterBytes = 32;
 template <typename Acc>
 struct Register {
   typedef Acc Vec __attribute__((vector_size(kRegisterBytes)));
+  typedef std::conditional_t<sizeof(Acc) == 4, int32_t, int64_t> Lane;
+  typedef Lane Mask __attribute__((vector_size(kRegisterBytes)));
   static constexpr int kLanes = kRegisterBytes / sizeof(Acc);
   static Vec load(const Acc* p) {
     Vec out;
     std::memcpy(&out, p, sizeof out);
+    return out;
+  }
+  static Vec load(const uint16_t* p) {  // bfloat16 -> float32 (Acc is float)
+    typedef uint16_t Halves __attribute__((vector_size(kRegisterBytes / 2)));
+    typedef uint32_t Words __attribute__((vector_size(kRegisterBytes)));
+    Halves bits;
+    std::memcpy(&bits, p, sizeof bits);
+    const Words wide = __builtin_convertvector(bits, Words) << 16;
+    Vec out;
+    std::memcpy(&out, &wide, sizeof out);
     return out;
   }
 };
@@ -166,34 +180,53 @@ Acc max(Vec<Acc> x) {
   return x[0];
 }
 
-// Lane k of the result is sum(p[k]), for 16 vectors: four rounds of pairwise shuffles and adds
-// instead of 16 separate horizontal sums. Each round halves the lanes a vector's partial sums
-// take up, and leaves lane k holding vector bitreverse(k), so the input is bit-reversed first.
-template <typename Acc>
-__attribute__((always_inline)) inline Vec<Acc> sums(const Vec<Acc>* p) {
-  using M = Mask<Acc>;
-  static constexpr int kBitReversed[kLanes] = {0, 8, 4, 12, 2, 10, 6, 14,
-                                               1, 9, 5, 13, 3, 11, 7, 15};
-  Vec<Acc> level[kLanes];
-#pragma GCC unroll 16
-  for (int k = 0; k < kLanes; ++k) level[k] = p[kBitReversed[k]];
-  const M low[4] = {
-      {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23},
-      {0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27},
-      {0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29},
-      {0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30}};
-  const M high[4] = {
-      {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31},
-      {4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31},
-      {2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31},
-      {1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31}};
-#pragma GCC unroll 4
-  for (int round = 0, count = kLanes; round < 4; ++round, count /= 2)
+// Lane k of the result is sum(p[k]), for as many vectors as V has lanes (L): log2(L) rounds of
+// pairwise shuffles and adds instead of L separate horizontal sums. Each round halves the lanes
+// a vector's partial sums take up, and leaves lane k holding vector bitreverse(k), so the input
+// is bit-reversed first. In the round that keeps h lanes per vector, lane m of the low (high)
+// shuffle is lane m of the pair's first vector where m % 2h < h, of its second where not, in
+// both cases shifted down by the lanes of the other half that m's block skips (plus h).
+constexpr int pair_lane(int m, int lanes, int h, bool high) {
+  const int position = m % (2 * h), base = m - position;
+  return (position < h ? base + position : lanes + base + position - h) + (high ? h : 0);
+}
+
+template <typename M, int lanes, int h, bool high, size_t... m>
+constexpr M pair_mask(std::index_sequence<m...>) {
+  return M{pair_lane(int(m), lanes, h, high)...};
+}
+
+constexpr int bit_reversed(int k, int lanes) {
+  int out = 0;
+  for (int bit = 1; bit < lanes; bit <<= 1, k >>= 1) out = (out << 1) | (k & 1);
+  return out;
+}
+
+template <typename V, typename M, int lanes, int h>
+__attribute__((always_inline)) inline void pair_rounds(V* level) {
+  if constexpr (h >= 1) {
+    constexpr M low = pair_mask<M, lanes, h, false>(std::make_index_sequence<lanes>{});
+    constexpr M high = pair_mask<M, lanes, h, true>(std::make_index_sequence<lanes>{});
 #pragma GCC unroll 8
-    for (int k = 0; k < count / 2; ++k)
-      level[k] = __builtin_shuffle(level[2 * k], level[2 * k + 1], low[round]) +
-                 __builtin_shuffle(level[2 * k], level[2 * k + 1], high[round]);
+    for (int k = 0; k < h; ++k)
+      level[k] = __builtin_shuffle(level[2 * k], level[2 * k + 1], low) +
+                 __builtin_shuffle(level[2 * k], level[2 * k + 1], high);
+    pair_rounds<V, M, lanes, h / 2>(level);
+  }
+}
+
+template <typename V, typename M, int lanes>
+__attribute__((always_inline)) inline V sums(const V* p) {
+  V level[lanes];
+#pragma GCC unroll 16
+  for (int k = 0; k < lanes; ++k) level[k] = p[bit_reversed(k, lanes)];
+  pair_rounds<V, M, lanes, lanes / 2>(level);
   return level[0];
+}
+
+template <typename Acc>
+__attribute__((always_inline)) inline Vec<Acc> sums(const Vec<Acc>* p) {  // one capsule each
+  return sums<Vec<Acc>, Mask<Acc>, kLanes>(p);
 }
 
 // e^x for x <= 0, lane by lane. float32: Cephes' expf polynomial (about 1 ulp), exact 0 below
@@ -257,14 +290,30 @@ struct Shape {
   int64_t slot() const { return blocks() * outputs * kLanes; }
 };
 
-// Lane k of the result: u_hat_{i0+k, j} . x, for the n <= 16 inputs of the block.
+// Lane k of the result: u_hat_{i0+k, j} . x, for the n <= 16 inputs of the block. In registers
+// of the CPU's width: on AVX2, each dot product is two registers' products added, and each half
+// of the result is one reduction of 8 registers.
 template <typename In, typename Acc>
 Vec<Acc> block_dots(const In* block, int64_t n, int64_t stride, int64_t j, Vec<Acc> x) {
-  Vec<Acc> products[kLanes];
+  using R = Register<Acc>;
+  constexpr int L = R::kLanes, parts = kLanes / L;  // registers per capsule
+  typename R::Vec x_parts[parts];
+  std::memcpy(x_parts, &x, sizeof x);
+  Acc out[kLanes];
+#pragma GCC unroll 2
+  for (int k0 = 0; k0 < kLanes; k0 += L) {
+    typename R::Vec products[L];
 #pragma GCC unroll 16
-  for (int k = 0; k < kLanes; ++k)
-    products[k] = k < n ? load(block + k * stride + j * kLanes) * x : Vec<Acc>{};
-  return sums<Acc>(products);
+    for (int k = 0; k < L; ++k) {
+      products[k] = typename R::Vec{};
+      if (k0 + k < n)
+        for (int part = 0; part < parts; ++part)
+          products[k] += R::load(block + (k0 + k) * stride + j * kLanes + part * L) * x_parts[part];
+    }
+    const typename R::Vec total = sums<typename R::Vec, typename R::Mask, L>(products);
+    std::memcpy(out + k0, &total, sizeof total);
+  }
+  return load(out);
 }
 
 // sum_k weights[k] u_hat_{i0+k, j}, for the n inputs of the block.
