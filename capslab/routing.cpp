@@ -536,41 +536,56 @@ void votes_backward(const In* u, const In* W, Shape n, int64_t begin, int64_t en
                     const Acc* v, In* grad_u, Acc* grad_W) {
   const int64_t I = n.inputs, B = n.batch, J = kJ ? kJ : n.outputs, K = kK ? kK : n.in_dim;
   const int64_t width = n.width(), r = n.iterations, last = r - 1;
+  using R = Register<Acc>;
+  constexpr int L = R::kLanes, parts = kLanes / L;  // registers per capsule
   std::vector<Vec<Acc>> grad_votes(B * J), weights(K * J);  // (B, J) and W_i's (K, J)
+  const Acc* flat_grad_votes = reinterpret_cast<const Acc*>(grad_votes.data());
+  const Acc* flat_weights = reinterpret_cast<const Acc*>(weights.data());
   std::vector<Acc> u_i(B * K);
   for (int64_t i = begin; i < end; ++i) {
     const int64_t at = (i - i % kLanes) * J + i % kLanes;  // (i, j = 0) in a slot
     for (int64_t b = 0; b < B; ++b) {
       for (int64_t k = 0; k < K; ++k) u_i[b * K + k] = widen(u[(b * I + i) * K + k]);
-      Vec<Acc> total[kLanes];
-      for (int j = 0; j < J; ++j) total[j] = Vec<Acc>{};
-      for (int64_t t = first; t <= last; ++t) {
-        const int64_t row = b * r + t;
-        const Acc* c_t = saved_c + row * n.slot() + at;
-        const Acc* G_t = scratch + row * n.slot() + at;
-        for (int j = 0; j < J; ++j) {
-          const Acc c = t == 0 ? Acc(1) / Acc(J) : c_t[j * kLanes];  // c_0 is uniform, not stored
-          total[j] += c * load(grad_s + (row * J + j) * kLanes);
-          if (t < last) total[j] += G_t[j * kLanes] * load(v + (row * J + j) * kLanes);
+      for (int j = 0; j < J; ++j) {
+        typename R::Vec total[parts] = {};
+        for (int64_t t = first; t <= last; ++t) {
+          const int64_t row = b * r + t;
+          const Acc c = t == 0 ? Acc(1) / Acc(J) : saved_c[row * n.slot() + at + j * kLanes];
+          const Acc G = t < last ? scratch[row * n.slot() + at + j * kLanes] : Acc(0);
+          for (int part = 0; part < parts; ++part) {  // c_0 is uniform, not stored
+            const int64_t lanes = (row * J + j) * kLanes + part * L;
+            total[part] += c * R::load(grad_s + lanes);
+            if (t < last) total[part] += G * R::load(v + lanes);
+          }
         }
+        std::memcpy(&grad_votes[b * J + j], total, sizeof total);
       }
-      for (int j = 0; j < J; ++j) grad_votes[b * J + j] = total[j];
     }
     for (int64_t k = 0; k < K; ++k)
       for (int j = 0; j < J; ++j) weights[k * J + j] = load(W + (i * K + k) * width + j * kLanes);
-    for (int j = 0; j < J; ++j) {
-      Vec<Acc> total[kLanes];
-      for (int64_t k = 0; k < K; ++k) total[k] = Vec<Acc>{};
-      for (int64_t b = 0; b < B; ++b)
-        for (int64_t k = 0; k < K; ++k) total[k] += u_i[b * K + k] * grad_votes[b * J + j];
-      for (int64_t k = 0; k < K; ++k) store(total[k], grad_W + (i * K + k) * width + j * kLanes);
+    for (int64_t q = 0; q < width; q += L) {  // grad W_i, a register's lanes at a time
+      typename R::Vec total[kLanes];
+      for (int64_t k = 0; k < K; ++k) total[k] = typename R::Vec{};
+      for (int64_t b = 0; b < B; ++b) {
+        const typename R::Vec grad = R::load(flat_grad_votes + b * width + q);
+        for (int64_t k = 0; k < K; ++k) total[k] += u_i[b * K + k] * grad;
+      }
+      for (int64_t k = 0; k < K; ++k) std::memcpy(grad_W + (i * K + k) * width + q, &total[k], sizeof total[k]);
     }
     for (int64_t b = 0; b < B; ++b) {
-      Vec<Acc> products[kLanes];  // lane d of products[k]: sum_j W_ijdk grad u_hat_bijd
-      for (int k = 0; k < kLanes; ++k) products[k] = Vec<Acc>{};
-      for (int j = 0; j < J; ++j)
-        for (int64_t k = 0; k < K; ++k) products[k] += weights[k * J + j] * grad_votes[b * J + j];
-      store_first<In, Acc>(sums<Acc>(products), grad_u + (b * I + i) * K, K);
+      Acc out[kLanes];  // out[k] = sum_j sum_d W_ijdk grad u_hat_bijd
+      for (int64_t k0 = 0; k0 < K; k0 += L) {
+        typename R::Vec products[L];  // lane d of products[k]: a part of the sum over d
+        for (int k = 0; k < L; ++k) products[k] = typename R::Vec{};
+        for (int64_t q = 0; q < width; q += L) {
+          const typename R::Vec grad = R::load(flat_grad_votes + b * width + q);
+          for (int k = 0; k < L; ++k)
+            if (k0 + k < K) products[k] += R::load(flat_weights + (k0 + k) * width + q) * grad;
+        }
+        const typename R::Vec total = sums<typename R::Vec, typename R::Mask, L>(products);
+        std::memcpy(out + k0, &total, sizeof total);
+      }
+      store_first<In, Acc>(load(out), grad_u + (b * I + i) * K, K);
     }
   }
 }
