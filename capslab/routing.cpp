@@ -116,19 +116,6 @@ void store(Vec<float> x, uint16_t* p) {
   std::memcpy(p, &half, sizeof half);
 }
 
-// x as storing it in In and loading it back would give.
-template <typename In, typename Acc>
-Vec<Acc> as_stored(Vec<Acc> x) {
-  if constexpr (sizeof(In) == 2) {
-    const Bits rounded = bfloat16_bits(x);
-    Vec<Acc> out;
-    std::memcpy(&out, &rounded, sizeof out);
-    return out;
-  } else {
-    return x;
-  }
-}
-
 inline float widen(uint16_t x) {  // one bfloat16 -> float32
   const uint32_t bits = uint32_t(x) << 16;
   float out;
@@ -346,7 +333,9 @@ void compute_votes(const In* u, const In* W, Shape n, int64_t begin, int64_t end
       for (int j = 0; j < J; ++j) weights[k * J + j] = load(W + (i * K + k) * width + j * kLanes);
     for (int64_t b = begin; b < end; ++b) {
       const In* u_bi = u + (b * I + i) * K;
-      Acc row[kLanes * kLanes];  // u_hat_bi: (J, 16)
+      In* out = votes + ((b - begin) * I + i) * width;
+      Acc row[kLanes * kLanes];  // u_hat_bi: (J, 16), where In needs rounding
+      Acc* sums_to = std::is_same_v<In, Acc> ? reinterpret_cast<Acc*>(out) : row;
       for (int64_t r0 = 0; r0 < registers; r0 += kChunk) {
         typename R::Vec total[kChunk];
         for (int c = 0; c < kChunk; ++c) total[c] = typename R::Vec{};
@@ -357,13 +346,14 @@ void compute_votes(const In* u, const In* W, Shape n, int64_t begin, int64_t end
             if (r0 + c < registers) total[c] += u_bik * R::load(W_ik + c * R::kLanes);
         }
         for (int c = 0; c < kChunk; ++c)
-          if (r0 + c < registers) std::memcpy(row + (r0 + c) * R::kLanes, &total[c], sizeof total[c]);
+          if (r0 + c < registers)
+            std::memcpy(sums_to + (r0 + c) * R::kLanes, &total[c], sizeof total[c]);
       }
-      In* out = votes + ((b - begin) * I + i) * width;
-      for (int j = 0; j < J; ++j) store(load(row + j * kLanes), out + j * kLanes);
+      if constexpr (!std::is_same_v<In, Acc>)
+        for (int j = 0; j < J; ++j) store(load(row + j * kLanes), out + j * kLanes);
       if (totals) {  // the stored (rounded) votes, as the later passes read them
         Vec<Acc>* sums_b = totals + (b - begin) * J;
-        for (int j = 0; j < J; ++j) sums_b[j] += as_stored<In, Acc>(load(row + j * kLanes));
+        for (int j = 0; j < J; ++j) sums_b[j] += load(out + j * kLanes);
       }
     }
   }
