@@ -16,7 +16,8 @@
 // gradient is float32 (float64 for float64 capsules), as the parameter is. bf16 values are
 // widened, and the votes rounded to bf16 as a bf16 matmul would round them. All arithmetic
 // is float32 (float64 for float64 capsules). GCC vector extensions:
-// the compiler picks the instructions (AVX-512, AVX2 or SSE) for the CPU it builds on.
+// the compiler picks the instructions (AVX-512, AVX2 or SSE) for the CPU it builds on, and the
+// loops that keep many sums live use vectors of its register width (Register, below).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>

@@ -281,17 +281,24 @@ def test_a_damaged_cached_build_is_built_again(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow  # two builds of the kernel, about 10 s
-def test_the_timing_tool_times_each_source_and_compares_their_outputs(tmp_path):
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_the_timing_tool_times_each_source_and_compares_their_outputs(tmp_path, dtype):
     same = tmp_path / "copy.cpp"
     shutil.copy(fused_routing.SOURCE, same)
     tool = "tools/routing_kernel_timing.py"
-    result = run(tool, fused_routing.SOURCE, same, "--inputs", 40, "--rounds", 1, "--repeats", 1)
+    sizes = ("--inputs", 40, "--batch", 5, "--rounds", 1, "--repeats", 1, "--dtype", dtype)
+    result = run(tool, fused_routing.SOURCE, same, *sizes)
     records = [json.loads(line) for line in result.stdout.splitlines()]
     assert [record["source"] for record in records] == [str(fused_routing.SOURCE), str(same)]
     for record in records:
-        assert record["inputs"] == 40 and 0 < record["forward_ms"] < record["total_ms"]
+        assert (record["inputs"], record["batch"], record["dtype"]) == (40, 5, dtype)
+        assert 0 < record["forward_ms"] < record["total_ms"]
         assert set(record["largest_difference_from_first"].values()) == {0.0}  # the same bits
     refused = run(tool, tmp_path / "missing.cpp", check=False)
     assert refused.returncode == 2 and refused.stderr.strip() == (
         f"error: {tmp_path / 'missing.cpp'}: no such file"
+    )
+    no_batch = run(tool, same, "--batch", 0, check=False)
+    assert no_batch.returncode == 2 and no_batch.stderr.strip() == (
+        "error: --batch must be at least 1, got 0"
     )
