@@ -51,7 +51,8 @@ using Mask = typename Lanes<Acc>::Mask;
 
 // The widest vector the CPU's registers hold. GCC splits a wider Vec (16 floats on an AVX2 CPU)
 // into halves, and in loops that keep many of them live it keeps those halves on the stack:
-// the votes' sums are written with these instead, so that they stay in registers.
+// those loops (the votes, the per-input dot products, grad u_hat, grad W and grad u) are
+// written with these instead, so that their sums stay in registers.
 #ifdef __AVX512F__
 constexpr int kRegisterBytes = 64;
 #else
@@ -541,9 +542,10 @@ void votes_backward(const In* u, const In* W, Shape n, int64_t begin, int64_t en
         typename R::Vec total[parts] = {};
         for (int64_t t = first; t <= last; ++t) {
           const int64_t row = b * r + t;
+          // c_0 is uniform, not stored
           const Acc c = t == 0 ? Acc(1) / Acc(J) : saved_c[row * n.slot() + at + j * kLanes];
           const Acc G = t < last ? scratch[row * n.slot() + at + j * kLanes] : Acc(0);
-          for (int part = 0; part < parts; ++part) {  // c_0 is uniform, not stored
+          for (int part = 0; part < parts; ++part) {
             const int64_t lanes = (row * J + j) * kLanes + part * L;
             total[part] += c * R::load(grad_s + lanes);
             if (t < last) total[part] += G * R::load(v + lanes);
