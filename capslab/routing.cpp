@@ -305,13 +305,21 @@ Vec<Acc> block_dots(const In* block, int64_t n, int64_t stride, int64_t j, Vec<A
   return load(out);
 }
 
-// sum_k weights[k] u_hat_{i0+k, j}, for the n inputs of the block.
+// sum_k weights[k] u_hat_{i0+k, j}, for the n inputs of the block. The weights come from
+// memory, where a broadcast of one is a load: taking lane k of a vector that spans two
+// registers costs shuffles.
 template <typename In, typename Acc>
 Vec<Acc> block_weighted_sum(const In* block, int64_t n, int64_t stride, int64_t j,
-                            Vec<Acc> weights) {
-  Vec<Acc> total{};
-  for (int64_t k = 0; k < n; ++k) total += weights[k] * load(block + k * stride + j * kLanes);
-  return total;
+                            const Acc* weights) {
+  using R = Register<Acc>;
+  constexpr int L = R::kLanes, parts = kLanes / L;  // registers per capsule
+  typename R::Vec total[parts] = {};
+  for (int64_t k = 0; k < n; ++k)
+    for (int part = 0; part < parts; ++part)
+      total[part] += weights[k] * R::load(block + k * stride + j * kLanes + part * L);
+  Vec<Acc> out;
+  std::memcpy(&out, total, sizeof out);
+  return out;
 }
 
 // Eq. 2 for examples [begin, end): votes (end - begin, I, J*16) = W_ij u_bi, with u (B, I, K)
@@ -405,9 +413,9 @@ void forward_one(const In* votes, const Vec<Acc>* totals, Shape n, Acc eps, Acc*
       Vec<Acc> total = zero;
       for (int j = 0; j < J; ++j) total += (b[j] = exp_nonpositive<Acc>(b[j] - top));
       for (int j = 0; j < J; ++j) {
-        Vec<Acc> c = b[j] / total;
-        store(c, c_next + i0 * J + j * kLanes);
-        s[j] += block_weighted_sum<In, Acc>(block, count, stride, j, c);
+        Acc* c_block = c_next + i0 * J + j * kLanes;
+        store(b[j] / total, c_block);
+        s[j] += block_weighted_sum<In, Acc>(block, count, stride, j, c_block);
       }
     }
   }
@@ -459,7 +467,7 @@ void backward_one(const In* votes, Shape n, bool detach_early, Acc eps, const Ac
         Acc* g_block = running + i0 * J + j * kLanes;
         Vec<Acc> g = load(g_block) + c[j] * (grad_c[j] - mean);
         store(g, g_block);
-        grad_v[j] += block_weighted_sum<In, Acc>(block, count, stride, j, g);
+        grad_v[j] += block_weighted_sum<In, Acc>(block, count, stride, j, g_block);
       }
     }
   }
