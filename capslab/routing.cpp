@@ -49,6 +49,32 @@ using Vec = typename Lanes<Acc>::Vec;
 template <typename Acc>
 using Mask = typename Lanes<Acc>::Mask;
 
+// A vector V from memory, as it lies there.
+template <typename V, typename T>
+V load_vector(const T* p) {
+  V out;
+  std::memcpy(&out, p, sizeof out);
+  return out;
+}
+
+// A float32 vector V from bfloat16s, with Halves and Words the uint16 and uint32 vectors of its
+// lane count: exact, they are its high 16 bits.
+template <typename V, typename Halves, typename Words>
+V widen_bfloat16(const uint16_t* p) {
+  const Words wide = __builtin_convertvector(load_vector<Halves>(p), Words) << 16;
+  return load_vector<V>(&wide);
+}
+
+template <typename Acc>
+Vec<Acc> load(const Acc* p) {
+  return load_vector<Vec<Acc>>(p);
+}
+
+using Bits = uint32_t __attribute__((vector_size(kLanes * 4)));  // a float32 vector's bits
+using Half = uint16_t __attribute__((vector_size(kLanes * 2)));  // a bfloat16 vector's
+
+Vec<float> load(const uint16_t* p) { return widen_bfloat16<Vec<float>, Half, Bits>(p); }
+
 // The widest vector the CPU's registers hold. GCC splits a wider Vec (16 floats on an AVX2 CPU)
 // into halves, and in loops that keep many of them live it keeps those halves on the stack:
 // those loops (the votes, the per-input dot products, grad u_hat, grad W and grad u) are
@@ -64,41 +90,14 @@ struct Register {
   typedef std::conditional_t<sizeof(Acc) == 4, int32_t, int64_t> Lane;
   typedef Lane Mask __attribute__((vector_size(kRegisterBytes)));
   static constexpr int kLanes = kRegisterBytes / sizeof(Acc);
-  static Vec load(const Acc* p) {
-    Vec out;
-    std::memcpy(&out, p, sizeof out);
-    return out;
-  }
-  static Vec load(const uint16_t* p) {  // bfloat16 -> float32 (Acc is float)
+  static constexpr int kParts = ::kLanes / kLanes;  // registers per capsule
+  static Vec load(const Acc* p) { return load_vector<Vec>(p); }
+  static Vec load(const uint16_t* p) {  // Acc is float
     typedef uint16_t Halves __attribute__((vector_size(kRegisterBytes / 2)));
     typedef uint32_t Words __attribute__((vector_size(kRegisterBytes)));
-    Halves bits;
-    std::memcpy(&bits, p, sizeof bits);
-    const Words wide = __builtin_convertvector(bits, Words) << 16;
-    Vec out;
-    std::memcpy(&out, &wide, sizeof out);
-    return out;
+    return widen_bfloat16<Vec, Halves, Words>(p);
   }
 };
-
-template <typename Acc>
-Vec<Acc> load(const Acc* p) {
-  Vec<Acc> out;
-  std::memcpy(&out, p, sizeof out);
-  return out;
-}
-
-using Bits = uint32_t __attribute__((vector_size(kLanes * 4)));  // a float32 vector's bits
-using Half = uint16_t __attribute__((vector_size(kLanes * 2)));  // a bfloat16 vector's
-
-Vec<float> load(const uint16_t* p) {  // bfloat16 -> float32 is exact: the high 16 bits
-  Half bits;
-  std::memcpy(&bits, p, sizeof bits);
-  Bits wide = __builtin_convertvector(bits, Bits) << 16;
-  Vec<float> out;
-  std::memcpy(&out, &wide, sizeof out);
-  return out;
-}
 
 template <typename Acc>
 void store(Vec<Acc> x, Acc* p) {
@@ -285,7 +284,7 @@ struct Shape {
 template <typename In, typename Acc>
 Vec<Acc> block_dots(const In* block, int64_t n, int64_t stride, int64_t j, Vec<Acc> x) {
   using R = Register<Acc>;
-  constexpr int L = R::kLanes, parts = kLanes / L;  // registers per capsule
+  constexpr int L = R::kLanes, parts = R::kParts;
   typename R::Vec x_parts[parts];
   std::memcpy(x_parts, &x, sizeof x);
   Acc out[kLanes];
@@ -312,7 +311,7 @@ template <typename In, typename Acc>
 Vec<Acc> block_weighted_sum(const In* block, int64_t n, int64_t stride, int64_t j,
                             const Acc* weights) {
   using R = Register<Acc>;
-  constexpr int L = R::kLanes, parts = kLanes / L;  // registers per capsule
+  constexpr int L = R::kLanes, parts = R::kParts;
   typename R::Vec total[parts] = {};
   for (int64_t k = 0; k < n; ++k)
     for (int part = 0; part < parts; ++part)
@@ -537,7 +536,7 @@ void votes_backward(const In* u, const In* W, Shape n, int64_t begin, int64_t en
   const int64_t I = n.inputs, B = n.batch, J = kJ ? kJ : n.outputs, K = kK ? kK : n.in_dim;
   const int64_t width = n.width(), r = n.iterations, last = r - 1;
   using R = Register<Acc>;
-  constexpr int L = R::kLanes, parts = kLanes / L;  // registers per capsule
+  constexpr int L = R::kLanes, parts = R::kParts;
   std::vector<Vec<Acc>> grad_votes(B * J), weights(K * J);  // (B, J) and W_i's (K, J)
   const Acc* flat_grad_votes = reinterpret_cast<const Acc*>(grad_votes.data());
   const Acc* flat_weights = reinterpret_cast<const Acc*>(weights.data());

@@ -28,11 +28,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
 
 from capslab.errors import UserError, exit_on_user_error, first_line  # noqa: E402
-from capslab.fused_routing import FLAGS, LANES, address  # noqa: E402
+from capslab.fused_routing import FLAGS, LANES, SUFFIXES, address  # noqa: E402
 from capslab.hardware import cpu_name  # noqa: E402
 
 OUTPUTS, ITERATIONS, IN_DIM = 10, 3, 8
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+# The kernel's entry points by name, for the capsule dtypes whose outputs are float32 buffers.
+DTYPES = {name: dtype for dtype, name in SUFFIXES.items() if dtype != torch.float64}
 OUTPUT_NAMES = ("v", "c", "grad_s", "v_t", "grad_u", "grad_W")
 
 
