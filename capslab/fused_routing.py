@@ -89,23 +89,28 @@ def cpu_identity(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
     return "\n".join(f"{name}: {fields.get(name, '')}" for name in CPU_FIELDS + CPU_FIELDS_ARM)
 
 
-def build_key(compiler: str, cpu: str) -> str:
+def build_key(compiler: str, cpu: str, source: Path = SOURCE) -> str:
     """A hash of everything the build depends on: source, flags, compiler and CPU."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    parts = (SOURCE.read_bytes(), " ".join(FLAGS).encode(), version.encode(), cpu.encode())
+    parts = (source.read_bytes(), " ".join(FLAGS).encode(), version.encode(), cpu.encode())
     return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
 
 
-def build(compiler: str) -> Path:
-    """Compile routing.cpp once per key; a concurrent build waits for the first one."""
-    folder = cache_folder()
-    folder.mkdir(parents=True, exist_ok=True)
-    target = folder / f"routing-{build_key(compiler, cpu_identity())}.so"
+def cached_build(compiler: str, source: Path = SOURCE) -> Path:
+    """Where the build of `source` for this compiler and CPU lies in the cache."""
+    return cache_folder() / f"routing-{build_key(compiler, cpu_identity(), source)}.so"
+
+
+def build(compiler: str, source: Path = SOURCE) -> Path:
+    """Compile a routing.cpp once per key (tools/routing_kernel_timing.py builds older ones);
+    a concurrent build waits for the first one."""
+    target = cached_build(compiler, source)
+    target.parent.mkdir(parents=True, exist_ok=True)
     with filelock.FileLock(str(target) + ".lock"):
         if not target.exists():
-            with tempfile.TemporaryDirectory(dir=folder) as scratch:
+            with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
                 built = Path(scratch) / target.name
-                command = [compiler, *FLAGS, "-o", str(built), str(SOURCE)]
+                command = [compiler, *FLAGS, "-o", str(built), str(source)]
                 subprocess.run(command, check=True, capture_output=True, text=True)
                 os.replace(built, target)  # whole or absent, never half-written
     return target

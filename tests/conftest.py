@@ -24,6 +24,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # import the repository's modules without installing
+sys.path.insert(0, str(REPO / "tools"))  # and the tools, for run_in_process("tools/...")
 
 import evaluate  # noqa: E402
 import train  # noqa: E402

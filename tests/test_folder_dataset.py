@@ -3,8 +3,9 @@ Folders are made here, of a few small PNGs; 20-px images keep the model small (a
 primary capsules), so a run takes seconds."""
 
 import json
-import sys
 
+import colour_mnist  # noqa: E402
+import export_imagefolder  # noqa: E402
 import numpy as np
 import pytest
 import torch
@@ -17,16 +18,11 @@ from capslab.imagefolder import FileSplit, FolderOptions, load_folder
 from capslab.training import TrainConfig
 
 from conftest import (
-    REPO,
     SMALL_SCHEDULE,
     assert_one_line_error,
     png_header_only,
     run_in_process,
 )
-
-sys.path.insert(0, str(REPO / "tools"))
-import colour_mnist  # noqa: E402
-import export_imagefolder  # noqa: E402
 
 SIDE = 20  # the smallest side worth a test: primary capsules on a 2x2 grid
 RUN = [

@@ -13,7 +13,7 @@ from capslab import fused_routing
 from capslab.fused_routing import FusedRouting
 from CapsNet import EPS, CapsNet, CapsNetConfig, DigitCaps, DynamicRouting
 
-from conftest import run
+from conftest import assert_one_line_error, run_in_process
 from test_model import reference_routing
 
 pytestmark = pytest.mark.skipif(
@@ -218,18 +218,6 @@ def test_other_capsule_widths_route_with_the_torch_code():
     assert v.shape == (2, 10, 8) and torch.isfinite(lengths).all()
 
 
-def test_the_build_lands_whole_in_the_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("CAPSNET_CACHE", str(tmp_path))
-    fused_routing.library.cache_clear()
-    try:
-        assert fused_routing.library() is not None
-        (built,) = tmp_path.glob("routing-*.so")
-        assert built.stat().st_size > 0
-        assert not [p for p in tmp_path.iterdir() if p.is_dir()]  # no build folder left
-    finally:
-        fused_routing.library.cache_clear()
-
-
 def test_without_a_compiler_routing_warns_once_and_uses_the_torch_code(tmp_path, monkeypatch):
     monkeypatch.setenv("CAPSNET_CACHE", str(tmp_path))
     monkeypatch.setenv("CXX", "no-such-compiler")
@@ -273,37 +261,48 @@ def test_a_compiler_that_fails_leaves_routing_to_the_torch_code(tmp_path, monkey
         fused_routing.library.cache_clear()
 
 
-def test_a_damaged_cached_build_is_built_again(tmp_path, monkeypatch):
+def test_a_damaged_cached_build_is_built_again_and_lands_whole(tmp_path, monkeypatch):
     monkeypatch.setenv("CAPSNET_CACHE", str(tmp_path))
     fused_routing.library.cache_clear()
     try:
-        built = fused_routing.build(os.environ.get("CXX") or "c++")
-        built.write_bytes(b"not a shared library")
+        damaged = fused_routing.cached_build(os.environ.get("CXX") or "c++")
+        damaged.write_bytes(b"not a shared library")
         assert fused_routing.library() is not None
-        assert built.read_bytes()[:4] == b"\x7fELF"
+        assert damaged.read_bytes()[:4] == b"\x7fELF"
+        assert [built.name for built in tmp_path.glob("routing-*.so")] == [damaged.name]
+        assert not [p for p in tmp_path.iterdir() if p.is_dir()]  # no build folder left
     finally:
         fused_routing.library.cache_clear()
 
 
-@pytest.mark.slow  # two builds of the kernel, about 10 s
+TIMING_TOOL = "tools/routing_kernel_timing.py"
+
+
+# Each source text is built once into the kernel's cache, so the copy and the suite's own
+# routing reuse one build.
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_the_timing_tool_times_each_source_and_compares_their_outputs(tmp_path, dtype):
     same = tmp_path / "copy.cpp"
     shutil.copy(fused_routing.SOURCE, same)
-    tool = "tools/routing_kernel_timing.py"
     sizes = ("--inputs", 40, "--batch", 5, "--rounds", 1, "--repeats", 1, "--dtype", dtype)
-    result = run(tool, fused_routing.SOURCE, same, *sizes)
+    result = run_in_process(TIMING_TOOL, fused_routing.SOURCE, same, *sizes)
     records = [json.loads(line) for line in result.stdout.splitlines()]
     assert [record["source"] for record in records] == [str(fused_routing.SOURCE), str(same)]
     for record in records:
         assert (record["inputs"], record["batch"], record["dtype"]) == (40, 5, dtype)
         assert 0 < record["forward_ms"] < record["total_ms"]
         assert set(record["largest_difference_from_first"].values()) == {0.0}  # the same bits
-    refused = run(tool, tmp_path / "missing.cpp", check=False)
-    assert refused.returncode == 2 and refused.stderr.strip() == (
-        f"error: {tmp_path / 'missing.cpp'}: no such file"
-    )
-    no_batch = run(tool, same, "--batch", 0, check=False)
-    assert no_batch.returncode == 2 and no_batch.stderr.strip() == (
-        "error: --batch must be at least 1, got 0"
-    )
+
+
+def test_the_timing_tool_refuses_a_missing_or_broken_source_and_a_bad_count(tmp_path):
+    broken = tmp_path / "broken.cpp"
+    broken.write_text("not C++\n")
+    refusals = {
+        (broken,): f"{broken} does not compile: ",
+        (tmp_path / "missing.cpp",): f"{tmp_path / 'missing.cpp'}: no such file",
+        (fused_routing.SOURCE, "--batch", 0): "--batch must be at least 1, got 0",
+    }
+    for args, message in refusals.items():
+        result = run_in_process(TIMING_TOOL, *args, check=False)
+        assert result.returncode == 2 and result.stderr.count("\n") == 1
+        assert_one_line_error(result, message)

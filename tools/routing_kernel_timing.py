@@ -10,8 +10,9 @@ from the first source's (0.0: the same bits).
     python tools/routing_kernel_timing.py /tmp/before.cpp capslab/routing.cpp --rounds 30
 
 Kernels from before the votes were made from a bf16 W (they take a float32 W and a logits
-buffer) are recognised by their source and called their way. Run it alone on the machine: the
-numbers are wall-clock times.
+buffer) are recognised by their source and called their way. Each text is built once, into the
+kernel's cache (~/.cache/capsnet or $CAPSNET_CACHE), so timing it again does not rebuild it. Run
+it alone on the machine: the numbers are wall-clock times.
 """
 
 import argparse
@@ -19,7 +20,6 @@ import ctypes
 import json
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
 
 from capslab.errors import UserError, exit_on_user_error, first_line  # noqa: E402
-from capslab.fused_routing import FLAGS, LANES, SUFFIXES, address  # noqa: E402
+from capslab.fused_routing import LANES, SUFFIXES, address, build  # noqa: E402
 from capslab.hardware import cpu_name  # noqa: E402
 
 OUTPUTS, ITERATIONS, IN_DIM = 10, 3, 8
@@ -38,9 +38,10 @@ OUTPUT_NAMES = ("v", "c", "grad_s", "v_t", "grad_u", "grad_W")
 
 
 class Kernel:
-    """One routing.cpp, built into `folder`, with its own output buffers."""
+    """One routing.cpp, built once per text into the kernel's cache, with its own output
+    buffers."""
 
-    def __init__(self, source: Path, folder: Path, inputs: int, batch: int, dtype: str):
+    def __init__(self, source: Path, inputs: int, batch: int, dtype: str):
         if not source.is_file():
             raise UserError(f"{source}: no such file")
         text = source.read_text(errors="replace")
@@ -48,12 +49,11 @@ class Kernel:
         self.takes_logits = "Acc* saved_c, Acc* logits)" in text
         self.float32_W = "const In* W" not in text
         self.dtype = dtype
-        library = folder / f"kernel{len(list(folder.iterdir()))}.so"
-        built = subprocess.run(
-            ["c++", *FLAGS, "-o", str(library), str(source)], capture_output=True, text=True
-        )
-        if built.returncode != 0:
-            raise UserError(f"{source} does not compile: {first_line(Exception(built.stderr))}")
+        try:  # built once per source text, into the kernel's own cache
+            library = build("c++", source)
+        except subprocess.CalledProcessError as error:
+            message = first_line(Exception(error.stderr))
+            raise UserError(f"{source} does not compile: {message}") from None
         self.library = ctypes.CDLL(str(library))
         if not hasattr(self.library, "votes_backward_bfloat16"):
             raise UserError(f"{source} has no routing kernel's entry points")
@@ -115,7 +115,7 @@ def best_milliseconds(call, repeats: int) -> float:
     return min(times) * 1000
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("sources", nargs="+", type=Path, help="routing.cpp files to compare")
     parser.add_argument("--inputs", type=int, default=3200, help="I: 1152 (28x28) or 3200")
@@ -128,7 +128,7 @@ def main() -> None:
         default="bfloat16",
         help="the capsules' dtype: float32 where the CPU lacks native bf16",
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     for flag, value in (
         ("--inputs", args.inputs),
         ("--rounds", args.rounds),
@@ -141,38 +141,33 @@ def main() -> None:
     u = (0.3 * torch.randn(args.batch, args.inputs, IN_DIM)).to(DTYPES[args.dtype])
     W = 0.05 * torch.randn(args.inputs, IN_DIM, OUTPUTS * LANES)
     grad_v = torch.randn(args.batch, OUTPUTS, LANES)
-    with tempfile.TemporaryDirectory() as folder:
-        kernels = [
-            Kernel(source, Path(folder), args.inputs, args.batch, args.dtype)
-            for source in args.sources
-        ]
-        calls = [kernel.calls(u, W, grad_v) for kernel in kernels]
-        best = [[float("inf")] * 3 for _ in kernels]
-        for _ in range(args.rounds):
-            for times, three in zip(best, calls):
-                for index, call in enumerate(three):
-                    times[index] = min(times[index], best_milliseconds(call, args.repeats))
-        for kernel, times in zip(kernels, best):
-            outputs = {name: kernel.buffers[name].float() for name in OUTPUT_NAMES}
-            first = kernels[0].buffers
-            differences = {
-                name: (outputs[name] - first[name].float()).abs().max().item()
-                for name in OUTPUT_NAMES
-            }
-            record = {
-                "source": str(kernel.source),
-                "cpu": cpu_name(),
-                "threads": torch.get_num_threads(),
-                "inputs": args.inputs,
-                "batch": args.batch,
-                "dtype": args.dtype,
-                "forward_ms": round(times[0], 2),
-                "backward_ms": round(times[1], 2),
-                "grad_u_and_W_ms": round(times[2], 2),
-                "total_ms": round(sum(times), 2),
-                "largest_difference_from_first": differences,
-            }
-            print(json.dumps(record))
+    kernels = [Kernel(source, args.inputs, args.batch, args.dtype) for source in args.sources]
+    calls = [kernel.calls(u, W, grad_v) for kernel in kernels]
+    best = [[float("inf")] * 3 for _ in kernels]
+    for _ in range(args.rounds):
+        for times, three in zip(best, calls):
+            for index, call in enumerate(three):
+                times[index] = min(times[index], best_milliseconds(call, args.repeats))
+    for kernel, times in zip(kernels, best):
+        outputs = {name: kernel.buffers[name].float() for name in OUTPUT_NAMES}
+        first = kernels[0].buffers
+        differences = {
+            name: (outputs[name] - first[name].float()).abs().max().item() for name in OUTPUT_NAMES
+        }
+        record = {
+            "source": str(kernel.source),
+            "cpu": cpu_name(),
+            "threads": torch.get_num_threads(),
+            "inputs": args.inputs,
+            "batch": args.batch,
+            "dtype": args.dtype,
+            "forward_ms": round(times[0], 2),
+            "backward_ms": round(times[1], 2),
+            "grad_u_and_W_ms": round(times[2], 2),
+            "total_ms": round(sum(times), 2),
+            "largest_difference_from_first": differences,
+        }
+        print(json.dumps(record))
 
 
 if __name__ == "__main__":
