@@ -257,22 +257,17 @@ def test_notebook_refuses_a_model_without_a_trained_decoder(tiny_checkpoint, tmp
 
 
 @pytest.mark.slow
-def test_without_a_multimnist_model_two_digits_says_how_to_train_one(tiny_checkpoint, monkeypatch):
-    lines, widgets, _ = execute_notebook(
-        tiny_checkpoint, monkeypatch, sections=("Two digits at once",)
-    )
-    assert lines == [
-        f"checkpoint {tiny_checkpoint}  dataset mnist  device cpu",
-        NOT_THERE_YET.format(path=NO_MULTIMNIST),
-    ]
-    assert "python train.py --dataset multimnist" in lines[-1]
-    assert not widgets.get("ImageModel")  # the section shows nothing more
-
-
-@pytest.mark.slow
-def test_notebook_predicts_the_samples(trained_checkpoint, monkeypatch):
+def test_notebook_predicts_the_samples_and_says_how_to_train_a_multimnist_model(
+    trained_checkpoint, monkeypatch
+):
     flags = {"SHOW_ALL_SAMPLES = False": "SHOW_ALL_SAMPLES = True"}
-    lines, _, _ = execute_notebook(trained_checkpoint, monkeypatch, flags)
+    lines, widgets, _ = execute_notebook(trained_checkpoint, monkeypatch, flags)
+    # Without a MultiMNIST model, "Two digits at once" (the last section) says how to train one
+    # and shows nothing more.
+    assert lines[-1] == NOT_THERE_YET.format(path=NO_MULTIMNIST)
+    assert "python train.py --dataset multimnist" in lines[-1]
+    shown = {state["_dom_classes"][0] for state in widgets["ImageModel"]}
+    assert shown == {"capsule-digit", "capsule-reconstruction", "figure-4"}
     predictions = {match[1]: match[2] for match in map(LINE.fullmatch, lines) if match}
     assert predictions == {
         path.name: path.name[0] for path in SAMPLES
