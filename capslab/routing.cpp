@@ -280,9 +280,13 @@ struct Shape {
 
 // Lane k of the result: u_hat_{i0+k, j} . x, for the n <= 16 inputs of the block. In registers
 // of the CPU's width: on AVX2, each dot product is two registers' products added, and each half
-// of the result is one reduction of 8 registers.
-template <typename In, typename Acc>
-Vec<Acc> block_dots(const In* block, int64_t n, int64_t stride, int64_t j, Vec<Acc> x) {
+// of the result is one reduction of 8 registers. `full` (n = 16) is every block but a last
+// partial one: there the products stay in registers, where a run-time n puts them on the stack
+// (GCC 12, AVX-512 and AVX2 alike).
+template <bool full, typename In, typename Acc>
+__attribute__((always_inline)) inline Vec<Acc> block_dots_of(const In* block, int64_t n,
+                                                             int64_t stride, int64_t j,
+                                                             Vec<Acc> x) {
   using R = Register<Acc>;
   constexpr int L = R::kLanes, parts = R::kParts;
   typename R::Vec x_parts[parts];
@@ -294,7 +298,8 @@ Vec<Acc> block_dots(const In* block, int64_t n, int64_t stride, int64_t j, Vec<A
 #pragma GCC unroll 16
     for (int k = 0; k < L; ++k) {
       products[k] = typename R::Vec{};
-      if (k0 + k < n)
+      if (full || k0 + k < n)
+#pragma GCC unroll 2
         for (int part = 0; part < parts; ++part)
           products[k] += R::load(block + (k0 + k) * stride + j * kLanes + part * L) * x_parts[part];
     }
@@ -302,6 +307,12 @@ Vec<Acc> block_dots(const In* block, int64_t n, int64_t stride, int64_t j, Vec<A
     std::memcpy(out + k0, &total, sizeof total);
   }
   return load(out);
+}
+
+template <typename In, typename Acc>
+Vec<Acc> block_dots(const In* block, int64_t n, int64_t stride, int64_t j, Vec<Acc> x) {
+  return n == kLanes ? block_dots_of<true, In, Acc>(block, n, stride, j, x)
+                     : block_dots_of<false, In, Acc>(block, n, stride, j, x);
 }
 
 // sum_k weights[k] u_hat_{i0+k, j}, for the n inputs of the block. The weights come from
