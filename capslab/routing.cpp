@@ -281,8 +281,8 @@ struct Shape {
 // Lane k of the result: u_hat_{i0+k, j} . x, for the n <= 16 inputs of the block. In registers
 // of the CPU's width: on AVX2, each dot product is two registers' products added, and each half
 // of the result is one reduction of 8 registers. `full` (n = 16) is every block but a last
-// partial one: there the products stay in registers, where a run-time n puts them on the stack
-// (GCC 12, AVX-512 and AVX2 alike).
+// partial one: there GCC 12 keeps the products in registers, where with a run-time n it keeps
+// them on the stack (read in the AVX-512 build; results/README § "The AVX-512 build").
 template <bool full, typename In, typename Acc>
 __attribute__((always_inline)) inline Vec<Acc> block_dots_of(const In* block, int64_t n,
                                                              int64_t stride, int64_t j,

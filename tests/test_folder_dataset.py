@@ -4,8 +4,8 @@ primary capsules), so a run takes seconds."""
 
 import json
 
-import colour_mnist  # noqa: E402
-import export_imagefolder  # noqa: E402
+import colour_mnist
+import export_imagefolder
 import numpy as np
 import pytest
 import torch
