@@ -126,10 +126,15 @@ def load(compiler: str) -> ctypes.CDLL:
         return ctypes.CDLL(str(build(compiler)))
 
 
+def compiler_name() -> str:
+    """The C++ compiler that builds the kernel: $CXX, else c++."""
+    return os.environ.get("CXX") or "c++"
+
+
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The compiled kernel, or None (with one warning) where it cannot be built here."""
-    compiler = os.environ.get("CXX") or "c++"
+    compiler = compiler_name()
     if shutil.which(compiler) is None:
         return unavailable(f"no C++ compiler {compiler!r}")
     try:

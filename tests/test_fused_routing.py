@@ -2,7 +2,6 @@
 the paper."""
 
 import json
-import os
 import shutil
 import warnings
 
@@ -17,7 +16,7 @@ from conftest import assert_one_line_error, run_in_process
 from test_model import reference_routing
 
 pytestmark = pytest.mark.skipif(
-    shutil.which(os.environ.get("CXX") or "c++") is None, reason="no C++ compiler here"
+    shutil.which(fused_routing.compiler_name()) is None, reason="no C++ compiler here"
 )
 
 
@@ -266,7 +265,7 @@ def test_a_damaged_cached_build_is_built_again_and_lands_whole(tmp_path, monkeyp
     monkeypatch.setenv("CAPSNET_CACHE", str(tmp_path))
     fused_routing.library.cache_clear()
     try:
-        damaged = fused_routing.cached_build(os.environ.get("CXX") or "c++")
+        damaged = fused_routing.cached_build(fused_routing.compiler_name())
         damaged.write_bytes(b"not a shared library")
         assert fused_routing.library() is not None
         assert damaged.read_bytes()[:4] == b"\x7fELF"

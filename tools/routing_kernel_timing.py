@@ -10,9 +10,9 @@ from the first source's (0.0: the same bits).
     python tools/routing_kernel_timing.py /tmp/before.cpp capslab/routing.cpp --rounds 30
 
 Kernels from before the votes were made from a bf16 W (they take a float32 W and a logits
-buffer) are recognised by their source and called their way. Each text is built once, into the
-kernel's cache (~/.cache/capsnet or $CAPSNET_CACHE), so timing it again does not rebuild it. Run
-it alone on the machine: the numbers are wall-clock times.
+buffer) are recognised by their source and called their way. Each text is built once, by the
+kernel's compiler ($CXX, else c++) into its cache (~/.cache/capsnet or $CAPSNET_CACHE), so timing
+it again does not rebuild it. Run it alone on the machine: the numbers are wall-clock times.
 """
 
 import argparse
@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
 
 from capslab.errors import UserError, exit_on_user_error, first_line  # noqa: E402
-from capslab.fused_routing import LANES, SUFFIXES, address, build  # noqa: E402
+from capslab.fused_routing import LANES, SUFFIXES, address, build, compiler_name  # noqa: E402
 from capslab.hardware import cpu_name  # noqa: E402
 
 OUTPUTS, ITERATIONS, IN_DIM = 10, 3, 8
@@ -50,7 +50,7 @@ class Kernel:
         self.float32_W = "const In* W" not in text
         self.dtype = dtype
         try:  # built once per source text, into the kernel's own cache
-            library = build("c++", source)
+            library = build(compiler_name(), source)
         except subprocess.CalledProcessError as error:
             message = first_line(Exception(error.stderr))
             raise UserError(f"{source} does not compile: {message}") from None
