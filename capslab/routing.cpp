@@ -105,11 +105,22 @@ void store(Vec<Acc> x, Acc* p) {
 }
 
 // float32 -> bfloat16 rounded to nearest even, in the high 16 bits of each lane (NaN: quiet).
+// A register at a time: GCC makes the NaN test of a vector wider than the registers lane by
+// lane, with a scalar compare and branch-free select for each of the 16.
 Bits bfloat16_bits(Vec<float> x) {
-  Bits bits;
-  std::memcpy(&bits, &x, sizeof bits);
-  Bits rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000u;
-  return x != x ? Bits{} + 0x7FC00000u : rounded;
+  using R = Register<float>;
+  typedef uint32_t Words __attribute__((vector_size(kRegisterBytes)));
+  R::Vec parts[R::kParts];
+  std::memcpy(parts, &x, sizeof x);
+  Words out[R::kParts];
+  for (int part = 0; part < R::kParts; ++part) {
+    Words bits;
+    std::memcpy(&bits, &parts[part], sizeof bits);
+    const Words rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000u;
+    const Words nan = (Words)(parts[part] != parts[part]);  // all ones where NaN
+    out[part] = (rounded & ~nan) | (nan & 0x7FC00000u);
+  }
+  return load_vector<Bits>(out);
 }
 
 void store(Vec<float> x, uint16_t* p) {
