@@ -168,13 +168,18 @@ class PrimaryCaps(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 256, 20, 20) -> (B, 1152, 8): capsule i = (channel, row, col)."""
         out = self.conv(x)  # (B, 256, 6, 6)
+        if fused_routing and fused_routing.squash_usable(out):
+            # On a CPU, the compiled kernel: the same capsules, to float rounding, in one pass.
+            return fused_routing.PrimarySquash.apply(out, self.dim, EPS)  # (B, 1152, 8)
         batch, _, height, width = out.shape
         # Each capsule is 8 channels at one position: split channels, then move them last.
         out = out.view(batch, self.channels, self.dim, height, width)  # (B, 32, 8, 6, 6)
         out = out.permute(0, 1, 3, 4, 2)  # (B, 32, 6, 6, 8)
-        # Squashed in float32, also under autocast: bf16 elementwise passes over the 1152
-        # capsules cost more than the cast, and Eq. 1's norms keep their precision.
-        return squash(out.reshape(batch, -1, self.dim).float())  # (B, 1152, 8)
+        # Squashed in float32 (float64 for float64), also under autocast: bf16 elementwise
+        # passes over the 1152 capsules cost more than the cast, and Eq. 1's norms keep their
+        # precision.
+        dtype = torch.promote_types(out.dtype, torch.float32)
+        return squash(out.reshape(batch, -1, self.dim).to(dtype))  # (B, 1152, 8)
 
 
 def votes_dtype(u: torch.Tensor, W: torch.Tensor) -> torch.dtype:

@@ -5,9 +5,11 @@ CapsNet's torch code spends a CPU step moving the votes u_hat (737 KB an image a
 36x36) through memory: a matmul with 8-long sums writes them, a layout copy, 2r - 1 batched
 products each way, and the matmul's backward reads grad u_hat back. The kernel makes each
 example's votes itself, routes it with its votes in cache, and in backward turns grad u_hat
-into grad u and grad W without writing it. Its threads are torch's own OpenMP threads.
-results/README.md §§ "The CPU routing kernel", "Votes inside the kernel" and "Votes from a bf16
-W, and fewer passes" have the timings.
+into grad u and grad W without writing it. It also squashes the primary capsules straight from
+the PrimaryCaps convolution's output, in one pass each way (PrimarySquash). Its threads are
+torch's own OpenMP threads.
+results/README.md §§ "The CPU routing kernel", "Votes inside the kernel", "Votes from a bf16
+W, and fewer passes" and "The primary capsules' squash in the kernel" have the timings.
 
 It is built with the system's C++ compiler (GCC: it uses GCC's vector extensions) for the CPU
 it runs on, into ~/.cache/capsnet or $CAPSNET_CACHE, under a name that hashes the source, the
@@ -69,6 +71,12 @@ def usable(u: torch.Tensor, dtype: torch.dtype, num_out: int, dim: int) -> bool:
         and 1 <= u.shape[-1] <= LANES
         and library() is not None
     )
+
+
+def squash_usable(s: torch.Tensor) -> bool:
+    """Whether the kernel can squash the primary capsules from the convolution's output s
+    (B, C*D, H, W): on the CPU, in a dtype it takes."""
+    return is_enabled() and s.device.type == "cpu" and s.dtype in SUFFIXES and library() is not None
 
 
 # The /proc/cpuinfo fields code generation depends on; "cpu MHz" and "bogomips" change between
@@ -260,3 +268,37 @@ class FusedRouting(torch.autograd.Function):
             *map(address, (saved_c, scratch, grad_s, v, grad_u, grad_W)),
         )
         return grad_u, grad_W, None, None, None
+
+
+class PrimarySquash(torch.autograd.Function):
+    """The primary capsules from the PrimaryCaps convolution's output s (B, C*D, H, W): u
+    (B, C*H*W, D), capsule i = (channel, row, col), squashed by Eq. 1 in float32 (float64 for
+    float64 s), as PrimaryCaps' torch code makes them, in one pass each way instead of a
+    layout copy, a cast and about a dozen passes of squash. s is float32, bf16 or float64;
+    its gradient comes back in its dtype."""
+
+    @staticmethod
+    def forward(ctx, s, dim: int, eps: float):
+        s = s.contiguous()
+        batch, channels, height, width = s.shape
+        if channels % dim:
+            raise ValueError(f"{channels} channels do not split into {dim}-D capsules")
+        dims = torch.tensor([batch, channels // dim, dim, height * width], dtype=torch.int64)
+        u = torch.empty(batch, channels // dim * height * width, dim, dtype=routing_dtype(s.dtype))
+        getattr(library(), "primary_squash_" + SUFFIXES[s.dtype])(
+            *map(address, (s, dims)), threads(), ctypes.c_double(eps), address(u)
+        )
+        ctx.save_for_backward(s, dims)
+        ctx.eps = eps
+        return u
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_u):
+        s, dims = ctx.saved_tensors
+        grad_u = grad_u.to(routing_dtype(s.dtype)).contiguous()
+        grad_s = torch.empty_like(s)
+        getattr(library(), "primary_squash_backward_" + SUFFIXES[s.dtype])(
+            *map(address, (s, grad_u, dims)), threads(), ctypes.c_double(ctx.eps), address(grad_s)
+        )
+        return grad_s, None, None

@@ -1,6 +1,7 @@
 // Dynamic routing (Procedure 1 of Sabour et al. 2017) fused for the CPU with the votes that feed
 // it (Eq. 2, u_hat_j|i = W_ij u_i), forward and backward: the same values and gradients as
-// CapsNet's raw_votes and DynamicRouting, to float rounding.
+// CapsNet's raw_votes and DynamicRouting, to float rounding. Also the primary capsules' squash
+// (Eq. 1) from the convolution's output, at the end.
 //
 // Forward computes the votes input by input for a few examples at a time, so each W_i is read
 // once per group rather than once per example, into a buffer where each example's votes lie
@@ -592,7 +593,8 @@ void votes_backward(const In* u, const In* W, Shape n, int64_t begin, int64_t en
         const typename R::Vec grad = R::load(flat_grad_votes + b * width + q);
         for (int64_t k = 0; k < K; ++k) total[k] += u_i[b * K + k] * grad;
       }
-      for (int64_t k = 0; k < K; ++k) std::memcpy(grad_W + (i * K + k) * width + q, &total[k], sizeof total[k]);
+      for (int64_t k = 0; k < K; ++k)
+        std::memcpy(grad_W + (i * K + k) * width + q, &total[k], sizeof total[k]);
     }
     for (int64_t b = 0; b < B; ++b) {
       Acc out[kLanes];  // out[k] = sum_j sum_d W_ijdk grad u_hat_bijd
@@ -621,6 +623,90 @@ void votes_backward_range(const In* u, const In* W, const int64_t* dims, int64_t
   const auto body = n.outputs == 10 && n.in_dim == 8 ? votes_backward<In, Acc, 10, 8>
                                                      : votes_backward<In, Acc, 0, 0>;
   body(u, W, n, begin, end, first, saved_c, scratch, grad_s, v, grad_u, grad_W);
+}
+
+// The primary capsules (Eq. 1), read from the PrimaryCaps convolution's output as it lies:
+// s (B, C*D, P) with P = H*W positions, where capsule (c, p) is channels c*D .. c*D + D - 1 at
+// p. The loops run over positions, a capsule per vector lane, one block of D channels (one
+// example's channel c, block = b * C + c) at a time.
+
+// Per position p of a block: inv_m[p] = 1 / m, m = max(max_d |s_d|, 1), and q[p] = |s / m|^2.
+template <typename In, typename Acc>
+void primary_norms(const In* s, int64_t D, int64_t P, Acc* inv_m, Acc* q) {
+  for (int64_t p = 0; p < P; ++p) inv_m[p] = 1;  // m, then 1 / m in its place
+  for (int64_t d = 0; d < D; ++d)
+    for (int64_t p = 0; p < P; ++p) {
+      const Acc x = std::abs(Acc(widen(s[d * P + p])));
+      inv_m[p] = x > inv_m[p] ? x : inv_m[p];
+    }
+  for (int64_t p = 0; p < P; ++p) inv_m[p] = Acc(1) / inv_m[p];
+  for (int64_t p = 0; p < P; ++p) q[p] = 0;
+  for (int64_t d = 0; d < D; ++d)
+    for (int64_t p = 0; p < P; ++p) {
+      const Acc t = Acc(widen(s[d * P + p])) * inv_m[p];
+      q[p] += t * t;
+    }
+}
+
+// u (B, C*P, D), capsule i = c*P + p, for blocks [begin, end), as CapsNet.squash computes it:
+// the view, the permute, the cast to Acc and Eq. 1's passes over u in one. dims: B, C, D, P.
+template <typename In, typename Acc>
+void primary_squash_range(const In* s, const int64_t* dims, Acc eps, int64_t begin, int64_t end,
+                          Acc* u) {
+  const int64_t D = dims[2], P = dims[3];
+  std::vector<Acc> inv_m(P), factor(P);
+  for (int64_t block = begin; block < end; ++block) {  // block = b * C + c
+    const In* s_block = s + block * D * P;
+    Acc* u_block = u + block * P * D;
+    Acc* q = factor.data();  // |t|^2, then the factor v = t f(q) in its place
+    primary_norms<In, Acc>(s_block, D, P, inv_m.data(), q);
+    for (int64_t p = 0; p < P; ++p) {
+      const Acc a = inv_m[p] * inv_m[p];
+      factor[p] = q[p] / (a + q[p]) / std::sqrt(q[p] + eps * a);
+    }
+    for (int64_t d = 0; d < D; ++d)
+      for (int64_t p = 0; p < P; ++p)
+        u_block[p * D + d] = Acc(widen(s_block[d * P + p])) * inv_m[p] * factor[p];
+  }
+}
+
+// One bfloat16, rounded as bfloat16_bits rounds; float32 and float64 as they are.
+inline void put(float x, uint16_t* p) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  *p = x != x ? uint16_t(0x7FC0) : uint16_t((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+}
+inline void put(float x, float* p) { *p = x; }
+inline void put(double x, double* p) { *p = x; }
+
+// The gradient of primary_squash_range for s, from grad u (B, C*P, D), with m held constant
+// as in CapsNet.squash (see squash_backward).
+template <typename In, typename Acc>
+void primary_squash_backward_range(const In* s, const Acc* grad_u, const int64_t* dims, Acc eps,
+                                   int64_t begin, int64_t end, In* grad_s) {
+  const int64_t D = dims[2], P = dims[3];
+  std::vector<Acc> inv_m(P), q(P), f(P), scale(P);
+  for (int64_t block = begin; block < end; ++block) {
+    const In* s_block = s + block * D * P;
+    const Acc* grad_block = grad_u + block * P * D;
+    primary_norms<In, Acc>(s_block, D, P, inv_m.data(), q.data());
+    for (int64_t p = 0; p < P; ++p) {  // scale = 2 f'(q) (grad v . t)
+      Acc dot = 0;
+      for (int64_t d = 0; d < D; ++d)
+        dot += grad_block[p * D + d] * (Acc(widen(s_block[d * P + p])) * inv_m[p]);
+      const Acc a = inv_m[p] * inv_m[p], e = eps * a, root = std::sqrt(q[p] + e);
+      f[p] = q[p] / (a + q[p]) / root;
+      const Acc df = (a * (q[p] + e) - Acc(0.5) * q[p] * (a + q[p])) /
+                     ((a + q[p]) * (a + q[p]) * (q[p] + e) * root);
+      scale[p] = Acc(2) * dot * df;
+    }
+    In* grad_s_block = grad_s + block * D * P;
+    for (int64_t d = 0; d < D; ++d)
+      for (int64_t p = 0; p < P; ++p) {
+        const Acc t = Acc(widen(s_block[d * P + p])) * inv_m[p];
+        put((grad_block[p * D + d] * f[p] + t * scale[p]) * inv_m[p], grad_s_block + d * P + p);
+      }
+  }
 }
 
 // body(begin, end) over [0, count) in contiguous ranges, one per thread, on the OpenMP threads
@@ -667,6 +753,19 @@ void in_parallel(int64_t count, int64_t threads, const Body& body) {
     in_parallel(dims[0], threads, [&](int64_t begin, int64_t end) {                           \
       votes_backward_range<In, Acc>(u, W, dims, begin, end, first, saved_c, scratch, grad_s,  \
                                     v, grad_u, grad_W);                                       \
+    });                                                                                       \
+  }                                                                                           \
+  extern "C" void primary_squash_##suffix(const In* s, const int64_t* dims, int64_t threads,  \
+                                          double eps, Acc* u) {                               \
+    in_parallel(dims[0] * dims[1], threads, [&](int64_t begin, int64_t end) {                 \
+      primary_squash_range<In, Acc>(s, dims, Acc(eps), begin, end, u);                        \
+    });                                                                                       \
+  }                                                                                           \
+  extern "C" void primary_squash_backward_##suffix(const In* s, const Acc* grad_u,            \
+                                                   const int64_t* dims, int64_t threads,      \
+                                                   double eps, In* grad_s) {                  \
+    in_parallel(dims[0] * dims[1], threads, [&](int64_t begin, int64_t end) {                 \
+      primary_squash_backward_range<In, Acc>(s, grad_u, dims, Acc(eps), begin, end, grad_s);  \
     });                                                                                       \
   }
 

@@ -10,7 +10,7 @@ import torch
 
 from capslab import fused_routing
 from capslab.fused_routing import FusedRouting
-from CapsNet import EPS, CapsNet, CapsNetConfig, DigitCaps, DynamicRouting
+from CapsNet import EPS, CapsNet, CapsNetConfig, DigitCaps, DynamicRouting, PrimaryCaps, squash
 
 from conftest import assert_one_line_error, run_in_process
 from test_model import reference_routing
@@ -208,6 +208,94 @@ def test_digit_caps_under_bf16_autocast_matches_the_torch_code():
         torch.testing.assert_close(ours, theirs, rtol=2**-6, atol=2**-7 * scale)
 
 
+# --- the primary capsules' squash --------------------------------------------------------
+
+
+def conv_output(dtype, batch=3, channels=40, height=5, width=7, seed=0):
+    """A PrimaryCaps convolution's output (B, C*D, H, W) for five 8-D capsules a position, with
+    a huge capsule (m = max |s_d| > 1 scales it), a zero one and one with a single component
+    beyond 1; needing grad."""
+    generator = torch.Generator().manual_seed(seed)
+    s = torch.randn(batch, channels, height, width, generator=generator, dtype=torch.float64)
+    s[0, 0:8, 0, 0] *= 1e20
+    s[1, 8:16, 2, 3] = 0
+    s[2, 16:24, 4, 6] = 0.01
+    s[2, 18, 4, 6] = 3.0
+    return s.to(dtype).requires_grad_()
+
+
+def primary_reference(s, dim=8):
+    """PrimaryCaps' torch code: (B, C*D, H, W) -> (B, C*H*W, D), squashed in float32 or more."""
+    batch, channels, height, width = s.shape
+    u = s.view(batch, channels // dim, dim, height, width).permute(0, 1, 3, 4, 2)
+    return squash(u.reshape(batch, -1, dim).to(torch.promote_types(s.dtype, torch.float32)))
+
+
+def primary_squash(s, dim=8):
+    return fused_routing.PrimarySquash.apply(s, dim, EPS)
+
+
+@pytest.mark.parametrize(
+    "dtype, atol", [(torch.float64, 1e-15), (torch.float32, 1e-6), (torch.bfloat16, 1e-6)]
+)
+def test_primary_squash_matches_the_torch_code(dtype, atol):
+    s = conv_output(dtype)
+    ours, theirs = primary_squash(s), primary_reference(s)
+    assert ours.dtype == theirs.dtype == torch.promote_types(dtype, torch.float32)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=atol)
+    grad_u = torch.randn(ours.shape, generator=torch.Generator().manual_seed(1), dtype=ours.dtype)
+    (grad,), (grad_ref,) = (torch.autograd.grad(u, s, grad_u) for u in (ours, theirs))
+    assert grad.dtype == dtype
+    # bf16 gradients may round to neighbouring values: one step of bf16's 8 bits.
+    rtol = 2**-8 if dtype == torch.bfloat16 else 0
+    torch.testing.assert_close(grad, grad_ref, rtol=rtol, atol=100 * atol)
+
+
+def test_primary_squash_passes_gradcheck_and_keeps_nan_in_its_capsule():
+    s = conv_output(torch.float64, channels=24)
+    assert torch.autograd.gradcheck(primary_squash, (s,), fast_mode=True)
+    s = s.detach().clone()
+    s[1, 9, 2, 1] = float("nan")  # capsule (channel 1, row 2, col 1) of example 1
+    u = primary_squash(s)
+    nan = torch.zeros_like(u, dtype=torch.bool)
+    nan[1, 1 * 35 + 2 * 7 + 1] = True
+    assert torch.equal(u.isnan(), nan)
+    torch.testing.assert_close(u[~nan], primary_reference(s)[~nan], rtol=0, atol=1e-15)
+
+
+def test_primary_squash_splits_among_threads_without_changing_a_bit():
+    s = conv_output(torch.bfloat16)
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 3):
+            torch.set_num_threads(count)
+            u = primary_squash(s)
+            results.append((u, *torch.autograd.grad(u.square().sum(), s)))
+    finally:
+        torch.set_num_threads(threads)
+    for one, other in zip(*results):
+        assert torch.equal(one, other)
+
+
+def test_primary_caps_squash_in_the_kernel_unless_it_is_off(monkeypatch):
+    layer = PrimaryCaps(CapsNetConfig(conv1_channels=16, primary_channels=4))
+    x = torch.randn(2, 16, 20, 20)
+    calls, apply = [], fused_routing.PrimarySquash.apply
+    monkeypatch.setattr(
+        fused_routing.PrimarySquash, "apply", lambda *args: calls.append(args) or apply(*args)
+    )
+    on = layer(x)
+    with fused_routing.kernel_enabled(False):
+        off = layer(x)
+    assert len(calls) == 1
+    torch.testing.assert_close(on, off, rtol=0, atol=1e-6)
+    with fused_routing.kernel_enabled(False):  # the torch code squashes float64 in float64
+        assert layer.double()(x.double()).dtype == torch.float64
+    with pytest.raises(ValueError, match="12 channels do not split into 8-D capsules"):
+        primary_squash(torch.randn(2, 12, 3, 3))
+
+
 def test_other_capsule_widths_route_with_the_torch_code():
     model = CapsNet(CapsNetConfig(digit_dim=8, conv1_channels=16, primary_channels=4))
     u = torch.randn(2, model.config.num_primary_caps, 8)
@@ -291,7 +379,10 @@ def test_the_timing_tool_times_each_source_and_compares_their_outputs(tmp_path, 
     for record in records:
         assert (record["inputs"], record["batch"], record["dtype"]) == (40, 5, dtype)
         assert 0 < record["forward_ms"] < record["total_ms"]
-        assert set(record["largest_difference_from_first"].values()) == {0.0}  # the same bits
+        assert record["primary_squash_ms"] > 0 and record["primary_squash_backward_ms"] > 0
+        differences = record["largest_difference_from_first"]
+        assert set(differences) == {"v", "c", "grad_s", "v_t", "grad_u", "grad_W", "u", "grad_conv"}
+        assert set(differences.values()) == {0.0}  # the same bits
 
 
 def test_the_timing_tool_refuses_a_missing_or_broken_source_and_a_bad_count(tmp_path):

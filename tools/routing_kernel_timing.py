@@ -1,8 +1,11 @@
 """Time the CPU routing kernel's three calls (forward; backward through routing; grad u and
 grad W), for one or more versions of capslab/routing.cpp, in alternating rounds in one process,
 at CapsNet's shapes (J = 10, K = 8, r = 3; batch 64 in bf16 by default). Prints one JSON line
-per source: the best round's milliseconds per call, and the largest difference of each output
-from the first source's (0.0: the same bits).
+per source: the best round's milliseconds per call (total_ms: the three routing calls), and the
+largest difference of each output from the first source's (0.0: the same bits). Sources that
+also squash the primary capsules get that timed too, forward and backward, on 32 channels of
+I/32 positions as PrimaryCaps lays them out (I/32 must be whole; else one position each);
+null where a source has no such entry points.
 
     python tools/routing_kernel_timing.py capslab/routing.cpp --inputs 3200   # 36x36 pairs
     python tools/routing_kernel_timing.py capslab/routing.cpp --dtype float32 --batch 128
@@ -35,6 +38,8 @@ OUTPUTS, ITERATIONS, IN_DIM = 10, 3, 8
 # The kernel's entry points by name, for the capsule dtypes whose outputs are float32 buffers.
 DTYPES = {name: dtype for dtype, name in SUFFIXES.items() if dtype != torch.float64}
 OUTPUT_NAMES = ("v", "c", "grad_s", "v_t", "grad_u", "grad_W")
+SQUASH_NAMES = ("u", "grad_conv")  # the primary squash's outputs
+PRIMARY_CHANNELS = 32
 
 
 class Kernel:
@@ -69,6 +74,7 @@ class Kernel:
             "grad_s": torch.empty(shape),
             "v_t": torch.empty(shape),
         }
+        self.squashes = hasattr(self.library, "primary_squash_bfloat16")
 
     def weights(self, W: torch.Tensor) -> torch.Tensor:
         return W if self.float32_W else W.to(DTYPES[self.dtype])
@@ -103,6 +109,30 @@ class Kernel:
                 *map(address, (b["grad_u"], b["grad_W"])),
             ),
         )
+
+    def squash_calls(self, s, grad_u):
+        """The primary squash's two calls, as PrimarySquash makes them: s (B, C*K, P)."""
+        batch, channels, positions = s.shape
+        dims = torch.tensor([batch, channels // IN_DIM, IN_DIM, positions])
+        threads = ctypes.c_int64(torch.get_num_threads())
+        eps = ctypes.c_double(1e-7)
+        u, grad_conv = torch.empty_like(grad_u), torch.empty_like(s)
+        self.buffers.update(u=u, grad_conv=grad_conv)
+        return (
+            lambda: getattr(self.library, f"primary_squash_{self.dtype}")(
+                *map(address, (s, dims)), threads, eps, address(u)
+            ),
+            lambda: getattr(self.library, f"primary_squash_backward_{self.dtype}")(
+                *map(address, (s, grad_u, dims)), threads, eps, address(grad_conv)
+            ),
+        )
+
+
+def primary_layout(inputs: int) -> tuple[int, int]:
+    """(channels, positions) of I primary capsules: 32 channels where 32 divides I."""
+    if inputs % PRIMARY_CHANNELS == 0:
+        return PRIMARY_CHANNELS, inputs // PRIMARY_CHANNELS
+    return inputs, 1
 
 
 def best_milliseconds(call, repeats: int) -> float:
@@ -141,19 +171,28 @@ def main(argv=None) -> None:
     u = (0.3 * torch.randn(args.batch, args.inputs, IN_DIM)).to(DTYPES[args.dtype])
     W = 0.05 * torch.randn(args.inputs, IN_DIM, OUTPUTS * LANES)
     grad_v = torch.randn(args.batch, OUTPUTS, LANES)
+    channels, positions = primary_layout(args.inputs)
+    s = torch.randn(args.batch, channels * IN_DIM, positions).to(DTYPES[args.dtype])
+    grad_u = torch.randn(args.batch, args.inputs, IN_DIM)
     kernels = [Kernel(source, args.inputs, args.batch, args.dtype) for source in args.sources]
-    calls = [kernel.calls(u, W, grad_v) for kernel in kernels]
-    best = [[float("inf")] * 3 for _ in kernels]
+    calls = [
+        kernel.calls(u, W, grad_v) + (kernel.squash_calls(s, grad_u) if kernel.squashes else ())
+        for kernel in kernels
+    ]
+    best = [[float("inf")] * len(each) for each in calls]
     for _ in range(args.rounds):
-        for times, three in zip(best, calls):
-            for index, call in enumerate(three):
+        for times, each in zip(best, calls):
+            for index, call in enumerate(each):
                 times[index] = min(times[index], best_milliseconds(call, args.repeats))
+    first = kernels[0].buffers
     for kernel, times in zip(kernels, best):
-        outputs = {name: kernel.buffers[name].float() for name in OUTPUT_NAMES}
-        first = kernels[0].buffers
+        names = [name for name in OUTPUT_NAMES + SQUASH_NAMES if name in kernel.buffers]
         differences = {
-            name: (outputs[name] - first[name].float()).abs().max().item() for name in OUTPUT_NAMES
+            name: (kernel.buffers[name].float() - first[name].float()).abs().max().item()
+            for name in names
+            if name in first
         }
+        squash_times = [round(time, 2) for time in times[3:]] or [None, None]
         record = {
             "source": str(kernel.source),
             "cpu": cpu_name(),
@@ -164,7 +203,9 @@ def main(argv=None) -> None:
             "forward_ms": round(times[0], 2),
             "backward_ms": round(times[1], 2),
             "grad_u_and_W_ms": round(times[2], 2),
-            "total_ms": round(sum(times), 2),
+            "total_ms": round(sum(times[:3]), 2),
+            "primary_squash_ms": squash_times[0],
+            "primary_squash_backward_ms": squash_times[1],
             "largest_difference_from_first": differences,
         }
         print(json.dumps(record))
