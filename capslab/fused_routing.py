@@ -59,24 +59,24 @@ def is_enabled() -> bool:
     return _enabled
 
 
-def usable(u: torch.Tensor, dtype: torch.dtype, num_out: int, dim: int) -> bool:
-    """Whether the kernel can make and route the votes of u (B, I, K) in `dtype`: the CPU,
-    16-D output capsules, at most 16 outputs and at most 16-D inputs."""
+def runs(tensor: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether the kernel is on and built, and takes `tensor` and `dtype`: the CPU, a dtype of
+    SUFFIXES."""
     return (
-        is_enabled()
-        and u.device.type == "cpu"
-        and dtype in SUFFIXES
-        and dim == LANES
-        and num_out <= LANES
-        and 1 <= u.shape[-1] <= LANES
-        and library() is not None
+        is_enabled() and tensor.device.type == "cpu" and dtype in SUFFIXES and library() is not None
     )
+
+
+def usable(u: torch.Tensor, dtype: torch.dtype, num_out: int, dim: int) -> bool:
+    """Whether the kernel can make and route the votes of u (B, I, K) in `dtype`: 16-D output
+    capsules, at most 16 outputs and at most 16-D inputs, where it runs."""
+    return dim == LANES and num_out <= LANES and 1 <= u.shape[-1] <= LANES and runs(u, dtype)
 
 
 def squash_usable(s: torch.Tensor) -> bool:
     """Whether the kernel can squash the primary capsules from the convolution's output s
-    (B, C*D, H, W): on the CPU, in a dtype it takes."""
-    return is_enabled() and s.device.type == "cpu" and s.dtype in SUFFIXES and library() is not None
+    (B, C*D, H, W): wherever it runs."""
+    return runs(s, s.dtype)
 
 
 # The /proc/cpuinfo fields code generation depends on; "cpu MHz" and "bogomips" change between

@@ -105,6 +105,13 @@ void store(Vec<Acc> x, Acc* p) {
   std::memcpy(p, &x, sizeof x);
 }
 
+// float32 bits -> bfloat16 rounded to nearest even, in the high 16 bits, for a word or a vector
+// of words; not for NaN, which the callers make quiet.
+template <typename Words>
+Words rounded_to_bfloat16(Words bits) {
+  return (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000u;
+}
+
 // float32 -> bfloat16 rounded to nearest even, in the high 16 bits of each lane (NaN: quiet).
 // A register at a time: GCC makes the NaN test of a vector wider than the registers lane by
 // lane, with a scalar compare and branch-free select for each of the 16.
@@ -117,7 +124,7 @@ Bits bfloat16_bits(Vec<float> x) {
   for (int part = 0; part < R::kParts; ++part) {
     Words bits;
     std::memcpy(&bits, &parts[part], sizeof bits);
-    const Words rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000u;
+    const Words rounded = rounded_to_bfloat16(bits);
     const Words nan = (Words)(parts[part] != parts[part]);  // all ones where NaN
     out[part] = (rounded & ~nan) | (nan & 0x7FC00000u);
   }
@@ -670,11 +677,12 @@ void primary_squash_range(const In* s, const int64_t* dims, Acc eps, int64_t beg
   }
 }
 
-// One bfloat16, rounded as bfloat16_bits rounds; float32 and float64 as they are.
+// One bfloat16, rounded as bfloat16_bits rounds (store_first would, through memory: slower
+// here); float32 and float64 as they are.
 inline void put(float x, uint16_t* p) {
   uint32_t bits;
   std::memcpy(&bits, &x, sizeof bits);
-  *p = x != x ? uint16_t(0x7FC0) : uint16_t((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+  *p = x != x ? uint16_t(0x7FC0) : uint16_t(rounded_to_bfloat16(bits) >> 16);
 }
 inline void put(float x, float* p) { *p = x; }
 inline void put(double x, double* p) { *p = x; }

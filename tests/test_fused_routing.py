@@ -155,20 +155,28 @@ def test_one_thread_routes_several_groups_of_examples_right():
         torch.set_num_threads(threads)
 
 
-def test_threads_split_batch_and_inputs_without_changing_a_bit():
-    u, W = random_inputs(100, 7, 10, dtype=torch.float32)
+def assert_same_bits_on_1_and_3_threads(outputs):
+    """outputs() on 1 thread, then on 3: each tensor it returns has the same bits."""
     results = []
     threads = torch.get_num_threads()
     try:
         for count in (1, 3):
             torch.set_num_threads(count)
-            v, c = kernel(u, W)
-            grads = torch.autograd.grad(v.square().sum(), (u, W))
-            results.append((v, c, *grads))
+            results.append(outputs())
     finally:
         torch.set_num_threads(threads)
     for one, other in zip(*results):
         assert torch.equal(one, other)
+
+
+def test_threads_split_batch_and_inputs_without_changing_a_bit():
+    u, W = random_inputs(100, 7, 10, dtype=torch.float32)
+
+    def outputs():
+        v, c = kernel(u, W)
+        return v, c, *torch.autograd.grad(v.square().sum(), (u, W))
+
+    assert_same_bits_on_1_and_3_threads(outputs)
 
 
 def test_digit_caps_on_the_kernel_matches_the_torch_code():
@@ -265,17 +273,12 @@ def test_primary_squash_passes_gradcheck_and_keeps_nan_in_its_capsule():
 
 def test_primary_squash_splits_among_threads_without_changing_a_bit():
     s = conv_output(torch.bfloat16)
-    results = []
-    threads = torch.get_num_threads()
-    try:
-        for count in (1, 3):
-            torch.set_num_threads(count)
-            u = primary_squash(s)
-            results.append((u, *torch.autograd.grad(u.square().sum(), s)))
-    finally:
-        torch.set_num_threads(threads)
-    for one, other in zip(*results):
-        assert torch.equal(one, other)
+
+    def outputs():
+        u = primary_squash(s)
+        return u, *torch.autograd.grad(u.square().sum(), s)
+
+    assert_same_bits_on_1_and_3_threads(outputs)
 
 
 def test_primary_caps_squash_in_the_kernel_unless_it_is_off(monkeypatch):

@@ -40,6 +40,7 @@ DTYPES = {name: dtype for dtype, name in SUFFIXES.items() if dtype != torch.floa
 OUTPUT_NAMES = ("v", "c", "grad_s", "v_t", "grad_u", "grad_W")
 SQUASH_NAMES = ("u", "grad_conv")  # the primary squash's outputs
 PRIMARY_CHANNELS = 32
+EPS = ctypes.c_double(1e-7)
 
 
 class Kernel:
@@ -83,7 +84,6 @@ class Kernel:
         """The three calls, as FusedRouting makes them."""
         dims = torch.tensor([u.shape[1], u.shape[0], OUTPUTS, ITERATIONS, IN_DIM])
         threads = ctypes.c_int64(torch.get_num_threads())
-        eps = ctypes.c_double(1e-7)
         W = self.weights(W)
         b = self.buffers
         b["grad_u"], b["grad_W"] = torch.empty_like(u), torch.empty_like(W, dtype=torch.float32)
@@ -91,13 +91,13 @@ class Kernel:
         forward_outputs += [b["logits"]] if self.takes_logits else []
         return (
             lambda: getattr(self.library, f"forward_{self.dtype}")(
-                *map(address, (u, W, dims)), threads, eps, *map(address, forward_outputs)
+                *map(address, (u, W, dims)), threads, EPS, *map(address, forward_outputs)
             ),
             lambda: getattr(self.library, f"backward_{self.dtype}")(
                 *map(address, (u, W, dims)),
                 threads,
                 ctypes.c_int64(0),
-                eps,
+                EPS,
                 *map(address, (b["saved_s"], b["saved_c"], grad_v, b["scratch"])),
                 *map(address, (b["grad_s"], b["v_t"])),
             ),
@@ -115,15 +115,14 @@ class Kernel:
         batch, channels, positions = s.shape
         dims = torch.tensor([batch, channels // IN_DIM, IN_DIM, positions])
         threads = ctypes.c_int64(torch.get_num_threads())
-        eps = ctypes.c_double(1e-7)
         u, grad_conv = torch.empty_like(grad_u), torch.empty_like(s)
         self.buffers.update(u=u, grad_conv=grad_conv)
         return (
             lambda: getattr(self.library, f"primary_squash_{self.dtype}")(
-                *map(address, (s, dims)), threads, eps, address(u)
+                *map(address, (s, dims)), threads, EPS, address(u)
             ),
             lambda: getattr(self.library, f"primary_squash_backward_{self.dtype}")(
-                *map(address, (s, grad_u, dims)), threads, eps, address(grad_conv)
+                *map(address, (s, grad_u, dims)), threads, EPS, address(grad_conv)
             ),
         )
 
