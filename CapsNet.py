@@ -143,12 +143,56 @@ def capsule_length(v: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return torch.where(length.isinf(), torch.finfo(length.dtype).max, length)
 
 
+class ChannelsLastGradients(torch.autograd.Function):
+    """F.conv2d (stride 1, no padding) with its gradients from oneDNN's channels-last kernels;
+    the same numbers as autograd's. See ChannelsLastGradConv2d."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        return F.conv2d(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        layout = torch.channels_last  # x (B, 1, H, W) and weight (256, 1, 9, 9) restrided
+        return torch.ops.aten.convolution_backward(
+            grad_out,
+            x.to(memory_format=layout),
+            weight.to(memory_format=layout),
+            bias_sizes=[weight.shape[0]],
+            stride=[1, 1],
+            padding=[0, 0],
+            dilation=[1, 1],
+            transposed=False,
+            output_padding=[0, 0],
+            groups=1,
+            output_mask=list(ctx.needs_input_grad),
+        )  # grad x, grad weight, grad bias: None where not needed
+
+
+class ChannelsLastGradConv2d(nn.Conv2d):
+    """Conv1's nn.Conv2d (stride 1, no padding). For a 1-channel image on a CPU in float32 its
+    gradients come from oneDNN's channels-last kernels: such an image is NCHW and NHWC alike by
+    its strides, and autograd hands it to oneDNN as NCHW, whose weight gradient for one input
+    channel is slow (results/README.md § "Conv1's gradients in channels-last"). With more
+    channels, under bf16 autocast (untimed) and elsewhere it is nn.Conv2d."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.in_channels == 1 and x.device.type == "cpu" and x.dtype == torch.float32:
+            if not torch.is_autocast_enabled("cpu"):
+                return ChannelsLastGradients.apply(x, self.weight, self.bias)
+        return super().forward(x)
+
+
 class ConvLayer(nn.Module):
     """Conv1: 256 9x9 filters, stride 1, ReLU."""
 
     def __init__(self, config: CapsNetConfig):
         super().__init__()
-        self.conv = nn.Conv2d(config.in_channels, config.conv1_channels, config.kernel_size)
+        self.conv = ChannelsLastGradConv2d(
+            config.in_channels, config.conv1_channels, config.kernel_size
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, 28, 28) -> (B, 256, 20, 20)."""

@@ -15,6 +15,7 @@ neighbour on the machine hurts both alike.
 """
 
 import argparse
+import copy
 import json
 import resource
 import time
@@ -31,7 +32,7 @@ from capslab.hardware import add_device_flags, cpu_name, keep_freed_memory, pick
 from capslab.models import MODEL_KINDS
 from capslab.multimnist import PairPool
 from capslab.training import TrainConfig, Trainer, epoch_generator
-from CapsNet import CapsNet, CapsNetConfig
+from CapsNet import CapsNet
 
 MAX_COUNT = 100_000  # --batch-size, --steps, --rounds: beyond any real measurement
 
@@ -45,18 +46,11 @@ def images_per_second(function, images_per_call: int, steps: int) -> float:
     return images_per_call * steps / (time.perf_counter() - started)
 
 
-def conv_floor(config: CapsNetConfig, device: torch.device):
-    """Conv1 + ReLU + the PrimaryCaps convolution alone, as the model builds them."""
-    conv1 = torch.nn.Conv2d(config.in_channels, config.conv1_channels, config.kernel_size).to(
-        device
-    )
-    primary = torch.nn.Conv2d(
-        config.conv1_channels,
-        config.primary_channels * config.primary_dim,
-        config.kernel_size,
-        stride=2,
-    ).to(device)
-    return lambda x: primary(torch.relu(conv1(x)))
+def conv_floor(model: CapsNet):
+    """Conv1 + ReLU + the PrimaryCaps convolution alone: copies of the model's own layers, so
+    they compute as the model does (Conv1's channels-last gradients included)."""
+    conv1, primary = copy.deepcopy(model.conv1), copy.deepcopy(model.primary_caps.conv)
+    return lambda x: primary(conv1(x))
 
 
 def synthetic_split(size: int, dataset: str) -> Split:
@@ -108,7 +102,7 @@ def measure(args: argparse.Namespace) -> dict:
     generator = epoch_generator(0, 0)
     images, labels = split.images, split.labels
     x = to_model_input(split.training_batch(images, labels, 0, generator).images, device)
-    floor = conv_floor(trainer.model.config, device) if isinstance(model, CapsNet) else None
+    floor = conv_floor(model) if isinstance(model, CapsNet) else None
 
     def autocast():
         # --bf16: model and floor alike run their forward passes under autocast, and their

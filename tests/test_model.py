@@ -1,6 +1,7 @@
 """The model against the paper: squash, PrimaryCaps layout, routing, decoder masking, loss."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -13,6 +14,8 @@ from CapsNet import (
     CPU_ROUTING_PIECE,
     CapsNet,
     CapsNetConfig,
+    ChannelsLastGradients,
+    ConvLayer,
     DigitCaps,
     DynamicRouting,
     PrimaryCaps,
@@ -133,6 +136,42 @@ def test_primary_capsule_is_eight_channels_at_one_position():
     expected = squash(conv_out[:, channel * 8 : (channel + 1) * 8, row, col])  # (2, 8)
     index = channel * 36 + row * 6 + col
     assert torch.allclose(capsules[:, index], expected, atol=1e-6)
+
+
+def test_conv1_channels_last_gradients_match_autograd_and_pass_gradcheck():
+    torch.manual_seed(0)
+    x = torch.rand(3, 1, 14, 14, requires_grad=True)
+    weight = torch.randn(6, 1, 9, 9, requires_grad=True)
+    bias = torch.randn(6, requires_grad=True)
+    grad_out = torch.randn(3, 6, 6, 6)
+    out = ChannelsLastGradients.apply(x, weight, bias)
+    assert torch.equal(out, F.conv2d(x, weight, bias))
+    ours = torch.autograd.grad(out, (x, weight, bias), grad_out)
+    plain = torch.autograd.grad(F.conv2d(x, weight, bias), (x, weight, bias), grad_out)
+    for mine, reference in zip(ours, plain):
+        torch.testing.assert_close(mine, reference)
+    without_bias = ChannelsLastGradients.apply(x, weight, None).sum()
+    (expected,) = torch.autograd.grad(F.conv2d(x, weight).sum(), weight)
+    torch.testing.assert_close(torch.autograd.grad(without_bias, weight)[0], expected)
+    tiny = (torch.rand(2, 1, 5, 5), torch.randn(3, 1, 3, 3), torch.randn(3))
+    assert torch.autograd.gradcheck(
+        ChannelsLastGradients.apply, [t.double().requires_grad_() for t in tiny]
+    )
+
+
+def test_conv1_takes_channels_last_gradients_for_one_channel_in_float32_on_the_cpu_only():
+    layer = ConvLayer(SMALL)
+    x = torch.rand(2, 1, 28, 28)
+
+    def conv_backward(out):  # relu's input's grad_fn: the convolution's
+        return out.grad_fn.next_functions[0][0].name()
+
+    assert conv_backward(layer(x)) == "ChannelsLastGradientsBackward"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert conv_backward(layer(x)) == "ConvolutionBackward0"
+    assert conv_backward(layer.double()(x.double())) == "ConvolutionBackward0"
+    colour = ConvLayer(replace(SMALL, in_channels=3))
+    assert conv_backward(colour(torch.rand(2, 3, 28, 28))) == "ConvolutionBackward0"
 
 
 # --- routing -------------------------------------------------------------------------

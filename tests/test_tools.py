@@ -446,3 +446,34 @@ def test_a_resumed_run_drops_init_from_which_train_refuses_beside_resume():
     assert sweep.resume_flags(flags) == ["--dataset", "multimnist", "--epochs", "10"]
     assert sweep.resume_flags(["--init-f", "a.pt", "--lr", "1e-3"]) == ["--lr", "1e-3"]  # a prefix
     assert sweep.train_flags_problem(["--init-f", "a.pt"]) is None  # as train.py takes it
+
+
+# --- tools/conv1_gradient_timing.py --------------------------------------------------------
+
+CONV1_TOOL = "tools/conv1_gradient_timing.py"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_conv1_timing_tool_times_both_ways_and_compares_their_gradients(dtype):
+    sizes = ("--batch", 3, "--size", 12, "--rounds", 2, "--repeats", 1, "--dtype", dtype)
+    result = run_in_process(CONV1_TOOL, *sizes)
+    record = json.loads(result.stdout)
+    assert (record["batch"], record["size"], record["dtype"]) == (3, 12, dtype)
+    for way in ("plain_autograd", "channels_last_gradients"):
+        assert 0 < record[f"{way}_best_ms"] <= record[f"{way}_median_ms"]
+    differences = record["largest_difference"]
+    assert set(differences) == {"grad_weight", "grad_bias"}
+    assert max(differences.values()) < (0.1 if dtype == "bfloat16" else 1e-3)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("--batch", 0), "--batch must be at least 1, got 0"),
+        (("--size", 8), "--size must be at least 9, got 8"),
+    ],
+)
+def test_the_conv1_timing_tool_refuses_sizes_it_cannot_time(args, message):
+    result = run_in_process(CONV1_TOOL, *args, check=False)
+    assert result.returncode == 2
+    assert_one_line_error(result, message)
