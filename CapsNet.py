@@ -185,6 +185,54 @@ class ChannelsLastGradConv2d(nn.Conv2d):
         return super().forward(x)
 
 
+class ConvolvedWeightGradient(torch.autograd.Function):
+    """F.conv2d (no padding) whose weight gradient is itself a forward convolution, run by
+    oneDNN's forward kernel: the input's channels are its batch, the output gradient is its
+    filter, dilated by the stride. The same numbers as autograd's, to float rounding (grad x
+    is autograd's own). See ConvolvedWeightGradConv2d."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride):
+        ctx.save_for_backward(x, weight)
+        ctx.stride = stride
+        return F.conv2d(x, weight, bias, stride)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        needs_x, needs_weight, needs_bias, _ = ctx.needs_input_grad
+        grad_x = grad_weight = grad_bias = None
+        if needs_x:  # autograd's own kernel
+            grad_x = torch.nn.grad.conv2d_input(x.shape, weight, grad_out, stride=ctx.stride)
+        if needs_weight:
+            # Only the rows and columns the convolution reads (9x9, stride 2: not x's last).
+            used = [
+                (out - 1) * step + k
+                for out, step, k in zip(grad_out.shape[2:], ctx.stride, weight.shape[2:])
+            ]
+            x_t = x[:, :, : used[0], : used[1]].transpose(0, 1).contiguous()  # (C, B, h, w)
+            filters = grad_out.transpose(0, 1).contiguous()  # (O, B, H', W')
+            grad_weight = F.conv2d(x_t, filters, dilation=ctx.stride)  # (C, O, k, k)
+            grad_weight = grad_weight.transpose(0, 1)  # (O, C, k, k)
+        if needs_bias:
+            grad_bias = grad_out.sum((0, 2, 3))
+        return grad_x, grad_weight, grad_bias, None
+
+
+class ConvolvedWeightGradConv2d(nn.Conv2d):
+    """The PrimaryCaps convolution's nn.Conv2d (no padding). On a CPU in float32 its weight
+    gradient is a forward convolution (ConvolvedWeightGradient), which oneDNN runs faster than
+    its own weight-gradient kernel for this shape (results/README.md § "The PrimaryCaps
+    weight gradient as a convolution"). Under bf16 autocast (untimed) and elsewhere it is
+    nn.Conv2d."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and x.dtype == torch.float32:
+            if not torch.is_autocast_enabled("cpu"):
+                return ConvolvedWeightGradient.apply(x, self.weight, self.bias, self.stride)
+        return super().forward(x)
+
+
 class ConvLayer(nn.Module):
     """Conv1: 256 9x9 filters, stride 1, ReLU."""
 
@@ -205,7 +253,7 @@ class PrimaryCaps(nn.Module):
     def __init__(self, config: CapsNetConfig):
         super().__init__()
         self.channels, self.dim = config.primary_channels, config.primary_dim
-        self.conv = nn.Conv2d(
+        self.conv = ConvolvedWeightGradConv2d(
             config.conv1_channels, self.channels * self.dim, config.kernel_size, stride=2
         )
 
