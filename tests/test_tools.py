@@ -448,21 +448,31 @@ def test_a_resumed_run_drops_init_from_which_train_refuses_beside_resume():
     assert sweep.train_flags_problem(["--init-f", "a.pt"]) is None  # as train.py takes it
 
 
-# --- tools/conv1_gradient_timing.py --------------------------------------------------------
+# --- tools/conv_gradient_timing.py ---------------------------------------------------------
 
-CONV1_TOOL = "tools/conv1_gradient_timing.py"
+CONV_TOOL = "tools/conv_gradient_timing.py"
 
 
+@pytest.mark.parametrize(
+    "layer, way, compared",
+    [
+        ("conv1", "channels_last_gradients", {"grad_weight", "grad_bias"}),
+        ("primary", "convolved_weight_gradient", {"grad_input", "grad_weight", "grad_bias"}),
+    ],
+)
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_the_conv1_timing_tool_times_both_ways_and_compares_their_gradients(dtype):
-    sizes = ("--batch", 3, "--size", 12, "--rounds", 2, "--repeats", 1, "--dtype", dtype)
-    result = run_in_process(CONV1_TOOL, *sizes)
+def test_the_conv_timing_tool_times_both_ways_and_compares_their_gradients(
+    layer, way, compared, dtype
+):
+    sizes = ("--batch", 3, "--size", 18, "--rounds", 2, "--repeats", 1, "--dtype", dtype)
+    result = run_in_process(CONV_TOOL, "--layer", layer, *sizes)
     record = json.loads(result.stdout)
-    assert (record["batch"], record["size"], record["dtype"]) == (3, 12, dtype)
-    for way in ("plain_autograd", "channels_last_gradients"):
-        assert 0 < record[f"{way}_best_ms"] <= record[f"{way}_median_ms"]
+    assert (record["layer"], record["batch"], record["size"]) == (layer, 3, 18)
+    assert record["dtype"] == dtype
+    for timed in ("plain_autograd", way):
+        assert 0 < record[f"{timed}_best_ms"] <= record[f"{timed}_median_ms"]
     differences = record["largest_difference"]
-    assert set(differences) == {"grad_weight", "grad_bias"}
+    assert set(differences) == compared
     assert max(differences.values()) < (0.1 if dtype == "bfloat16" else 1e-3)
 
 
@@ -470,10 +480,11 @@ def test_the_conv1_timing_tool_times_both_ways_and_compares_their_gradients(dtyp
     "args, message",
     [
         (("--batch", 0), "--batch must be at least 1, got 0"),
-        (("--size", 8), "--size must be at least 9, got 8"),
+        (("--size", 8), "--size must be at least 9 for --layer conv1, got 8"),
+        (("--layer", "primary", "--size", 16), "--size must be at least 17 for --layer primary"),
     ],
 )
-def test_the_conv1_timing_tool_refuses_sizes_it_cannot_time(args, message):
-    result = run_in_process(CONV1_TOOL, *args, check=False)
+def test_the_conv_timing_tool_refuses_sizes_it_cannot_time(args, message):
+    result = run_in_process(CONV_TOOL, *args, check=False)
     assert result.returncode == 2
     assert_one_line_error(result, message)
