@@ -143,6 +143,14 @@ def capsule_length(v: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return torch.where(length.isinf(), torch.finfo(length.dtype).max, length)
 
 
+def float32_cpu_conv(conv: nn.Conv2d, x: torch.Tensor) -> bool:
+    """Whether `conv` may take its faster gradients below: float32 on a CPU outside autocast,
+    and the geometry they are written for (no padding or dilation, one group)."""
+    plain = conv.padding in ((0, 0), "valid") and conv.dilation == (1, 1) and conv.groups == 1
+    on_cpu = x.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
+    return plain and on_cpu and x.dtype == torch.float32
+
+
 class ChannelsLastGradients(torch.autograd.Function):
     """F.conv2d (stride 1, no padding) with its gradients from oneDNN's channels-last kernels;
     the same numbers as autograd's. See ChannelsLastGradConv2d."""
@@ -179,9 +187,8 @@ class ChannelsLastGradConv2d(nn.Conv2d):
     channels, under bf16 autocast (untimed) and elsewhere it is nn.Conv2d."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.in_channels == 1 and x.device.type == "cpu" and x.dtype == torch.float32:
-            if not torch.is_autocast_enabled("cpu"):
-                return ChannelsLastGradients.apply(x, self.weight, self.bias)
+        if self.in_channels == 1 and self.stride == (1, 1) and float32_cpu_conv(self, x):
+            return ChannelsLastGradients.apply(x, self.weight, self.bias)
         return super().forward(x)
 
 
@@ -227,9 +234,8 @@ class ConvolvedWeightGradConv2d(nn.Conv2d):
     nn.Conv2d."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu" and x.dtype == torch.float32:
-            if not torch.is_autocast_enabled("cpu"):
-                return ConvolvedWeightGradient.apply(x, self.weight, self.bias, self.stride)
+        if float32_cpu_conv(self, x):
+            return ConvolvedWeightGradient.apply(x, self.weight, self.bias, self.stride)
         return super().forward(x)
 
 

@@ -14,8 +14,10 @@ from CapsNet import (
     CPU_ROUTING_PIECE,
     CapsNet,
     CapsNetConfig,
+    ChannelsLastGradConv2d,
     ChannelsLastGradients,
     ConvLayer,
+    ConvolvedWeightGradConv2d,
     ConvolvedWeightGradient,
     DigitCaps,
     DynamicRouting,
@@ -173,6 +175,8 @@ def test_conv1_takes_channels_last_gradients_for_one_channel_in_float32_on_the_c
     assert conv_backward(layer.double()(x.double())) == "ConvolutionBackward0"
     colour = ConvLayer(replace(SMALL, in_channels=3))
     assert conv_backward(colour(torch.rand(2, 3, 28, 28))) == "ConvolutionBackward0"
+    strided = ChannelsLastGradConv2d(1, 4, 3, stride=2)  # not what it is written for
+    assert strided(x).grad_fn.name() == "ConvolutionBackward0"
 
 
 @pytest.mark.parametrize(
@@ -214,6 +218,8 @@ def test_primary_conv_takes_the_convolved_weight_gradient_in_float32_on_the_cpu_
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert layer.conv(x).grad_fn.name() == "ConvolutionBackward0"
     assert layer.double().conv(x.double()).grad_fn.name() == "ConvolutionBackward0"
+    padded = ConvolvedWeightGradConv2d(4, 4, 3, stride=2, padding=1)  # not what it is written for
+    assert padded(torch.randn(1, 4, 9, 9)).grad_fn.name() == "ConvolutionBackward0"
 
 
 # --- routing -------------------------------------------------------------------------
