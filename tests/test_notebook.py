@@ -572,15 +572,18 @@ CANVAS_DEPTH = """() => {
 }"""
 
 # Each image widget's shape on the page against its own: 1 where the aspect ratio is kept.
-IMAGE_STRETCH = """() => Object.fromEntries(
-    Array.from(document.querySelectorAll('img.widget-image')).map(img => {
+IMAGE_STRETCH = """() => {
+    const images = Array.from(document.querySelectorAll('img.widget-image'));
+    if (images.some(img => !img.complete || !img.naturalWidth)) return null;  // one is loading
+    return Object.fromEntries(images.map(img => {
         const box = img.getBoundingClientRect();
         const drawn = box.width / box.height, own = img.naturalWidth / img.naturalHeight;
         const name = ['capsule-digit', 'capsule-reconstruction', 'figure-4', 'pair-input',
                       'pair-reconstruction']
             .find(name => img.classList.contains(name));
         return [name, [drawn / own, box.width, box.height]];
-    }))"""
+    }));
+}"""
 
 
 def digest(selector: str) -> str:
@@ -740,7 +743,7 @@ def test_notebook_in_jupyterlab(playwright_api, jupyterlab, tiny_checkpoint, tmp
             drawn, seconds = zip(*[draw_on_canvas(page, stroke) for stroke in (ONE, ZERO)])
             readouts = drag_strongest_slider(page, LINE.fullmatch(drawn[-1])[2])
             figure_4 = page.wait_for_function(FIGURE_4_DIGEST).json_value()
-            stretch = page.evaluate(IMAGE_STRETCH)
+            stretch = page.wait_for_function(IMAGE_STRETCH).json_value()  # all loaded
             if screenshot:
                 save_screenshot(page, Path(screenshot))
             upload(page, uploads)  # the same files again: the sliders go back to the last
