@@ -192,11 +192,13 @@ class ChannelsLastGradConv2d(nn.Conv2d):
         return super().forward(x)
 
 
-class ConvolvedWeightGradient(torch.autograd.Function):
-    """F.conv2d (no padding) whose weight gradient is itself a forward convolution, run by
+class PrimaryConvGradients(torch.autograd.Function):
+    """F.conv2d (no padding) with faster gradients on a CPU in float32, the same numbers as
+    autograd's to float rounding. The weight gradient is itself a forward convolution, run by
     oneDNN's forward kernel: the input's channels are its batch, the output gradient is its
-    filter, dilated by the stride. The same numbers as autograd's, to float rounding (grad x
-    is autograd's own). See ConvolvedWeightGradConv2d."""
+    filter, dilated by the stride. The input gradient comes from the compiled kernel
+    (fused_routing.conv_input_gradient) where it is built, else from autograd's own. See
+    PrimaryConv2d."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, stride):
@@ -209,7 +211,9 @@ class ConvolvedWeightGradient(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         needs_x, needs_weight, needs_bias, _ = ctx.needs_input_grad
         grad_x = grad_weight = grad_bias = None
-        if needs_x:  # autograd's own kernel
+        if needs_x and fused_routing and fused_routing.input_gradient_usable(grad_out):
+            grad_x = fused_routing.conv_input_gradient(x.shape, weight, grad_out, ctx.stride)
+        elif needs_x:
             grad_x = torch.nn.grad.conv2d_input(x.shape, weight, grad_out, stride=ctx.stride)
         if needs_weight:
             # Only the rows and columns the convolution reads (9x9, stride 2: not x's last).
@@ -226,16 +230,16 @@ class ConvolvedWeightGradient(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias, None
 
 
-class ConvolvedWeightGradConv2d(nn.Conv2d):
-    """The PrimaryCaps convolution's nn.Conv2d (no padding). On a CPU in float32 its weight
-    gradient is a forward convolution (ConvolvedWeightGradient), which oneDNN runs faster than
-    its own weight-gradient kernel for this shape (results/README.md § "The PrimaryCaps
-    weight gradient as a convolution"). Under bf16 autocast (untimed) and elsewhere it is
-    nn.Conv2d."""
+class PrimaryConv2d(nn.Conv2d):
+    """The PrimaryCaps convolution's nn.Conv2d (no padding). On a CPU in float32 its gradients
+    are PrimaryConvGradients, which take less time than oneDNN's gradient kernels for this
+    shape (results/README.md §§ "The PrimaryCaps weight gradient as a convolution" and "The
+    PrimaryCaps input gradient in the kernel"). Under bf16 autocast (untimed) and elsewhere it
+    is nn.Conv2d."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if float32_cpu_conv(self, x):
-            return ConvolvedWeightGradient.apply(x, self.weight, self.bias, self.stride)
+            return PrimaryConvGradients.apply(x, self.weight, self.bias, self.stride)
         return super().forward(x)
 
 
@@ -259,7 +263,7 @@ class PrimaryCaps(nn.Module):
     def __init__(self, config: CapsNetConfig):
         super().__init__()
         self.channels, self.dim = config.primary_channels, config.primary_dim
-        self.conv = ConvolvedWeightGradConv2d(
+        self.conv = PrimaryConv2d(
             config.conv1_channels, self.channels * self.dim, config.kernel_size, stride=2
         )
 

@@ -6,10 +6,12 @@ CapsNet's torch code spends a CPU step moving the votes u_hat (737 KB an image a
 products each way, and the matmul's backward reads grad u_hat back. The kernel makes each
 example's votes itself, routes it with its votes in cache, and in backward turns grad u_hat
 into grad u and grad W without writing it. It also squashes the primary capsules straight from
-the PrimaryCaps convolution's output, in one pass each way (PrimarySquash). Its threads are
-torch's own OpenMP threads.
+the PrimaryCaps convolution's output, in one pass each way (PrimarySquash), and makes that
+convolution's input gradient in float32 (conv_input_gradient). Its threads are torch's own
+OpenMP threads.
 results/README.md §§ "The CPU routing kernel", "Votes inside the kernel", "Votes from a bf16
-W, and fewer passes" and "The primary capsules' squash in the kernel" have the timings.
+W, and fewer passes", "The primary capsules' squash in the kernel" and "The PrimaryCaps input
+gradient in the kernel" have the timings.
 
 It is built with the system's C++ compiler (GCC: it uses GCC's vector extensions) for the CPU
 it runs on, into ~/.cache/capsnet or $CAPSNET_CACHE, under a name that hashes the source, the
@@ -31,6 +33,7 @@ from pathlib import Path
 
 import filelock
 import torch
+import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from capslab.hardware import cpu_fields
@@ -302,3 +305,56 @@ class PrimarySquash(torch.autograd.Function):
             *map(address, (s, grad_u, dims)), threads(), ctypes.c_double(ctx.eps), address(grad_s)
         )
         return grad_s, None, None
+
+
+def input_gradient_usable(grad_out: torch.Tensor) -> bool:
+    """Whether the kernel can make a convolution's input gradient from grad_out: float32,
+    wherever it runs."""
+    return grad_out.dtype == torch.float32 and runs(grad_out, torch.float32)
+
+
+def check_convolution(input_shape, weight, grad_out, stride) -> None:
+    """A ValueError unless grad_out is what F.conv2d(x, weight, stride=stride), with no
+    padding, makes from an x of input_shape (B, C, H, W)."""
+    geometry = zip(input_shape[2:], weight.shape[2:], stride)
+    sides = [(side - k) // step + 1 for side, k, step in geometry]
+    expected = (input_shape[0], weight.shape[0], *sides)
+    if input_shape[1] != weight.shape[1] or min(sides) < 1 or tuple(grad_out.shape) != expected:
+        raise ValueError(
+            f"grad_out {tuple(grad_out.shape)} is not the output of a weight {tuple(weight.shape)} "
+            f"at stride {tuple(stride)} over an input {tuple(input_shape)}"
+        )
+
+
+def position_tiles(grad_out: torch.Tensor, rows: int) -> torch.Tensor:
+    """grad_out (B, O, OH, OW) -> (B, T, O, rows): its positions in tiles of `rows`, zeros past
+    the last."""
+    batch, out_channels = grad_out.shape[:2]
+    positions = grad_out.reshape(batch, out_channels, -1)  # (B, O, P)
+    positions = F.pad(positions, (0, -positions.shape[2] % rows))
+    return positions.view(batch, out_channels, -1, rows).transpose(1, 2).contiguous()
+
+
+def column_panels(weight: torch.Tensor, width: int) -> torch.Tensor:
+    """weight (O, C, KH, KW) -> (N', O, width): its N = C*KH*KW columns in panels of `width`,
+    zeros past the last."""
+    columns = weight.reshape(weight.shape[0], -1)  # (O, N)
+    columns = F.pad(columns, (0, -columns.shape[1] % width))
+    return columns.view(weight.shape[0], -1, width).transpose(0, 1).contiguous()
+
+
+def conv_input_gradient(
+    input_shape: torch.Size, weight: torch.Tensor, grad_out: torch.Tensor, stride: tuple[int, int]
+) -> torch.Tensor:
+    """grad x (B, C, H, W) of F.conv2d(x, weight, stride=stride) with no padding, from grad_out
+    (B, O, OH, OW), float32: the same numbers as torch.nn.grad.conv2d_input, to float rounding,
+    without writing the (B, OH*OW, C*KH*KW) product in between (routing.cpp)."""
+    check_convolution(input_shape, weight, grad_out, stride)
+    tiles = position_tiles(grad_out, library().input_gradient_tile_rows_float32())
+    panels = column_panels(weight, library().input_gradient_panel_float32())
+    dims = [*grad_out.shape, *input_shape[1:], *weight.shape[2:], *stride]
+    dims = torch.tensor(dims, dtype=torch.int64)  # B, O, OH, OW, C, H, W, KH, KW, SH, SW
+    grad_x = torch.empty(input_shape, dtype=torch.float32)
+    operands = map(address, (tiles, panels, dims))
+    library().input_gradient_float32(*operands, threads(), address(grad_x))
+    return grad_x

@@ -1,7 +1,7 @@
 // Dynamic routing (Procedure 1 of Sabour et al. 2017) fused for the CPU with the votes that feed
 // it (Eq. 2, u_hat_j|i = W_ij u_i), forward and backward: the same values and gradients as
-// CapsNet's raw_votes and DynamicRouting, to float rounding. Also the primary capsules' squash
-// (Eq. 1) from the convolution's output, at the end.
+// CapsNet's raw_votes and DynamicRouting, to float rounding. Also, at the end, the primary
+// capsules' squash (Eq. 1) from the convolution's output, and that convolution's input gradient.
 //
 // Forward computes the votes input by input for a few examples at a time, so each W_i is read
 // once per group rather than once per example, into a buffer where each example's votes lie
@@ -722,6 +722,69 @@ void primary_squash_backward_range(const In* s, const Acc* grad_u, const int64_t
   }
 }
 
+// The PrimaryCaps convolution's input gradient, float32: grad x (B, C, H, W) of a convolution
+// with no padding, from grad_out (B, O, OH, OW) and the weight (O, C, KH, KW). Per example it
+// is a matrix product and a scatter: cols (P, C*KH*KW) = grad_out_b^T (P, O) @ weight
+// (O, C*KH*KW), P = OH*OW positions, and column (c, ky, kx) of row p = (oy, ox) is added to
+// x[c, SH*oy + ky, SW*ox + kx]. Here the product runs a tile at a time, kTileRows positions
+// by kPanel columns held in registers, and each tile is added into x as soon as it is made:
+// cols (3 MB an example at 28x28) is never written. Both operands come packed so that a tile
+// reads them in order: grad_out in tiles of positions, (B, T, O, kTileRows) with
+// T = ceil(P / kTileRows) and zeros past P, and the weight in panels of columns,
+// (ceil(N / kPanel), O, kPanel) with N = C*KH*KW and zeros past N.
+using FloatRegister = Register<float>;
+constexpr int kTileRows = 6;                       // 12 sums live, with 2 registers a row
+constexpr int kPanel = 2 * FloatRegister::kLanes;  // 16 columns on AVX2, 32 on AVX-512
+constexpr int64_t kGradientExamples = 4;           // examples whose grad_out stays in L2
+
+// One tile's sums: a tile of grad_out (O, kTileRows) times one panel (O, kPanel).
+void input_gradient_tile(const float* tile, const float* panel, int64_t O,
+                         FloatRegister::Vec (&sums)[kTileRows][2]) {
+  using R = FloatRegister;
+  for (auto& row : sums) row[0] = row[1] = R::Vec{};
+  for (int64_t o = 0; o < O; ++o) {
+    const R::Vec low = R::load(panel + o * kPanel), high = R::load(panel + o * kPanel + R::kLanes);
+    for (int r = 0; r < kTileRows; ++r) {
+      const float g = tile[o * kTileRows + r];
+      sums[r][0] += g * low;
+      sums[r][1] += g * high;
+    }
+  }
+}
+
+// grad x for examples [begin, end). dims: B, O, OH, OW, C, H, W, KH, KW, SH, SW.
+void input_gradient_range(const float* tiles, const float* panels, const int64_t* dims,
+                          int64_t begin, int64_t end, float* grad_x) {
+  const int64_t O = dims[1], OW = dims[3], P = dims[2] * dims[3], C = dims[4];
+  const int64_t H = dims[5], W = dims[6], KW = dims[8], SH = dims[9], SW = dims[10];
+  const int64_t T = (P + kTileRows - 1) / kTileRows, taps = dims[7] * KW, columns = C * taps;
+  const int64_t image = C * H * W;
+  std::memset(grad_x + begin * image, 0, sizeof(float) * (end - begin) * image);
+  for (int64_t first = begin; first < end; first += kGradientExamples) {
+    const int64_t last = std::min(end, first + kGradientExamples);
+    for (int64_t start = 0; start < columns; start += kPanel) {
+      const float* panel = panels + start / kPanel * O * kPanel;
+      const int width = int(std::min<int64_t>(kPanel, columns - start));
+      int64_t offset[kPanel];  // column (c, ky, kx) -> its place in an image, from (oy, ox)'s
+      for (int l = 0; l < width; ++l) {
+        const int64_t column = start + l, tap = column % taps;
+        offset[l] = column / taps * H * W + tap / KW * W + tap % KW;
+      }
+      for (int64_t b = first; b < last; ++b)
+        for (int64_t t = 0; t < T; ++t) {
+          FloatRegister::Vec sums[kTileRows][2];
+          input_gradient_tile(tiles + (b * T + t) * O * kTileRows, panel, O, sums);
+          for (int64_t p = t * kTileRows; p < std::min(P, (t + 1) * kTileRows); ++p) {
+            float* corner = grad_x + b * image + SH * (p / OW) * W + SW * (p % OW);
+            float row[kPanel];
+            std::memcpy(row, sums[p - t * kTileRows], sizeof row);
+            for (int l = 0; l < width; ++l) corner[offset[l]] += row[l];
+          }
+        }
+    }
+  }
+}
+
 // body(begin, end) over [0, count) in contiguous ranges, one per thread, on the OpenMP threads
 // torch computes with (the same runtime where torch brings libgomp.so.1, as its Linux wheels
 // do): they are awake from torch's last operation, where threads of our own would wait for
@@ -785,3 +848,14 @@ void in_parallel(int64_t count, int64_t threads, const Body& body) {
 ROUTING_ENTRY_POINTS(float32, float, float)
 ROUTING_ENTRY_POINTS(bfloat16, uint16_t, float)
 ROUTING_ENTRY_POINTS(float64, double, double)
+
+// The input gradient above; each thread takes a range of examples. Its tile and panel sizes
+// come first, for capslab/fused_routing.py to pack grad_out and the weight.
+extern "C" int input_gradient_tile_rows_float32() { return kTileRows; }
+extern "C" int input_gradient_panel_float32() { return kPanel; }
+extern "C" void input_gradient_float32(const float* tiles, const float* panels,
+                                       const int64_t* dims, int64_t threads, float* grad_x) {
+  in_parallel(dims[0], threads, [&](int64_t begin, int64_t end) {
+    input_gradient_range(tiles, panels, dims, begin, end, grad_x);
+  });
+}

@@ -299,6 +299,83 @@ def test_primary_caps_squash_in_the_kernel_unless_it_is_off(monkeypatch):
         primary_squash(torch.randn(2, 12, 3, 3))
 
 
+# --- the PrimaryCaps convolution's input gradient -----------------------------------------
+
+
+def input_gradient_case(batch, channels, out_channels, side, kernel, stride, seed=0):
+    """x's shape, a weight (O, C, KH, KW) and a grad_out (B, O, OH, OW) for a convolution."""
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(out_channels, channels, *kernel, generator=generator)
+    out_side = [(side - k) // step + 1 for k, step in zip(kernel, stride)]
+    grad_out = torch.randn(batch, out_channels, *out_side, generator=generator)
+    return torch.Size([batch, channels, side, side]), weight, grad_out
+
+
+@pytest.mark.parametrize(
+    "batch, channels, out_channels, side, kernel, stride",
+    [
+        (3, 5, 4, 20, (9, 9), (2, 2)),  # 405 columns: a part panel; x's last row goes unread
+        (2, 16, 7, 21, (9, 9), (2, 2)),  # 49 positions: a part tile
+        (5, 3, 8, 12, (3, 5), (1, 1)),  # a kernel wider than tall, stride 1
+        (1, 2, 3, 16, (9, 9), (3, 2)),  # strides that differ
+        (9, 32, 16, 20, (9, 9), (2, 2)),  # 9 examples: groups of 4, 4 and 1
+    ],
+)
+def test_conv_input_gradient_matches_autograd(batch, channels, out_channels, side, kernel, stride):
+    shape, weight, grad_out = input_gradient_case(
+        batch, channels, out_channels, side, kernel, stride
+    )
+    ours = fused_routing.conv_input_gradient(shape, weight, grad_out, stride)
+    exact = torch.nn.grad.conv2d_input(shape, weight.double(), grad_out.double(), stride=stride)
+    assert ours.dtype == torch.float32 and ours.shape == shape
+    torch.testing.assert_close(ours, exact.float(), rtol=1e-5, atol=1e-5)
+    assert torch.equal(ours == 0, exact == 0)  # what the convolution never reads gets 0
+    restrided = grad_out.contiguous(memory_format=torch.channels_last)
+    assert torch.equal(fused_routing.conv_input_gradient(shape, weight, restrided, stride), ours)
+
+
+def test_conv_input_gradient_refuses_shapes_that_do_not_fit():
+    shape, weight, grad_out = input_gradient_case(2, 4, 3, 20, (9, 9), (2, 2))
+    for wrong in (
+        (torch.Size([2, 4, 22, 20]), weight, grad_out, (2, 2)),  # 7 rows out, not 6
+        (shape, weight[:, :3], grad_out, (2, 2)),  # 3 input channels, not 4
+        (shape, weight, grad_out[:1], (2, 2)),  # one example, not 2
+        (shape, weight, grad_out, (1, 2)),  # stride 1 makes 12 rows
+        (torch.Size([2, 4, 8, 8]), weight, grad_out, (2, 2)),  # smaller than the kernel
+    ):
+        with pytest.raises(ValueError, match="is not the output of a weight"):
+            fused_routing.conv_input_gradient(*wrong)
+
+
+def test_conv_input_gradient_splits_among_threads_without_changing_a_bit():
+    shape, weight, grad_out = input_gradient_case(7, 16, 8, 20, (9, 9), (2, 2))
+    stride = (2, 2)
+    assert_same_bits_on_1_and_3_threads(
+        lambda: (fused_routing.conv_input_gradient(shape, weight, grad_out, stride),)
+    )
+
+
+def test_primary_caps_input_gradient_in_the_kernel_in_float32_unless_it_is_off(monkeypatch):
+    layer = PrimaryCaps(CapsNetConfig(conv1_channels=16, primary_channels=4))
+    x = torch.randn(2, 16, 20, 20, requires_grad=True)
+    calls, gradient = [], fused_routing.conv_input_gradient
+    monkeypatch.setattr(
+        fused_routing, "conv_input_gradient", lambda *args: calls.append(args) or gradient(*args)
+    )
+
+    def input_gradient(x):
+        return torch.autograd.grad(layer.conv(x).square().sum(), x)[0]
+
+    on = input_gradient(x)
+    with fused_routing.kernel_enabled(False):
+        off = input_gradient(x)
+    assert len(calls) == 1
+    torch.testing.assert_close(on, off)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        input_gradient(x)
+    assert len(calls) == 1  # bf16 autocast keeps autograd's gradients
+
+
 def test_other_capsule_widths_route_with_the_torch_code():
     model = CapsNet(CapsNetConfig(digit_dim=8, conv1_channels=16, primary_channels=4))
     u = torch.randn(2, model.config.num_primary_caps, 8)

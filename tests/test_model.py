@@ -17,11 +17,11 @@ from CapsNet import (
     ChannelsLastGradConv2d,
     ChannelsLastGradients,
     ConvLayer,
-    ConvolvedWeightGradConv2d,
-    ConvolvedWeightGradient,
     DigitCaps,
     DynamicRouting,
     PrimaryCaps,
+    PrimaryConv2d,
+    PrimaryConvGradients,
     capsule_length,
     capsule_loss,
     margin_loss,
@@ -183,42 +183,41 @@ def test_conv1_takes_channels_last_gradients_for_one_channel_in_float32_on_the_c
     "side, stride",
     [(20, (2, 2)), (21, (2, 2)), (12, (1, 1)), (16, (3, 2))],  # 20: the last row goes unread
 )
-def test_primary_convolved_weight_gradient_matches_autograd(side, stride):
+def test_primary_conv_gradients_match_autograd(side, stride):
     torch.manual_seed(side)
     x = torch.randn(3, 5, side, side, requires_grad=True)
     weight = torch.randn(4, 5, 9, 9, requires_grad=True)
     bias = torch.randn(4, requires_grad=True)
-    out = ConvolvedWeightGradient.apply(x, weight, bias, stride)
+    out = PrimaryConvGradients.apply(x, weight, bias, stride)
     assert torch.equal(out, F.conv2d(x, weight, bias, stride))
     grad_out = torch.randn_like(out)
     ours = torch.autograd.grad(out, (x, weight, bias), grad_out)
     plain = torch.autograd.grad(F.conv2d(x, weight, bias, stride), (x, weight, bias), grad_out)
-    assert torch.equal(ours[0], plain[0])  # grad x: autograd's own kernel
-    for mine, reference in zip(ours[1:], plain[1:]):
+    for mine, reference in zip(ours, plain):
         torch.testing.assert_close(mine, reference)
-    frozen_input = ConvolvedWeightGradient.apply(x.detach(), weight, None, stride)
+    frozen_input = PrimaryConvGradients.apply(x.detach(), weight, None, stride)
     (grad_weight,) = torch.autograd.grad(frozen_input, weight, grad_out)
     torch.testing.assert_close(grad_weight, plain[1])
 
 
 @pytest.mark.parametrize("stride", [(2, 2), (1, 1), (3, 2)])
-def test_primary_convolved_weight_gradient_passes_gradcheck(stride):
+def test_primary_conv_gradients_pass_gradcheck(stride):
     torch.manual_seed(0)
     tiny = (torch.randn(2, 3, 8, 7), torch.randn(4, 3, 3, 3), torch.randn(4))
     assert torch.autograd.gradcheck(
-        lambda x, w, b: ConvolvedWeightGradient.apply(x, w, b, stride),
+        lambda x, w, b: PrimaryConvGradients.apply(x, w, b, stride),
         [t.double().requires_grad_() for t in tiny],
     )
 
 
-def test_primary_conv_takes_the_convolved_weight_gradient_in_float32_on_the_cpu_only():
+def test_primary_conv_takes_its_own_gradients_in_float32_on_the_cpu_only():
     layer = PrimaryCaps(SMALL)
     x = torch.randn(2, SMALL.conv1_channels, 20, 20)
-    assert layer.conv(x).grad_fn.name() == "ConvolvedWeightGradientBackward"
+    assert layer.conv(x).grad_fn.name() == "PrimaryConvGradientsBackward"
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert layer.conv(x).grad_fn.name() == "ConvolutionBackward0"
     assert layer.double().conv(x.double()).grad_fn.name() == "ConvolutionBackward0"
-    padded = ConvolvedWeightGradConv2d(4, 4, 3, stride=2, padding=1)  # not what it is written for
+    padded = PrimaryConv2d(4, 4, 3, stride=2, padding=1)  # not what it is written for
     assert padded(torch.randn(1, 4, 9, 9)).grad_fn.name() == "ConvolutionBackward0"
 
 

@@ -457,7 +457,7 @@ CONV_TOOL = "tools/conv_gradient_timing.py"
     "layer, way, compared",
     [
         ("conv1", "channels_last_gradients", {"grad_weight", "grad_bias"}),
-        ("primary", "convolved_weight_gradient", {"grad_input", "grad_weight", "grad_bias"}),
+        ("primary", "primary_conv_gradients", {"grad_input", "grad_weight", "grad_bias"}),
     ],
 )
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

@@ -4,7 +4,8 @@ one process: plain autograd, and the way the model takes its gradients on a CPU 
     conv1    Conv1 + ReLU, weight gradients only (the image needs none, as in training); the
              other way: oneDNN's channels-last kernels (CapsNet.ChannelsLastGradients)
     primary  the PrimaryCaps convolution, input and weight gradients; the other way: the
-             weight gradient as a forward convolution (CapsNet.ConvolvedWeightGradient)
+             weight gradient as a forward convolution and the input gradient from the
+             compiled kernel (CapsNet.PrimaryConvGradients)
 
 Prints one JSON line: each way's best and median milliseconds, and the largest difference
 between their gradients (0.0: the same bits).
@@ -33,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 from capslab.errors import UserError, exit_on_user_error  # noqa: E402
 from capslab.hardware import cpu_name  # noqa: E402
-from CapsNet import CapsNetConfig, ChannelsLastGradients, ConvolvedWeightGradient  # noqa: E402
+from CapsNet import CapsNetConfig, ChannelsLastGradients, PrimaryConvGradients  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 PRIMARY_STRIDE = (2, 2)
@@ -60,7 +61,7 @@ def primary_ways(config: CapsNetConfig, args: argparse.Namespace):
     kernel = (out_channels, config.conv1_channels, config.kernel_size, config.kernel_size)
     ways = {
         "plain_autograd": partial(F.conv2d, stride=PRIMARY_STRIDE),
-        "convolved_weight_gradient": lambda *t: ConvolvedWeightGradient.apply(*t, PRIMARY_STRIDE),
+        "primary_conv_gradients": lambda *t: PrimaryConvGradients.apply(*t, PRIMARY_STRIDE),
     }
     return x.requires_grad_(), kernel, ways
 
