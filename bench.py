@@ -218,7 +218,8 @@ def main(argv=None) -> None:
         "--routing",
         choices=("kernel", "torch"),
         default="kernel",
-        help="route on the CPU in the compiled kernel, or in torch code, as on a GPU "
+        help="route on the CPU in the compiled kernel, or in torch code, as on a GPU; torch "
+        "also turns off the kernel's primary squash and PrimaryCaps input gradient "
         "(default: kernel)",
     )
     parser.add_argument(
