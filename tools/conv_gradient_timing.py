@@ -34,10 +34,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 from capslab.errors import UserError, exit_on_user_error  # noqa: E402
 from capslab.hardware import cpu_name  # noqa: E402
-from CapsNet import CapsNetConfig, ChannelsLastGradients, PrimaryConvGradients  # noqa: E402
+from CapsNet import (  # noqa: E402
+    CapsNetConfig,
+    ChannelsLastGradients,
+    PrimaryCaps,
+    PrimaryConvGradients,
+)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-PRIMARY_STRIDE = (2, 2)
 
 
 def conv1_ways(config: CapsNetConfig, args: argparse.Namespace):
@@ -57,13 +61,12 @@ def primary_ways(config: CapsNetConfig, args: argparse.Namespace):
     output with a gradient, as Conv1 hands it on."""
     dtype, side = DTYPES[args.dtype], args.size - config.kernel_size + 1
     x = torch.rand(args.batch, config.conv1_channels, side, side, dtype=dtype)
-    out_channels = config.primary_channels * config.primary_dim
-    kernel = (out_channels, config.conv1_channels, config.kernel_size, config.kernel_size)
+    conv = PrimaryCaps(config).conv  # the model's own shape and stride
     ways = {
-        "plain_autograd": partial(F.conv2d, stride=PRIMARY_STRIDE),
-        "primary_conv_gradients": lambda *t: PrimaryConvGradients.apply(*t, PRIMARY_STRIDE),
+        "plain_autograd": partial(F.conv2d, stride=conv.stride),
+        "primary_conv_gradients": lambda *t: PrimaryConvGradients.apply(*t, conv.stride),
     }
-    return x.requires_grad_(), kernel, ways
+    return x.requires_grad_(), tuple(conv.weight.shape), ways
 
 
 LAYERS = {"conv1": conv1_ways, "primary": primary_ways}
@@ -102,7 +105,8 @@ def parse_args(argv):
     for flag in ("batch", "channels", "rounds", "repeats"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
-    smallest = {"conv1": 9, "primary": 17}[args.layer]  # a 9x9 kernel, twice for primary
+    kernel = CapsNetConfig().kernel_size
+    smallest = {"conv1": kernel, "primary": 2 * kernel - 1}[args.layer]  # two kernels deep
     if args.size < smallest:
         raise UserError(
             f"--size must be at least {smallest} for --layer {args.layer}, got {args.size}"
