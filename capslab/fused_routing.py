@@ -41,6 +41,10 @@ from capslab.hardware import cpu_fields
 SOURCE = Path(__file__).with_name("routing.cpp")
 LANES = 16  # the kernel's capsule width, and the most outputs it routes to
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-fopenmp", "-shared", "-fPIC")
+# The register width the kernel lays its sums out for: None, the CPU's own (64 bytes with
+# AVX-512, else 32), or 32 or 64 on any CPU, which the tests use to run the other CPU's code
+# (`pytest --kernel-register-bytes`).
+register_bytes: int | None = None
 SUFFIXES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float64: "float64"}
 _enabled = True
 kernel_calls = 0  # forward passes the kernel has routed in this process (bench.py reports it)
@@ -100,10 +104,17 @@ def cpu_identity(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
     return "\n".join(f"{name}: {fields.get(name, '')}" for name in CPU_FIELDS + CPU_FIELDS_ARM)
 
 
+def flags() -> tuple[str, ...]:
+    """The compiler's flags: FLAGS, and the register width where one is set."""
+    if register_bytes is None:
+        return FLAGS
+    return (*FLAGS, f"-DCAPSLAB_REGISTER_BYTES={register_bytes}")
+
+
 def build_key(compiler: str, cpu: str, source: Path = SOURCE) -> str:
     """A hash of everything the build depends on: source, flags, compiler and CPU."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    parts = (source.read_bytes(), " ".join(FLAGS).encode(), version.encode(), cpu.encode())
+    parts = (source.read_bytes(), " ".join(flags()).encode(), version.encode(), cpu.encode())
     return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
 
 
@@ -121,7 +132,7 @@ def build(compiler: str, source: Path = SOURCE) -> Path:
         if not target.exists():
             with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
                 built = Path(scratch) / target.name
-                command = [compiler, *FLAGS, "-o", str(built), str(source)]
+                command = [compiler, *flags(), "-o", str(built), str(source)]
                 subprocess.run(command, check=True, capture_output=True, text=True)
                 os.replace(built, target)  # whole or absent, never half-written
     return target

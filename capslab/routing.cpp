@@ -79,12 +79,17 @@ Vec<float> load(const uint16_t* p) { return widen_bfloat16<Vec<float>, Half, Bit
 // The widest vector the CPU's registers hold. GCC splits a wider Vec (16 floats on an AVX2 CPU)
 // into halves, and in loops that keep many of them live it keeps those halves on the stack:
 // those loops (the votes, the per-input dot products, grad u_hat, grad W and grad u) are
-// written with these instead, so that their sums stay in registers.
-#ifdef __AVX512F__
+// written with these instead, so that their sums stay in registers. A build may name the width
+// (-DCAPSLAB_REGISTER_BYTES=32 or 64): GCC then splits wider vectors into the registers it has,
+// so the tests run the code the other kind of CPU builds (tests/conftest.py).
+#if defined(CAPSLAB_REGISTER_BYTES)
+constexpr int kRegisterBytes = CAPSLAB_REGISTER_BYTES;
+#elif defined(__AVX512F__)
 constexpr int kRegisterBytes = 64;
 #else
 constexpr int kRegisterBytes = 32;
 #endif
+static_assert(kRegisterBytes == 32 || kRegisterBytes == 64, "registers of 32 or 64 bytes");
 template <typename Acc>
 struct Register {
   typedef Acc Vec __attribute__((vector_size(kRegisterBytes)));
@@ -848,6 +853,8 @@ void in_parallel(int64_t count, int64_t threads, const Body& body) {
 ROUTING_ENTRY_POINTS(float32, float, float)
 ROUTING_ENTRY_POINTS(bfloat16, uint16_t, float)
 ROUTING_ENTRY_POINTS(float64, double, double)
+
+extern "C" int register_bytes() { return kRegisterBytes; }
 
 // The input gradient above; each thread takes a range of examples. Its tile and panel sizes
 // come first, for capslab/fused_routing.py to pack grad_out and the weight.

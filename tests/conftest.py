@@ -28,6 +28,7 @@ sys.path.insert(0, str(REPO / "tools"))  # and the tools, for run_in_process("to
 
 import evaluate  # noqa: E402
 import train  # noqa: E402
+from capslab import fused_routing  # noqa: E402
 from capslab.checkpoint import SHIPPED_CHECKPOINT, load_checkpoint, save_checkpoint  # noqa: E402
 from capslab.data import load_split  # noqa: E402
 from capslab.errors import exit_on_user_error  # noqa: E402
@@ -43,6 +44,20 @@ DATA_DIR = Path(
 )
 # Narrow layers keep the slow tests fast; routing, decoder and loss are the paper's.
 SMALL = CapsNetConfig(conv1_channels=32, primary_channels=8)
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--kernel-register-bytes",
+        type=int,
+        choices=(32, 64),
+        help="build the CPU routing kernel for registers of this width (AVX2's 32 bytes or "
+        "AVX-512's 64) whatever this CPU has, to test the code the other kind of CPU runs",
+    )
+
+
+def pytest_configure(config):
+    fused_routing.register_bytes = config.getoption("--kernel-register-bytes")
 
 
 CPU = torch.device("cpu")

@@ -3,16 +3,20 @@ the paper."""
 
 import json
 import shutil
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 
 from capslab import fused_routing
 from capslab.fused_routing import FusedRouting
+from capslab.hardware import cpu_fields
 from CapsNet import EPS, CapsNet, CapsNetConfig, DigitCaps, DynamicRouting, PrimaryCaps, squash
 
-from conftest import assert_one_line_error, run_in_process
+from conftest import REPO, assert_one_line_error, run_in_process
 from test_model import reference_routing
 
 pytestmark = pytest.mark.skipif(
@@ -441,6 +445,33 @@ def test_a_damaged_cached_build_is_built_again_and_lands_whole(tmp_path, monkeyp
         assert not [p for p in tmp_path.iterdir() if p.is_dir()]  # no build folder left
     finally:
         fused_routing.library.cache_clear()
+
+
+def native_register_bytes() -> int:
+    """The register width routing.cpp takes on this CPU: 64 bytes with AVX-512, else 32."""
+    cpu_flags = cpu_fields(Path("/proc/cpuinfo")).get("flags", "").split()
+    return 64 if "avx512f" in cpu_flags else 32
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="reads Linux's /proc/cpuinfo")
+def test_the_kernel_keeps_its_sums_in_registers_of_the_width_asked():
+    width = fused_routing.register_bytes or native_register_bytes()
+    assert fused_routing.library().register_bytes() == width
+    assert fused_routing.library().input_gradient_panel_float32() == 2 * width // 4  # 2 registers
+
+
+# An AVX-512 CPU builds 64-byte registers: tiles of 6 x 32 columns, 8 doubles a register, one
+# register a capsule. No CPU of this workplace's CI has AVX-512, so this runs that code here
+# (GCC splits each 64-byte vector in two), and an AVX-512 CPU runs AVX2's code in turn.
+@pytest.mark.slow  # this file's fast tests again, with a build of their own: 18-22 s on Zen 3
+@pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="reads Linux's /proc/cpuinfo")
+def test_the_kernel_built_for_the_other_register_width_passes_these_tests():
+    other = {32: 64, 64: 32}[native_register_bytes()]
+    command = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider"]
+    command += ["-m", "not slow", __file__, "--kernel-register-bytes", str(other)]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout and "failed" not in result.stdout
 
 
 TIMING_TOOL = "tools/routing_kernel_timing.py"
