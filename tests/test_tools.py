@@ -3,6 +3,8 @@ input in one line, name the file and line at fault, and lose or misplace nothing
 
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 
@@ -15,6 +17,7 @@ from capslab.errors import UserError
 from capslab.jsonl import write_jsonl
 
 from conftest import (
+    REPO,
     TINY_RUN,
     StopAfterTwoBatches,
     assert_one_line_error,
@@ -488,3 +491,86 @@ def test_the_conv_timing_tool_refuses_sizes_it_cannot_time(args, message):
     result = run_in_process(CONV_TOOL, *args, check=False)
     assert result.returncode == 2
     assert_one_line_error(result, message)
+
+
+# --- tools/bench_against.py ----------------------------------------------------------------
+
+AGAINST_TOOL = REPO / "tools" / "bench_against.py"
+TINY_BENCH = ["--", "--batch-size", "4", "--steps", "1", "--rounds", "1"]
+
+
+def bench_against(folder, *args) -> subprocess.CompletedProcess:
+    """tools/bench_against.py in its own process, run from `folder` (it times that checkout)."""
+    command = [sys.executable, str(AGAINST_TOOL), *map(str, args)]
+    return subprocess.run(command, cwd=folder, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture
+def clone(tmp_path):
+    """A clone of this repository's HEAD, whose worktrees the tests can inspect."""
+    folder = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(REPO), str(folder)], check=True)
+    return folder
+
+
+def worktrees(folder) -> list[str]:
+    listing = subprocess.run(
+        ["git", "worktree", "list"], cwd=folder, capture_output=True, text=True
+    )
+    return listing.stdout.splitlines()
+
+
+@pytest.mark.slow  # four bench.py processes: about 20 s on Zen 3
+def test_bench_against_alternates_the_arms_and_appends_every_result(clone, tmp_path):
+    out = tmp_path / "bench" / "ab.jsonl"
+    out.parent.mkdir()
+    write_jsonl([{"kept": "an earlier record"}], out)
+    result = bench_against(clone, "HEAD", "--rounds", 2, "--out", out, *TINY_BENCH)
+    assert result.returncode == 0, result.stderr
+    printed = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [(r["arm"], r["round"]) for r in printed] == [
+        ("before", 1),
+        ("after", 1),
+        ("after", 2),
+        ("before", 2),
+    ]  # the order flips every round
+    head = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=clone, capture_output=True, text=True
+    )
+    assert {r["commit"] for r in printed} == {head.stdout.strip()}
+    for record in printed:
+        assert record["batch_size"] == 4 and 0 < record["train_ratio"]
+    assert [json.loads(line) for line in out.read_text().splitlines()] == [
+        {"kept": "an earlier record"},
+        *printed,
+    ]
+    table = result.stderr.splitlines()
+    assert table[0].split()[:2] == ["arm", "round"] and table[-2].split()[:2] == ["before", "med"]
+    assert len(worktrees(clone)) == 1  # its own worktree is gone
+
+
+@pytest.mark.slow  # a bench.py process: about 5 s
+def test_bench_against_reports_a_failing_bench_and_removes_its_worktree(clone):
+    (clone / "CapsNet.py").write_text("raise SystemExit('broken')\n")
+    commit = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "broken"]
+    subprocess.run(commit, cwd=clone, check=True)
+    result = bench_against(clone, "HEAD", *TINY_BENCH)
+    assert_one_line_error(result, "bench.py failed in the 'before' arm (exit status 1): broken")
+    assert len(worktrees(clone)) == 1
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["no-such-commit"], "'no-such-commit' is not a commit of"),
+        (["HEAD", "--rounds", "0"], "--rounds must be between 1 and 100, got 0"),
+    ],
+)
+def test_bench_against_refuses_a_bad_commit_or_count(args, message):
+    result = run_in_process("tools/bench_against.py", *args, check=False)
+    assert result.returncode == 2
+    assert_one_line_error(result, message)
+
+
+def test_bench_against_needs_a_git_checkout(tmp_path):
+    assert_one_line_error(bench_against(tmp_path, "HEAD"), "is not in a git checkout")
