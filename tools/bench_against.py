@@ -6,8 +6,9 @@ change.
     python tools/bench_against.py HEAD~1 --rounds 4 --out results/bench/NAME.jsonl -- \\
         --dataset multimnist --batch-size 64
 
-Everything after `--` goes to bench.py. REV is checked out into a temporary git worktree,
-removed at the end, Ctrl-C included. Each round runs both arms, the order flipping every
+Everything after `--` goes to bench.py, run in each arm's own folder. REV is checked out
+into a temporary git worktree, removed at the end, Ctrl-C included (so give --profile an
+absolute path). Each round runs both arms, the order flipping every
 round, so that neither always runs first on a machine whose speed drifts. Every bench.py
 object is printed as a JSON line with "arm" ("before": REV, "after": this tree), "round" and
 "commit" ("-dirty" where the tree has uncommitted changes), and appended to --out if given.
