@@ -209,8 +209,15 @@ def test_the_decoder_draws_each_digit_from_its_own_capsule():
     target = torch.tensor([[1, 7], [2, 3], [9, 0]])
     lengths, drawn, v = model(x, target)
     assert lengths.shape == (3, 10) and drawn.shape == (3, 2, 1, CANVAS, CANVAS)
-    for k in range(2):
-        assert torch.allclose(drawn[:, k], model.decoder(v, target[:, k]))
+    one_by_one = torch.stack([model.decoder(v, target[:, k]) for k in range(2)], dim=1)
+    torch.testing.assert_close(drawn, one_by_one)
+    weights = torch.rand_like(drawn)  # the same gradient for v and the decoder either way
+    grads = [
+        torch.autograd.grad((d * weights).sum(), [v, *model.decoder.parameters()])
+        for d in (drawn, one_by_one)
+    ]
+    for ours, theirs in zip(*grads):
+        torch.testing.assert_close(ours, theirs)
     assert model.config.num_primary_caps == 4 * 10 * 10  # 36 -> 28 -> 10x10 grid
 
 
