@@ -507,9 +507,9 @@ class CapsNet(nn.Module):
             return lengths, None, v
         mask_class = lengths.argmax(dim=1) if target is None else target
         if mask_class.dim() == 2:  # one reconstruction per label: (B, K, C, H, W)
-            batch, labels = mask_class.shape  # the K labels in one pass of B*K rows
-            drawn = self.decoder(v.repeat_interleave(labels, dim=0), mask_class.flatten())
-            return lengths, drawn.view(batch, labels, *drawn.shape[1:]), v
+            batch, per_example = mask_class.shape  # K labels each, drawn in one pass of B*K rows
+            drawn = self.decoder(v.repeat_interleave(per_example, dim=0), mask_class.flatten())
+            return lengths, drawn.view(batch, per_example, *drawn.shape[1:]), v
         return lengths, self.decoder(v, mask_class), v
 
 
