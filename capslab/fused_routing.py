@@ -337,21 +337,11 @@ def check_convolution(input_shape, weight, grad_out, stride) -> None:
         )
 
 
-def position_tiles(grad_out: torch.Tensor, rows: int) -> torch.Tensor:
-    """grad_out (B, O, OH, OW) -> (B, T, O, rows): its positions in tiles of `rows`, zeros past
-    the last."""
-    batch, out_channels = grad_out.shape[:2]
-    positions = grad_out.reshape(batch, out_channels, -1)  # (B, O, P)
-    positions = F.pad(positions, (0, -positions.shape[2] % rows))
-    return positions.view(batch, out_channels, -1, rows).transpose(1, 2).contiguous()
-
-
-def column_panels(weight: torch.Tensor, width: int) -> torch.Tensor:
-    """weight (O, C, KH, KW) -> (N', O, width): its N = C*KH*KW columns in panels of `width`,
-    zeros past the last."""
-    columns = weight.reshape(weight.shape[0], -1)  # (O, N)
-    columns = F.pad(columns, (0, -columns.shape[1] % width))
-    return columns.view(weight.shape[0], -1, width).transpose(0, 1).contiguous()
+def column_blocks(matrix: torch.Tensor, width: int) -> torch.Tensor:
+    """(..., M, N) -> (..., ceil(N / width), M, width): the columns in blocks of `width`, zeros
+    past N, each block a contiguous (M, width) matrix."""
+    padded = F.pad(matrix, (0, -matrix.shape[-1] % width))
+    return padded.unflatten(-1, (-1, width)).transpose(-3, -2).contiguous()
 
 
 def conv_input_gradient(
@@ -361,8 +351,9 @@ def conv_input_gradient(
     (B, O, OH, OW), float32: the same numbers as torch.nn.grad.conv2d_input, to float rounding,
     without writing the (B, OH*OW, C*KH*KW) product in between (routing.cpp)."""
     check_convolution(input_shape, weight, grad_out, stride)
-    tiles = position_tiles(grad_out, library().input_gradient_tile_rows_float32())
-    panels = column_panels(weight, library().input_gradient_panel_float32())
+    # grad_out's positions in tiles (B, T, O, rows); the weight's columns in panels (N', O, width)
+    tiles = column_blocks(grad_out.flatten(2), library().input_gradient_tile_rows_float32())
+    panels = column_blocks(weight.flatten(1), library().input_gradient_panel_float32())
     dims = [*grad_out.shape, *input_shape[1:], *weight.shape[2:], *stride]
     dims = torch.tensor(dims, dtype=torch.int64)  # B, O, OH, OW, C, H, W, KH, KW, SH, SW
     grad_x = torch.empty(input_shape, dtype=torch.float32)
