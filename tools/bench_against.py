@@ -115,9 +115,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     args = parser.parse_args(argv[:split])
     if not 1 <= args.rounds <= 100:
         raise UserError(f"--rounds must be between 1 and 100, got {args.rounds}")
-    if args.out and args.out.is_dir():
-        raise UserError(f"--out {args.out} is a folder, not a file")
     if args.out:
+        if args.out.is_dir():
+            raise UserError(f"--out {args.out} is a folder, not a file")
         make_output_folder(args.out.parent, "--out's folder")
     return args, argv[split + 1 :]
 
