@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from capslab import fused_routing
-from capslab.checkpoint import write_atomically
+from capslab.atomic import write_atomically
 from capslab.data import IMAGE_SIZE, Split, to_model_input
 from capslab.errors import UserError, exit_on_user_error, flag_name, make_output_folder
 from capslab.hardware import add_device_flags, cpu_name, keep_freed_memory, pick_device, set_threads

@@ -23,14 +23,13 @@ To make one, as checkpoints/capsnet_mnist.pt was made:
 """
 
 import errno
-import os
 import pickle
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from filelock import FileLock, Timeout
 
+from capslab.atomic import remove_temporaries, write_atomically
 from capslab.data import CLASS_NAMES, DATASETS
 from capslab.errors import UserError, first_line
 from capslab.imagefolder import FolderOptions
@@ -71,22 +70,6 @@ def save_checkpoint(checkpoint: dict, path: str | Path) -> None:
         raise UserError(f"could not write {path} ({first_line(error)}); {kept}") from error
 
 
-def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
-    """`write` a temporary file beside `path`, then rename it into place: a crash, a full disk
-    or a Ctrl-C midway leaves any earlier `path` whole, and no temporary behind."""
-    temporary = temporary_path(path)
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
-def temporary_path(path: Path) -> Path:
-    """Where `path` is written before it is renamed into place: one name per file, so no pile-up."""
-    return path.with_name(f".{path.name}.tmp")
-
-
 def is_disk_full(error: Exception) -> bool:
     # torch's zip writer says "unexpected pos" when a write came up short.
     return getattr(error, "errno", None) == errno.ENOSPC or "unexpected pos" in str(error)
@@ -113,8 +96,7 @@ def claim_run_folder(folder: Path) -> FileLock:
             f"another train.py is writing to {folder}: wait for it to finish, "
             "or pass another --checkpoint-dir"
         ) from error
-    for stale in folder.glob(".*.tmp"):
-        stale.unlink(missing_ok=True)
+    remove_temporaries(folder)
     return lock
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from capslab.checkpoint import write_atomically
+from capslab.atomic import write_atomically
 from capslab.data import Split, to_model_input
 from capslab.multimnist import PairScores
 from CapsNet import CapsNet

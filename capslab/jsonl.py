@@ -6,7 +6,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from capslab.checkpoint import write_atomically
+from capslab.atomic import write_atomically
 from capslab.errors import UserError, first_line
 
 # What is wrong with one record (None: nothing), for the reader that knows its fields.
