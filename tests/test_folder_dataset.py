@@ -1,6 +1,6 @@
 """--dataset folder: a folder of your own images trains, scores and predicts as MNIST does.
-Folders are made here, of a few small PNGs; 20-px images keep the model small (a 2x2 grid of
-primary capsules), so a run takes seconds."""
+Folders are made here, of a few small PNGs; 20-px images (a 2x2 grid of primary capsules) and
+SMALL_MODEL's narrow layers keep the model small, so a run takes about a second."""
 
 import json
 
@@ -18,6 +18,7 @@ from capslab.imagefolder import FileSplit, FolderOptions, load_folder
 from capslab.training import TrainConfig
 
 from conftest import (
+    SMALL_MODEL,
     SMALL_SCHEDULE,
     assert_one_line_error,
     png_header_only,
@@ -27,6 +28,7 @@ from conftest import (
 SIDE = 20  # the smallest side worth a test: primary capsules on a 2x2 grid
 RUN = [
     *SMALL_SCHEDULE,
+    *SMALL_MODEL,
     "--dataset",
     "folder",
     "--image-size",
