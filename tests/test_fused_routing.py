@@ -183,39 +183,35 @@ def test_threads_split_batch_and_inputs_without_changing_a_bit():
     assert_same_bits_on_1_and_3_threads(outputs)
 
 
-def test_digit_caps_on_the_kernel_matches_the_torch_code():
+def digit_caps_both_ways(batch: int, bf16: bool) -> list[tuple]:
+    """DigitCaps' (v, c, grad u, grad W) on the kernel, then in the torch code, on one input."""
     torch.manual_seed(0)
     layer = DigitCaps(CapsNetConfig())
-    u = (0.1 * torch.randn(5, 1152, 8)).requires_grad_()
+    u = (0.1 * torch.randn(batch, 1152, 8)).requires_grad_()
     calls = fused_routing.kernel_calls
     outputs = []
     for enabled in (True, False):
-        with fused_routing.kernel_enabled(enabled):
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+        with fused_routing.kernel_enabled(enabled), autocast:
             v, c = layer(u)
         grads = torch.autograd.grad(v.square().sum(), (u, layer.W))
         outputs.append((v, c, *grads))
     assert fused_routing.kernel_calls == calls + 1  # the first arm, and only it, took the kernel
     assert fused_routing.is_enabled()
-    for ours, theirs in zip(*outputs):
+    return outputs
+
+
+def test_digit_caps_on_the_kernel_matches_the_torch_code():
+    for ours, theirs in zip(*digit_caps_both_ways(5, bf16=False)):
         torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6)
 
 
 def test_digit_caps_under_bf16_autocast_matches_the_torch_code():
-    torch.manual_seed(0)
-    layer = DigitCaps(CapsNetConfig())
-    u = (0.1 * torch.randn(3, 1152, 8)).requires_grad_()
-    calls = fused_routing.kernel_calls
-    outputs = []
-    for enabled in (True, False):
-        with fused_routing.kernel_enabled(enabled), torch.autocast("cpu", dtype=torch.bfloat16):
-            v, c = layer(u)
-        grads = torch.autograd.grad(v.square().sum(), (u, layer.W))
-        outputs.append((v, c, *grads))
-    assert fused_routing.kernel_calls == calls + 1
-    assert outputs[0][0].dtype == torch.float32
+    kernel, torch_code = digit_caps_both_ways(3, bf16=True)
+    assert kernel[0].dtype == torch.float32
     # Both round W to bf16 for the votes; the torch code rounds grad u_hat to bf16 too, where
     # the kernel keeps it float32.
-    for ours, theirs in zip(*outputs):
+    for ours, theirs in zip(kernel, torch_code):
         scale = theirs.abs().max().item()
         torch.testing.assert_close(ours, theirs, rtol=2**-6, atol=2**-7 * scale)
 
