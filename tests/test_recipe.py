@@ -23,6 +23,7 @@ from capslab.training import TrainConfig, build_scheduler, ema_update
 
 from conftest import (
     REPO,
+    SMALL_MODEL,
     TINY_RUN,
     StopAfterTwoBatches,
     assert_one_line_error,
@@ -202,7 +203,10 @@ def test_sweep_trains_each_run_once_evaluates_it_and_tabulates_the_seeds(
 ):
     tiny = ["--train-subset", "64", "--val-size", "32", "--test-subset", "50", "--batch-size", "32"]
     runs = [
-        {"name": f"tiny-s{seed}", "flags": [*tiny, "--epochs", "1", "--seed", str(seed)]}
+        {
+            "name": f"tiny-s{seed}",
+            "flags": [*tiny, *SMALL_MODEL, "--epochs", "1", "--seed", str(seed)],
+        }
         for seed in (0, 1)
     ]
     runs.append({"name": "cnn", "flags": [*tiny, "--epochs", "1", "--model", "cnn"],
