@@ -572,5 +572,22 @@ def test_bench_against_refuses_a_bad_commit_or_count(args, message):
     assert_one_line_error(result, message)
 
 
+def test_bench_against_starts_without_importing_torch():
+    """It runs git and bench.py, nothing of torch's: its refusals come at once, not after
+    torch's 2 s import (capslab.atomic keeps the JSONL writer free of it)."""
+    check = (
+        "import runpy, sys\n"
+        "sys.argv = ['bench_against.py', '--help']\n"
+        "try:\n"
+        f"    runpy.run_path({str(AGAINST_TOOL)!r}, run_name='__main__')\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print('torch' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "False"
+
+
 def test_bench_against_needs_a_git_checkout(tmp_path):
     assert_one_line_error(bench_against(tmp_path, "HEAD"), "is not in a git checkout")
