@@ -18,6 +18,7 @@ import argparse
 import copy
 import json
 import resource
+import sys
 import time
 from functools import partial
 from pathlib import Path
@@ -28,7 +29,14 @@ from capslab import fused_routing
 from capslab.atomic import write_atomically
 from capslab.data import IMAGE_SIZE, Split, to_model_input
 from capslab.errors import UserError, exit_on_user_error, flag_name, make_output_folder
-from capslab.hardware import add_device_flags, cpu_name, keep_freed_memory, pick_device, set_threads
+from capslab.hardware import (
+    add_device_flags,
+    cpu_name,
+    emulated_bf16_warning,
+    keep_freed_memory,
+    pick_device,
+    set_threads,
+)
 from capslab.models import MODEL_KINDS
 from capslab.multimnist import PairPool
 from capslab.training import TrainConfig, Trainer, epoch_generator
@@ -73,8 +81,7 @@ def profile_training(train_step, steps: int, path: Path) -> None:
     write_atomically(path, partial(Path.write_text, data=text))
 
 
-def measure(args: argparse.Namespace) -> dict:
-    device = pick_device(args.device)
+def measure(args: argparse.Namespace, device: torch.device) -> dict:
     kernel_calls_before = fused_routing.kernel_calls  # "routing" says which one really ran
     torch.manual_seed(0)
     config = TrainConfig(
@@ -241,8 +248,11 @@ def main(argv=None) -> None:
         make_output_folder(args.profile.parent, "--profile's folder")
     set_threads(args.threads)
     keep_freed_memory()  # as train.py does, for model and floor alike
+    device = pick_device(args.device)
+    if args.bf16 and (warning := emulated_bf16_warning(device)):
+        print(f"{warning}: a round can take minutes", file=sys.stderr)
     with fused_routing.kernel_enabled(args.routing == "kernel"):
-        print(json.dumps(measure(args)))
+        print(json.dumps(measure(args, device)))
 
 
 if __name__ == "__main__":

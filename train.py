@@ -31,7 +31,7 @@ from capslab.checkpoint import claim_run_folder  # noqa: E402
 from capslab.data import load_run_splits  # noqa: E402
 from capslab.errors import UserError, exit_on_user_error  # noqa: E402
 from capslab.flags import parse_flags  # noqa: E402
-from capslab.hardware import has_native_bf16, keep_freed_memory, set_threads  # noqa: E402
+from capslab.hardware import emulated_bf16_warning, keep_freed_memory, set_threads  # noqa: E402
 from capslab.run_plan import (  # noqa: E402
     build_parser,
     configs_from_flags,  # noqa: F401 (tests/test_recipe.py builds its grids' configs with it)
@@ -140,11 +140,8 @@ def log_start(trainer: Trainer, device, train_split, val_split, test_split) -> N
         f"threads {torch.get_num_threads()}  parameters {num_params:,}  train {len(train_split)}  "
         f"val {len(val_split) if val_split else 0}  test {len(test_split)}"
     )
-    if trainer.config.bf16 and not has_native_bf16(device):
-        log(
-            f"warning: bf16 is emulated on this {device.type} (no AVX512-BF16 or AMX) and can be "
-            "many times slower than float32: try --no-bf16"
-        )
+    if trainer.config.bf16 and (warning := emulated_bf16_warning(device)):
+        log(f"{warning}: try --no-bf16")
 
 
 def out_of_memory(config: TrainConfig, device, trainer: Trainer) -> UserError:

@@ -65,6 +65,17 @@ def has_native_bf16(device: torch.device) -> bool:
     return False
 
 
+def emulated_bf16_warning(device: torch.device) -> str | None:
+    """The warning for bf16 autocast where it is emulated, else None: on Zen 3 (AVX2) a bf16
+    step took 21-27 times a float32 one (results/README.md § bfloat16)."""
+    if has_native_bf16(device):
+        return None
+    return (
+        f"warning: bf16 is emulated on this {device.type} (no AVX512-BF16 or AMX) and can be "
+        "many times slower than float32"
+    )
+
+
 # The widest vector instructions, which set CPU speed here, as /proc/cpuinfo flags name them.
 VECTOR_UNITS = (
     ("amx_tile", "AMX"),

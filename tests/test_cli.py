@@ -12,8 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
+import bench
 import train
-from capslab import fused_routing
+from capslab import fused_routing, hardware
 from capslab.checkpoint import export_weights, load_checkpoint
 from capslab.data import DEBIAN_FASHION_DIR, Split
 from capslab.errors import flag_name
@@ -501,6 +502,20 @@ def test_bench_routes_in_the_kernel_or_in_torch_code_as_asked():
         expected = "kernel" if routing == "kernel" and fused_routing.library() else "torch"
         assert result["routing"] == expected
     assert fused_routing.is_enabled()  # bench.py leaves the kernel on for what runs next
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bench_warns_before_timing_bf16_where_it_is_emulated(native, monkeypatch):
+    """An emulated bf16 round took minutes on Zen 3: bench.py says so before it starts (the
+    timing itself is stubbed here, as emulated bf16 is too slow for a test)."""
+    monkeypatch.setattr(hardware, "has_native_bf16", lambda device: native)
+    timed = []
+    monkeypatch.setattr(bench, "measure", lambda args, device: timed.append(args.bf16) or {})
+    result = run_in_process("bench.py", "--bf16", "--device", "cpu")
+    assert timed == [True] and result.stdout == "{}\n"
+    warning = "warning: bf16 is emulated on this cpu (no AVX512-BF16 or AMX)"
+    assert (warning in result.stderr) is not native
+    assert not run_in_process("bench.py", "--device", "cpu").stderr  # float32: no warning
 
 
 def test_bench_refuses_bad_flags(tmp_path):
