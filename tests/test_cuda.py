@@ -8,11 +8,10 @@ import torch
 
 from capslab.checkpoint import load_checkpoint
 from capslab.data import to_model_input
-from capslab.hardware import has_native_bf16
 from capslab.training import TrainConfig, Trainer, epoch_generator
 from CapsNet import CapsNet, DynamicRouting
 
-from conftest import CPU, SMALL, SMALL_RUN, run
+from conftest import CPU, SMALL, SMALL_RUN, run_in_process
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CUDA = torch.device("cuda")
@@ -85,10 +84,16 @@ def test_bf16_is_the_default_on_a_gpu_with_bf16_and_trains_finite_float32_weight
     few_digits, tmp_path
 ):
     trainer = trainer_on(CUDA, tmp_path)
-    assert trainer.config.bf16 is has_native_bf16(CUDA) is torch.cuda.is_bf16_supported()
+    assert trainer.config.bf16 is torch.cuda.is_bf16_supported()
+    conv_dtypes = []
+    trainer.model.conv1.conv.register_forward_hook(
+        lambda module, inputs, out: conv_dtypes.append(out.dtype)
+    )
     loss, grad_norm = trainer.train_step(
         few_digits.images, few_digits.labels, epoch_generator(0, 0)
     )
+    expected = torch.bfloat16 if trainer.config.bf16 else torch.float32
+    assert conv_dtypes == [expected]
     assert loss is not None and loss > 0 and grad_norm > 0
     assert all(p.dtype == torch.float32 and p.isfinite().all() for p in trainer.model.parameters())
 
@@ -98,12 +103,12 @@ def test_train_on_cuda_then_evaluate_and_resume_on_the_cpu(data_dir, tmp_path):
     and its run continues there."""
     folder = tmp_path / "run"
     common = ["--data-dir", data_dir, "--checkpoint-dir", folder, *SMALL_RUN]
-    run("train.py", *common, "--epochs", 1, "--device", "cuda")
+    run_in_process("train.py", *common, "--epochs", 1, "--device", "cuda")
     saved = load_checkpoint(folder / "last.pt")
     assert saved["metrics"][-1]["machine"] == torch.cuda.get_device_name(CUDA)
     scores = [
         json.loads(
-            run(
+            run_in_process(
                 "evaluate.py",
                 *("--checkpoint", folder / "best.pt", "--data-dir", data_dir),
                 *("--test-subset", 100, "--device", device, "--json"),
@@ -113,6 +118,6 @@ def test_train_on_cuda_then_evaluate_and_resume_on_the_cpu(data_dir, tmp_path):
     ]
     # The scripts keep TF32 convolutions on, so one near-tied digit of the 100 may flip.
     assert abs(scores[0] - scores[1]) <= 1.0
-    run("train.py", *common, "--epochs", 2, "--device", "cpu", "--resume")
+    run_in_process("train.py", *common, "--epochs", 2, "--device", "cpu", "--resume")
     resumed = load_checkpoint(folder / "last.pt")
     assert [r["epoch"] for r in resumed["metrics"]] == [1, 2]

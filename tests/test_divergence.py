@@ -10,7 +10,7 @@ from capslab.checkpoint import load_checkpoint
 from capslab.data import load_split
 from CapsNet import CapsNet
 
-from conftest import CPU, SMALL, SMALL_MODEL, SMALL_SCHEDULE
+from conftest import CPU, SMALL, SMALL_MODEL, SMALL_SCHEDULE, own_process_state
 
 DIVERGING = [*SMALL_SCHEDULE[:-1], "1e3", *SMALL_MODEL, "--train-subset", "128", "--val-size", "64",
              "--test-subset", "32", "--batch-size", "32", "--quiet"]  # fmt: skip
@@ -18,7 +18,7 @@ DIVERGING = [*SMALL_SCHEDULE[:-1], "1e3", *SMALL_MODEL, "--train-subset", "128",
 
 def test_a_cnn_whose_loss_explodes_stops_with_the_step_named(data_dir, tmp_path):
     folder = tmp_path / "run"
-    with pytest.raises(training.NonFiniteError) as error:
+    with pytest.raises(training.NonFiniteError) as error, own_process_state():
         train.main(["--model", "cnn", *DIVERGING, "--epochs", "2", "--data-dir", str(data_dir),
                     "--checkpoint-dir", str(folder)])  # fmt: skip
     message = str(error.value)
@@ -48,16 +48,18 @@ def test_divergence_keeps_the_last_good_checkpoint(data_dir, tmp_path):
 
 
 def test_a_capsnet_trained_to_chance_is_warned_about_and_exits_cleanly(data_dir, tmp_path, capsys):
-    train.main([*DIVERGING, "--epochs", "1", "--data-dir", str(data_dir),
-                "--checkpoint-dir", str(tmp_path)])  # fmt: skip
+    with own_process_state():
+        train.main([*DIVERGING, "--epochs", "1", "--data-dir", str(data_dir),
+                    "--checkpoint-dir", str(tmp_path)])  # fmt: skip
     printed = capsys.readouterr()
     assert "is at chance (10.0%)" in printed.out + printed.err
     assert "try a lower --lr" in printed.out + printed.err
 
 
 def test_a_short_run_that_learns_is_not_warned_about(data_dir, tmp_path, capsys):
-    train.main([*SMALL_SCHEDULE, *SMALL_MODEL, "--train-subset", "128", "--val-size", "64",
-                "--test-subset", "32", "--batch-size", "32", "--quiet", "--epochs", "1",
-                "--data-dir", str(data_dir), "--checkpoint-dir", str(tmp_path)])  # fmt: skip
+    with own_process_state():
+        train.main([*SMALL_SCHEDULE, *SMALL_MODEL, "--train-subset", "128", "--val-size", "64",
+                    "--test-subset", "32", "--batch-size", "32", "--quiet", "--epochs", "1",
+                    "--data-dir", str(data_dir), "--checkpoint-dir", str(tmp_path)])  # fmt: skip
     printed = capsys.readouterr()
     assert "at chance" not in printed.out + printed.err

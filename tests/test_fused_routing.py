@@ -59,8 +59,11 @@ def assert_same_routing(ours, theirs, atol, rtol=0.0):
         torch.testing.assert_close(grad, grad_ref, rtol=rtol, atol=atol)
 
 
-@pytest.mark.parametrize("iterations", [1, 2, 3, 5])
-@pytest.mark.parametrize("detach_early", [False, True])
+# With one iteration there is nothing early to detach, so detach_early is tried from 2 on.
+@pytest.mark.parametrize(
+    "iterations, detach_early",
+    [(1, False), (2, False), (3, False), (5, False), (2, True), (3, True), (5, True)],
+)
 @pytest.mark.parametrize("num_in, num_out", [(5, 3), (37, 10), (16, 16), (37, 16), (32, 1)])
 def test_kernel_matches_the_torch_code_in_float64(iterations, detach_early, num_in, num_out):
     # 37 inputs leave a partial block of 16, 32 fill two; 16 outputs fill every lane.

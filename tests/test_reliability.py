@@ -143,20 +143,34 @@ def test_an_unwritable_checkpoint_dir_is_refused_before_training(data_dir, tmp_p
     assert "epoch" not in result.stdout
 
 
-def test_a_full_disk_says_so_and_keeps_the_previous_file(tmp_path, monkeypatch):
+def full_disk(obj, target):
+    raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 4160 vs 4054")
+
+
+def crash_mid_write(obj, target):
+    with open(target, "wb") as file:
+        file.write(b"half a checkpoint")
+    raise OSError("Input/output error")
+
+
+@pytest.mark.parametrize(
+    "failing_save, message",
+    [
+        (full_disk, "the disk is full.*the previous last.pt is unchanged"),
+        (crash_mid_write, "could not write .*last.pt.*the previous last.pt is unchanged"),
+    ],
+)
+def test_a_failed_write_says_why_and_keeps_the_previous_file(
+    tmp_path, monkeypatch, failing_save, message
+):
     path = tmp_path / "last.pt"
     save_checkpoint({"model": {"w": torch.ones(2)}, "config": {}}, path)
-
-    def short_write(obj, target):
-        raise RuntimeError(
-            "[enforce fail at inline_container.cc:664] . unexpected pos 4160 vs 4054"
-        )
-
-    monkeypatch.setattr(checkpoint.torch, "save", short_write)
-    with pytest.raises(UserError, match="the disk is full.*the previous last.pt is unchanged"):
+    monkeypatch.setattr(checkpoint.torch, "save", failing_save)
+    with pytest.raises(UserError, match=message):
         save_checkpoint({"model": {"w": torch.zeros(2)}, "config": {}}, path)
     monkeypatch.undo()
     assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(2))
+    assert [f.name for f in tmp_path.iterdir()] == ["last.pt"]
 
 
 @pytest.mark.parametrize("damage", ["truncated", "bad_header"])
@@ -224,14 +238,25 @@ def test_batch_size_beyond_the_data_is_a_clear_error(data_dir, tmp_path):
 
 
 def test_out_of_memory_is_one_line_and_keeps_last(data_dir, tmp_path, monkeypatch):
+    train_in_process(data_dir, tmp_path, "--epochs", 1)
+    last_before = (tmp_path / "last.pt").read_bytes()
+
     def exhausted(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
     monkeypatch.setattr(training.Trainer, "train_step", exhausted)
-    with pytest.raises(
-        UserError, match="out of memory on cpu at --batch-size 32: lower --batch-size"
-    ):
-        train_in_process(data_dir, tmp_path, "--epochs", 1)
+    common = ["--data-dir", data_dir, *SMALL_RUN, "--epochs", 2]
+    resumed = run_in_process(
+        "train.py", *common, "--checkpoint-dir", tmp_path, "--resume", check=False
+    )
+    assert_one_line_error(
+        resumed,
+        "out of memory on cpu at --batch-size 32: lower --batch-size",
+        f"{tmp_path / 'last.pt'} is unchanged",
+    )
+    assert (tmp_path / "last.pt").read_bytes() == last_before
+    fresh = run_in_process("train.py", *common, "--checkpoint-dir", tmp_path / "new", check=False)
+    assert_one_line_error(fresh, "lower --batch-size; nothing was saved")
 
 
 @pytest.fixture(scope="module")
