@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import gzip
 import math
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,7 +114,7 @@ def read_idx(path: Path) -> torch.Tensor:
     try:
         with opener(path, "rb") as file:
             content = file.read()
-    except (OSError, EOFError) as error:  # a cut-off gzip stream fails while decompressing
+    except (OSError, EOFError, zlib.error) as error:  # a cut-off or damaged gzip stream
         raise UserError(f"{path} is corrupt or truncated ({error})") from error
     if len(content) < 4 or content[:3] != b"\x00\x00\x08":
         raise UserError(f"{path} is corrupt or not an IDX file of bytes (bad header)")
@@ -125,6 +126,8 @@ def read_idx(path: Path) -> torch.Tensor:
             f"{path} is corrupt or truncated: {len(content):,} bytes where its header "
             f"promises {header + math.prod(shape):,}"
         )
+    if not shape or shape[0] == 0:
+        raise UserError(f"{path} holds no images or labels (its header says {shape})")
     values = np.frombuffer(content, dtype=np.uint8, offset=header)
     return torch.from_numpy(values.copy()).view(*shape)
 
@@ -190,11 +193,18 @@ def load_split(dataset: str, data_dir: str | Path, train: bool) -> Split:
     folder = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}[dataset]
     local_raw = data_dir / folder / "raw"
     if dataset == "fashion-mnist" and not local_raw.is_dir() and DEBIAN_FASHION_DIR.is_dir():
-        return read_raw(DEBIAN_FASHION_DIR, train, suffix=".gz")
-    for suffix in ("", ".gz"):  # the files as torchvision unpacks them, or as downloaded
-        if all((local_raw / f"{name}{suffix}").is_file() for name in RAW_FILES):
-            return read_raw(local_raw, train, suffix)
+        return read_raw(DEBIAN_FASHION_DIR, train)
+    if all(idx_file(local_raw, name) for name in RAW_FILES):
+        return read_raw(local_raw, train)
     return download(dataset, data_dir, train, local_raw)
+
+
+def idx_file(folder: Path, name: str) -> Path | None:
+    """folder/name as torchvision unpacks it, else as downloaded (name.gz); None: neither."""
+    for path in (folder / name, folder / f"{name}.gz"):
+        if path.is_file():
+            return path
+    return None
 
 
 def download(dataset: str, data_dir: Path, train: bool, local_raw: Path) -> Split:
@@ -220,11 +230,11 @@ def download(dataset: str, data_dir: Path, train: bool, local_raw: Path) -> Spli
     return Split(loaded.data.clone(), loaded.targets.clone())
 
 
-def read_raw(folder: Path, train: bool, suffix: str = "") -> Split:
-    """One split from the four IDX files in `folder` (MNIST's raw layout)."""
+def read_raw(folder: Path, train: bool) -> Split:
+    """One split from the IDX files in `folder` (MNIST's raw layout), each unpacked or .gz."""
     prefix = "train" if train else "t10k"
-    images = read_idx(folder / f"{prefix}-images-idx3-ubyte{suffix}")  # (N, 28, 28)
-    labels = read_idx(folder / f"{prefix}-labels-idx1-ubyte{suffix}")  # (N,)
+    images = read_idx(idx_file(folder, f"{prefix}-images-idx3-ubyte"))  # (N, 28, 28)
+    labels = read_idx(idx_file(folder, f"{prefix}-labels-idx1-ubyte"))  # (N,)
     if images.dim() != 3 or images.shape[1:] != (28, 28) or labels.dim() != 1:
         raise UserError(
             f"{folder}: {prefix} images {tuple(images.shape)} and labels {tuple(labels.shape)} "

@@ -180,9 +180,25 @@ def check_saved_classes(scan: FolderScan, class_names: tuple[str, ...]) -> None:
         )
 
 
+def deep_gray(image: Image.Image) -> np.ndarray:
+    """A 16-bit, 32-bit or float grey image -> (H, W) float32 in [0, 1]. 16-bit PNGs open as
+    I;16 (or I), 0..65535, unless every value fits in 8 bits; float ones hold 0..1 or 0..255.
+    (Pillow's own convert("L") clips them at 255.)"""
+    values = np.asarray(image, dtype=np.float32)
+    if image.mode == "F":
+        return np.clip(values if values.max() <= 1 else values / 255.0, 0, 1)
+    return np.clip(values / (65535.0 if values.max() > 255 else 255.0), 0, 1)
+
+
+def is_deep(mode: str) -> bool:
+    return mode.startswith("I") or mode == "F"
+
+
 def read_image(path: str | Path, image_size: int, channels: int) -> torch.Tensor:
     """One file -> uint8 (N, N) for channels 1, (3, N, N) for channels 3."""
     with image_errors(path), Image.open(path) as image:
+        if is_deep(image.mode):
+            image = Image.fromarray(np.round(deep_gray(image) * 255).astype(np.uint8))  # L
         image = image.convert("L" if channels == 1 else "RGB")
         if image.size != (image_size, image_size):
             image = image.resize((image_size, image_size), Image.BILINEAR)

@@ -23,6 +23,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from scipy import ndimage
 
 from capslab.errors import UserError, first_line
+from capslab.imagefolder import deep_gray, is_deep
 
 MAX_SIDE = 1000  # work at most at this size: a 20 px digit needs no 4000 px photo
 REDUCE_BAND = 64  # rows of the reduced image made at a time from a large one
@@ -50,7 +51,7 @@ def open_image(source) -> Image.Image:
     under 2 MAX_SIDE (see `reduced`), or a UserError naming the file."""
     name = source_name(source)
     if isinstance(source, Image.Image):
-        return reduced(ImageOps.exif_transpose(source))  # a copy: the caller's image stays
+        return reduced(lightness_if_lab(ImageOps.exif_transpose(source)))  # a copy
     if isinstance(source, (str, Path)):
         check_file(Path(source))
     elif isinstance(source, (bytes, bytearray, memoryview)):
@@ -58,7 +59,7 @@ def open_image(source) -> Image.Image:
             raise UserError(f"{name} is empty (0 bytes), not an image")
         source = io.BytesIO(source)
     try:
-        return reduced(decode(source))
+        return reduced(lightness_if_lab(decode(source)))
     except Image.DecompressionBombError as error:
         raise UserError(f"{name} is too large to decode safely ({first_line(error)})") from error
     except UnidentifiedImageError as error:
@@ -81,6 +82,11 @@ def decode(file) -> Image.Image:
         image.load()  # decode now, so truncated files fail here
     ImageOps.exif_transpose(image, in_place=True)  # phones store "rotate 90" in EXIF, not pixels
     return image
+
+
+def lightness_if_lab(image: Image.Image) -> Image.Image:
+    """A CIELAB image (TIFF can hold one) as its lightness L*: Pillow converts LAB to nothing."""
+    return image.getchannel("L") if image.mode == "LAB" else image
 
 
 def reduced(image: Image.Image) -> Image.Image:
@@ -117,20 +123,18 @@ def averageable_mode(image: Image.Image) -> str:
 def check_file(path: Path) -> None:
     if path.is_dir():
         raise UserError(f"{path} is a directory, not an image")
-    if not path.is_file():
+    if not path.exists():
         raise UserError(f"{path} does not exist")
+    if not path.is_file():
+        raise UserError(f"{path} is not a regular file")
     if path.stat().st_size == 0:
         raise UserError(f"{path} is empty (0 bytes), not an image")
 
 
 def to_gray(image: Image.Image) -> np.ndarray:
     """Any PIL mode -> (H, W) float32 in [0, 1], 0 black; transparent areas become white paper."""
-    if image.mode.startswith("I"):  # 16-bit PNGs open as I;16 (or I), 0..65535
-        values = np.asarray(image, dtype=np.float32)
-        return values / (65535.0 if values.max() > 255 else 255.0)
-    if image.mode == "F":
-        values = np.asarray(image, dtype=np.float32)
-        return np.clip(values if values.max() <= 1 else values / 255.0, 0, 1)
+    if is_deep(image.mode):  # 16-bit, 32-bit and float
+        return deep_gray(image)
     if image.has_transparency_data:  # RGBA, LA, PA, or a palette with a transparent colour
         paper = Image.new("RGBA", image.size, "white")
         image = Image.alpha_composite(paper, image.convert("RGBA"))

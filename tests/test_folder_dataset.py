@@ -14,7 +14,7 @@ from PIL import Image
 import hubconf
 from capslab.checkpoint import load_checkpoint
 from capslab.data import DEBIAN_FASHION_DIR, Split, load_split, random_shift, to_model_input
-from capslab.imagefolder import FileSplit, FolderOptions, load_folder
+from capslab.imagefolder import FileSplit, FolderOptions, load_folder, read_image
 from capslab.training import TrainConfig
 
 from conftest import (
@@ -111,6 +111,15 @@ def test_channels_1_forces_grayscale(tmp_path):
     out = train_folder(root, tmp_path / "run", "--channels", "1").stdout
     assert "48 colour images converted to grayscale" in out
     assert load_checkpoint(tmp_path / "run" / "last.pt")["config"]["in_channels"] == 1
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_a_16_bit_image_reads_as_its_8_bit_copy_not_clipped(tmp_path, channels):
+    gray = np.random.default_rng(0).integers(0, 256, (24, 24), dtype=np.uint16)
+    Image.fromarray(gray.astype(np.uint8)).save(tmp_path / "8.png")
+    Image.fromarray(gray * 257).save(tmp_path / "16.png")  # 0..65535, I;16
+    eight, sixteen = (read_image(tmp_path / f"{n}.png", 24, channels) for n in (8, 16))
+    assert torch.equal(sixteen, eight)
 
 
 def test_the_same_images_through_the_folder_and_the_fashion_mnist_path_are_identical(tmp_path):

@@ -168,6 +168,12 @@ def test_photo_of_mnist_digit_keeps_its_prediction(mnist_test, trained_checkpoin
         pytest.param(
             lambda: drawn_seven(mode="CMYK", ink=(0, 0, 0, 255), paper=(0, 0, 0, 0)), id="cmyk"
         ),
+        pytest.param(
+            lambda: drawn_seven(mode="RGB", ink=(20, 30, 120), paper=(240, 235, 220)).convert(
+                "LAB"
+            ),
+            id="cielab",
+        ),
         pytest.param(lambda: drawn_seven(size=(4000, 3000)), id="huge-4000x3000"),
         pytest.param(lambda: drawn_seven(size=(12, 9)), id="tiny-12x9"),
         pytest.param(lambda: drawn_seven(ink=255, paper=0), id="white-on-black"),
@@ -176,7 +182,7 @@ def test_photo_of_mnist_digit_keeps_its_prediction(mnist_test, trained_checkpoin
 def test_odd_images_become_mnist_format(make):
     image = make()
     assert_mnist_format(preprocess(image))
-    file_format = "TIFF" if image.mode in {"I", "CMYK"} else "PNG"  # which PNG cannot hold
+    file_format = "TIFF" if image.mode in {"I", "CMYK", "LAB"} else "PNG"  # which PNG cannot hold
     out = io.BytesIO()
     image.save(out, file_format)
     assert_mnist_format(preprocess(out.getvalue()))
@@ -306,6 +312,7 @@ def transparent_palette_seven(size) -> Image.Image:
     [
         (lambda tmp: tmp, "is a directory"),
         (lambda tmp: tmp / "missing.png", "does not exist"),
+        (lambda tmp: Path("/dev/null"), "/dev/null is not a regular file"),
         (lambda tmp: write(tmp / "empty.png", b""), "is empty"),
         (lambda tmp: write(tmp / "notes.png", b"this is not a picture\n"), "not a readable image"),
         (
@@ -323,6 +330,7 @@ def transparent_palette_seven(size) -> Image.Image:
     ids=[
         "directory",
         "missing",
+        "device",
         "empty",
         "text",
         "truncated",

@@ -3,6 +3,7 @@ and broken checkpoints. Signals, the lock between runs, kill -9 and a closed pip
 process (`run`, subprocess.Popen); the other CLI tests call the script's main in this process
 (`run_in_process`), with the same output and exit status."""
 
+import gzip
 import re
 import shutil
 import signal
@@ -173,15 +174,41 @@ def test_a_failed_write_says_why_and_keeps_the_previous_file(
     assert [f.name for f in tmp_path.iterdir()] == ["last.pt"]
 
 
-@pytest.mark.parametrize("damage", ["truncated", "bad_header"])
-def test_a_damaged_mnist_file_is_named(data_dir, tmp_path, damage):
+def damaged_gzip(content: bytes) -> bytes:
+    """`content` gzipped, then 64 bytes in the middle of the stream overwritten."""
+    packed = bytearray(gzip.compress(content))
+    middle = len(packed) // 2
+    packed[middle : middle + 64] = bytes(64)
+    return bytes(packed)
+
+
+@pytest.mark.parametrize(
+    "damage, fragment",
+    [
+        ("truncated", "corrupt"),
+        ("bad_header", "corrupt"),
+        ("gzip_damaged", "corrupt"),
+        ("no_labels", "holds no images or labels"),
+    ],
+)
+def test_a_damaged_mnist_file_is_named(data_dir, tmp_path, damage, fragment):
     raw = tmp_path / "data" / "MNIST" / "raw"
     raw.mkdir(parents=True)
     for name in RAW:
         shutil.copy(data_dir / "MNIST" / "raw" / name, raw / name)
     broken = raw / "train-labels-idx1-ubyte"
     content = broken.read_bytes()
-    broken.write_bytes(content[:5000] if damage == "truncated" else b"GIF89a" + content[6:])
+    if damage == "gzip_damaged":
+        broken.unlink()
+        broken = broken.with_name(broken.name + ".gz")
+    broken.write_bytes(
+        {
+            "truncated": lambda: content[:5000],
+            "bad_header": lambda: b"GIF89a" + content[6:],
+            "gzip_damaged": lambda: damaged_gzip(content),
+            "no_labels": lambda: idx_bytes(torch.zeros(0)),
+        }[damage]()
+    )
     result = run_in_process(
         "train.py",
         "--data-dir",
@@ -191,7 +218,7 @@ def test_a_damaged_mnist_file_is_named(data_dir, tmp_path, damage):
         *SMALL_RUN,
         check=False,
     )
-    assert_one_line_error(result, str(broken), "corrupt")
+    assert_one_line_error(result, str(broken), fragment)
 
 
 def idx_bytes(values: torch.Tensor) -> bytes:
