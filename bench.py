@@ -39,6 +39,7 @@ from capslab.hardware import (
 )
 from capslab.models import MODEL_KINDS
 from capslab.multimnist import PairPool
+from capslab.run_plan import as_user_error
 from capslab.training import TrainConfig, Trainer, epoch_generator
 from CapsNet import CapsNet
 
@@ -62,10 +63,13 @@ def conv_floor(model: CapsNet):
 
 
 def synthetic_split(size: int, dataset: str) -> Split:
-    """Random 28x28 digits; for MultiMNIST a pool that pairs them into 36x36 images."""
+    """Random 28x28 digits of classes 0, 1, ..., 9, 0, ...; for MultiMNIST a pool that pairs
+    them into 36x36 images (at least two digits, of two classes, however small the batch)."""
     generator = torch.Generator().manual_seed(0)
+    if dataset == "multimnist":
+        size = max(size, 2)
     images = torch.randint(0, 256, (size, 28, 28), dtype=torch.uint8, generator=generator)
-    split = Split(images, torch.randint(0, 10, (size,), generator=generator))
+    split = Split(images, torch.arange(size) % 10)
     return PairPool(split) if dataset == "multimnist" else split
 
 
@@ -84,15 +88,18 @@ def profile_training(train_step, steps: int, path: Path) -> None:
 def measure(args: argparse.Namespace, device: torch.device) -> dict:
     kernel_calls_before = fused_routing.kernel_calls  # "routing" says which one really ran
     torch.manual_seed(0)
-    config = TrainConfig(
-        model=args.model,
-        dataset=args.dataset,
-        batch_size=args.batch_size,
-        epochs=1,  # one "epoch" of steps_taken steps: the schedule spans exactly the calls
-        val_size=0,
-        compile=args.compile,
-        bf16=args.bf16,
-    )
+    try:
+        config = TrainConfig(
+            model=args.model,
+            dataset=args.dataset,
+            batch_size=args.batch_size,
+            epochs=1,  # one "epoch" of steps_taken steps: the schedule spans exactly the calls
+            val_size=0,
+            compile=args.compile,
+            bf16=args.bf16,
+        )
+    except ValueError as error:  # e.g. a CNN on pairs
+        raise as_user_error(error) from error
     split = synthetic_split(args.batch_size, args.dataset)
     kind = MODEL_KINDS[args.model]
     model = kind.model_class(kind.config_class(image_size=IMAGE_SIZE[args.dataset]))
@@ -107,7 +114,7 @@ def measure(args: argparse.Namespace, device: torch.device) -> dict:
         dry_run=True,
     )
     generator = epoch_generator(0, 0)
-    images, labels = split.images, split.labels
+    images, labels = split.images[: args.batch_size], split.labels[: args.batch_size]
     x = to_model_input(split.training_batch(images, labels, 0, generator).images, device)
     floor = conv_floor(model) if isinstance(model, CapsNet) else None
 

@@ -156,6 +156,9 @@ def train_loop(trainer: Trainer, train_split, val_split, test_split) -> None:
     stop, config = StopRequest(), trainer.config
     while trainer.progress.epoch < config.epochs:
         if not trainer.train_epoch(train_split, stop):
+            if trainer.dry_run:
+                log("interrupted: dry run, nothing saved")
+                return
             saved = trainer.save("last.pt")
             log(
                 f"interrupted: saved {saved}; continue with "

@@ -213,6 +213,15 @@ def test_interrupt_mid_epoch_saves_and_resumes_exactly(data_dir, tmp_path, monke
     assert_same_state(straight, resumed)
 
 
+def test_an_interrupted_dry_run_says_it_saved_nothing(data_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "StopRequest", StopAfterTwoBatches)
+    folder = tmp_path / "run"
+    flags = ["--data-dir", data_dir, "--checkpoint-dir", folder, *SMALL_RUN, "--dry-run"]
+    printed = run_in_process("train.py", *flags).stdout
+    assert "interrupted: dry run, nothing saved" in printed and "--resume" not in printed
+    assert not folder.exists()
+
+
 @pytest.mark.parametrize(
     "flags, fragment",
     [
@@ -532,6 +541,18 @@ def test_bench_refuses_bad_flags(tmp_path):
     assert_one_line_error(
         run_in_process("bench.py", "--threads", 0, check=False), "--threads must be at least 1"
     )
+    cnn_on_pairs = run_in_process(
+        "bench.py", "--model", "cnn", "--dataset", "multimnist", check=False
+    )
+    assert_one_line_error(cnn_on_pairs, "--model must be capsnet with --dataset multimnist")
+
+
+def test_bench_times_a_batch_of_one_pair():
+    """One pair needs a pool of two digits of two classes to draw it from."""
+    flags = ["--dataset", "multimnist", "--batch-size", 1, "--steps", 1, "--rounds", 1]
+    result = json.loads(run_in_process("bench.py", *flags, "--device", "cpu").stdout)
+    assert (result["batch_size"], result["image_size"]) == (1, 36)
+    assert result["train_img_per_s"] > 0 and result["train_floor_img_per_s"] > 0
 
 
 def test_train_refuses_zero_threads_before_reading_data(tmp_path):

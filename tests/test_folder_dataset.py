@@ -183,6 +183,29 @@ def test_the_tools_refuse_counts_they_cannot_write_and_leave_nothing(
     assert not out.exists()
 
 
+def test_the_folder_loading_tool_reads_the_same_pixels_into_memory_and_streamed(tmp_path):
+    root = make_folder(tmp_path / "images")
+    records = [
+        json.loads(
+            run_in_process(
+                "tools/folder_loading.py", root, loading, "--workers", 1, "--batch-size", 8
+            ).stdout
+        )
+        for loading in ("memory", "stream")
+    ]
+    assert [r["images"] for r in records] == [36, 36]  # 3 classes x 12 training images
+    assert records[0]["checksum"] == records[1]["checksum"] > 0
+    missing = run_in_process("tools/folder_loading.py", tmp_path / "absent", "memory", check=False)
+    assert_one_line_error(missing, "absent/train is not a folder")
+    for flags, fragment in [
+        (("--batch-size", 0), "--batch-size must be at least 1, got 0"),
+        (("--workers", -1), "--workers must be at least 0, got -1"),
+        (("--image-size", 300), "--image-size must be at most 256, got 300"),
+    ]:
+        bad = run_in_process("tools/folder_loading.py", root, "memory", *flags, check=False)
+        assert_one_line_error(bad, fragment)
+
+
 @pytest.mark.parametrize("script", ["colour_mnist.py", "export_imagefolder.py"])
 def test_the_tools_refuse_an_output_that_is_a_file_or_under_one(tmp_path, data_dir, script):
     dataset = ["mnist"] if script == "export_imagefolder.py" else []

@@ -483,6 +483,7 @@ def test_the_conv_timing_tool_times_both_ways_and_compares_their_gradients(
         (("--batch", 0), "--batch must be at least 1, got 0"),
         (("--size", 8), "--size must be at least 9 for --layer conv1, got 8"),
         (("--layer", "primary", "--size", 16), "--size must be at least 17 for --layer primary"),
+        (("--batch", 10**5, "--size", 10**5), "out of memory at --batch 100000 --size 100000"),
     ],
 )
 def test_the_conv_timing_tool_refuses_sizes_it_cannot_time(args, message):

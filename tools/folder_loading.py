@@ -21,11 +21,27 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
 
 from capslab.data import batches  # noqa: E402
-from capslab.imagefolder import FolderOptions, inspect_folder, load_folder  # noqa: E402
+from capslab.errors import UserError, exit_on_user_error, flag_name  # noqa: E402
+from capslab.imagefolder import (  # noqa: E402
+    MAX_IMAGE_SIZE,
+    RECEPTIVE_FIELD,
+    FolderOptions,
+    inspect_folder,
+    load_folder,
+)
 
 
 def peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    lowest = {"batch_size": 1, "workers": 0, "image_size": RECEPTIVE_FIELD}
+    for name, low in lowest.items():
+        if getattr(args, name) < low:
+            raise UserError(f"{flag_name(name)} must be at least {low}, got {getattr(args, name)}")
+    if args.image_size > MAX_IMAGE_SIZE:
+        raise UserError(f"--image-size must be at most {MAX_IMAGE_SIZE}, got {args.image_size}")
 
 
 def main(argv=None) -> None:
@@ -36,6 +52,7 @@ def main(argv=None) -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=64)
     args = parser.parse_args(argv)
+    check_flags(args)
     torch.set_num_threads(1)
     before = peak_mib()
     started = time.perf_counter()
@@ -69,4 +86,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_user_error(main)
