@@ -24,6 +24,8 @@ from capslab.errors import UserError, exit_on_user_error
 
 def export(source: Path, destination: Path, overwrite: bool, allow_unvalidated: bool) -> None:
     """Check that SOURCE's chosen weights rebuild its model, then export them to DESTINATION."""
+    if destination.is_dir():
+        raise UserError(f"{destination} is a folder: name the file to write")
     if destination.exists() and not overwrite:
         raise UserError(f"{destination} already exists: pass --overwrite to replace it")
     if destination.exists() and source.exists() and destination.samefile(source):

@@ -43,9 +43,7 @@ def read_log(path: Path) -> list[dict]:
     if path.suffix != ".pt":
         log = path / "metrics.jsonl" if path.is_dir() else path
         return read_jsonl(log, "metrics log", epoch_record_problem)
-    metrics = load_checkpoint(path).get("metrics", [])
-    if not isinstance(metrics, list):
-        raise UserError(f"{path} holds no readable log (its 'metrics' are not a list)")
+    metrics = load_checkpoint(path).get("metrics", [])  # a list of dicts: load_checkpoint checks
     for number, record in enumerate(metrics, start=1):
         problem = record_problem(record, epoch_record_problem)
         if problem:

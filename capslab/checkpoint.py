@@ -24,6 +24,8 @@ To make one, as checkpoints/capsnet_mnist.pt was made:
 
 import errno
 import pickle
+import zipfile
+import zlib
 from pathlib import Path
 
 import torch
@@ -107,6 +109,8 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dic
         raise UserError(f"checkpoint {path} is a folder, not a checkpoint file")
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
+    if damaged := damaged_member(path):
+        raise UserError(f"{path} is corrupt: its {damaged} fails its checksum")
     try:
         checkpoint = torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as error:
@@ -138,7 +142,21 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dic
         isinstance(names, list) and names and all(isinstance(name, str) for name in names)
     ):
         raise UserError(f"{path} holds invalid class names (not a list of strings)")
+    metrics = checkpoint.get("metrics", [])
+    if not (isinstance(metrics, list) and all(isinstance(record, dict) for record in metrics)):
+        raise UserError(f"{path} holds an invalid log (its 'metrics' are not a list of records)")
     return checkpoint
+
+
+def damaged_member(path: Path) -> str | None:
+    """The first file in the checkpoint's zip whose bytes fail their CRC-32 (torch.load checks
+    none: a flipped byte in a tensor loads as a wrong weight); None if all pass or if it is
+    not a zip, which torch.load then refuses."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, zlib.error):
+        return None
 
 
 def class_names(checkpoint: dict) -> list[str]:
@@ -168,15 +186,21 @@ def folder_options(checkpoint: dict, model: torch.nn.Module) -> FolderOptions:
 def config_from_checkpoint(checkpoint: dict, path: str | Path = "checkpoint"):
     """The model config saved in the checkpoint, validated: (model class, config)."""
     kind = checkpoint["model_kind"]
-    if kind not in MODEL_KINDS:
+    if not isinstance(kind, str) or kind not in MODEL_KINDS:
         raise UserError(
             f"{path} holds an unknown model kind {kind!r}: choose {', '.join(MODEL_KINDS)}"
         )
     kind = MODEL_KINDS[kind]
     try:
-        return kind.model_class, settings_from_dict(kind.config_class, checkpoint["config"])
+        config = settings_from_dict(kind.config_class, checkpoint["config"])
     except (AttributeError, TypeError, KeyError, ValueError) as error:  # e.g. not a dict
         raise UserError(f"{path} has an invalid model config ({first_line(error)})") from error
+    names = class_names(checkpoint)
+    if len(names) != config.num_classes:
+        raise UserError(
+            f"{path} names {len(names)} classes for a model of {config.num_classes} outputs"
+        )
+    return kind.model_class, config
 
 
 def model_from_checkpoint(checkpoint: dict, path: str | Path = "checkpoint") -> torch.nn.Module:
@@ -207,6 +231,8 @@ def weights_problem(model: torch.nn.Module, weights) -> str | None:
         if not isinstance(value, torch.Tensor) or value.shape != expected[name].shape:
             shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
             return f"{name} has shape {shape}, the model needs {tuple(expected[name].shape)}"
+        if value.is_floating_point() != expected[name].is_floating_point():
+            return f"{name} is {value.dtype}, the model needs {expected[name].dtype}"
         if value.is_floating_point() and not torch.isfinite(value).all():
             return f"{name} holds NaN or infinite values"
     return None

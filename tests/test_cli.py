@@ -373,6 +373,10 @@ def test_export_cli_writes_the_chosen_weights_and_keeps_an_existing_file(trained
     assert shipped.read_bytes() == before
     under_a_file = run_in_process("export.py", folder / "best.pt", shipped / "x.pt", check=False)
     assert_one_line_error(under_a_file, f"could not write {shipped / 'x.pt'}")
+    into_a_folder = run_in_process(
+        "export.py", folder / "best.pt", tmp_path, "--overwrite", check=False
+    )
+    assert_one_line_error(into_a_folder, f"{tmp_path} is a folder: name the file to write")
 
 
 def train_cli(data_dir, folder, *flags, check: bool = True):

@@ -307,6 +307,13 @@ def saved_run(trained_run):
         ),
         (lambda c: c["model"]["conv1.conv.bias"].fill_(float("nan")), "conv1.conv.bias holds NaN"),
         (lambda c: c.update(dataset="emnist"), "unknown dataset 'emnist'"),
+        (
+            lambda c: c["model"].update({"conv1.conv.bias": c["model"]["conv1.conv.bias"].long()}),
+            "conv1.conv.bias is torch.int64, the model needs torch.float32",
+        ),
+        (lambda c: c.update(class_names=["a", "b"]), "names 2 classes for a model of 10 outputs"),
+        (lambda c: c.update(model_kind=["capsnet"]), "unknown model kind ['capsnet']"),
+        (lambda c: c.update(metrics={"epoch": 1}), "its 'metrics' are not a list of records"),
     ],
 )
 def test_a_broken_checkpoint_is_refused_in_one_line(
@@ -329,6 +336,21 @@ def test_a_broken_checkpoint_is_refused_in_one_line(
             "evaluate.py", "--checkpoint", tmp_path / "last.pt", "--data-dir", data_dir, check=False
         )
         assert_one_line_error(scored, str(tmp_path / "last.pt"), fragment)
+
+
+def test_a_flipped_byte_inside_the_weights_is_caught_by_its_checksum(saved_run, tmp_path):
+    """torch.load checks no CRC: without load_checkpoint's check this loads as a wrong weight."""
+    path = tmp_path / "last.pt"
+    torch.save(saved_run, path)
+    content = bytearray(path.read_bytes())
+    weights = saved_run["model"]["digit_caps.W"].numpy().tobytes()
+    start = content.find(weights)
+    assert start > 0  # stored as is: zip does not compress torch's tensors
+    content[start + len(weights) // 2] ^= 0x40
+    path.write_bytes(content)
+    torch.load(path, weights_only=True)  # loads, one weight changed
+    with pytest.raises(UserError, match=r"last.pt is corrupt: its .*/data/\d+ fails its checksum"):
+        load_checkpoint(path)
 
 
 @pytest.mark.slow

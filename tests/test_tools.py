@@ -355,7 +355,10 @@ def test_time_to_accuracy_refuses_a_missing_log_a_bad_machine_and_metrics_that_a
         (tmp_path / "missing.jsonl", "missing.jsonl is not a readable metrics log"),
         (tmp_path, "metrics.jsonl is not a readable metrics log"),  # a folder without a log
         (tmp_path / "machine.jsonl", "line 1: 'machine' is 5, not a string"),
-        (tmp_path / "flat.pt", "flat.pt holds no readable log (its 'metrics' are not a list)"),
+        (
+            tmp_path / "flat.pt",
+            "flat.pt holds an invalid log (its 'metrics' are not a list of records)",
+        ),
     ]
     for path, fragment in cases:
         assert_one_line_error(run_in_process("time_to_accuracy.py", path, check=False), fragment)
