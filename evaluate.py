@@ -21,7 +21,6 @@ import argparse
 import contextlib
 import json
 import sys
-from pathlib import Path
 
 from capslab.checkpoint import (
     SHIPPED_CHECKPOINT,
@@ -32,11 +31,19 @@ from capslab.checkpoint import (
     load_model,
     unvalidated_weights,
 )
-from capslab.data import CLASS_NAMES, DATASETS, IMAGE_SIZE, add_data_flags, load_test_split
+from capslab.data import CLASS_NAMES, IMAGE_SIZE, load_test_split
 from capslab.errors import UserError, exit_on_user_error, make_output_folder
 from capslab.figures import save_figures, save_pair_reconstructions
-from capslab.hardware import add_device_flags, pick_device
-from capslab.scoring import affine_accuracy, class_scores, pair_report, report, routing_stats
+from capslab.hardware import pick_device
+from capslab.scoring import (
+    affine_accuracy,
+    build_evaluate_parser,
+    check_evaluate_args,
+    class_scores,
+    pair_report,
+    report,
+    routing_stats,
+)
 from CapsNet import CapsNet
 
 
@@ -93,57 +100,12 @@ def print_pair_report(result: dict) -> None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add = parser.add_argument
-    add(
-        "--checkpoint",
-        default=None,
-        help="checkpoint to score (default: checkpoints/capsnet_mnist.pt, or "
-        "checkpoints/capsnet_multimnist.pt with --dataset multimnist)",
-    )
-    add(
-        "--dataset",
-        default=None,
-        choices=DATASETS,
-        help="the test set to score; multimnist: the 10,000 fixed test pairs "
-        "(default: the checkpoint's own)",
-    )
-    add_data_flags(parser)
-    add_device_flags(parser, threads=False)
-    add(
-        "--json",
-        action="store_true",
-        help="print one JSON object instead of the text report (default: off)",
-    )
-    add(
-        "--figures",
-        default=None,
-        type=Path,
-        metavar="DIR",
-        help="also save confusion, reconstruction and mistake PNGs in DIR (default: none)",
-    )
-    add(
-        "--routing-stats",
-        action="store_true",
-        help="CapsNet only: coupling entropy and spread, never-active primary capsules, "
-        "accuracy at r = 1, 2, 3, 5 (default: off)",
-    )
-    add(
-        "--affine",
-        action="store_true",
-        help="also score under seeded affNIST-like transforms on a 40x40 canvas, "
-        "centre-cropped to 28x28: "
-        "rotation, shear, scale, translation and all combined (default: off)",
-    )
-    add("--seed", type=int, default=0, help="seed of the --affine transforms (default: 0)")
+    parser = build_evaluate_parser(__doc__)
     args = parser.parse_args(argv)
+    check_evaluate_args(args)
     if args.checkpoint is None:
         shipped = SHIPPED_MULTIMNIST if args.dataset == "multimnist" else SHIPPED_CHECKPOINT
         args.checkpoint = str(shipped)
-    if args.test_subset is not None and args.test_subset < 1:
-        raise UserError(f"--test-subset must be at least 1, got {args.test_subset}")
     return args
 
 

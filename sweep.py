@@ -57,6 +57,7 @@ from capslab.errors import UserError, exit_on_user_error, first_line, flag_name,
 from capslab.figures import plot_test_errors
 from capslab.jsonl import is_number, json_type, read_jsonl, write_jsonl
 from capslab.run_plan import build_parser, configs_from_flags
+from capslab.scoring import build_evaluate_parser, check_evaluate_args
 from capslab.training import chosen_by_validation
 
 RUN_KEYS = ("name", "flags", "evaluate", "paper")  # what a run of the grid may hold
@@ -168,33 +169,42 @@ def train_flags_problem(flags: list[str]) -> str | None:
 
     # The sweep launches train.py, so it checks the flags with train.py's own parser and
     # configs: a typo in the grid's last run is found before the first run spends hours training.
-    def parser_refusing() -> argparse.ArgumentParser:
-        parser = build_parser()
-        parser.error, parser.exit = refuse, lambda *_: refuse()  # no usage, no exit
-        parser.print_help = lambda *_: None
-        return parser
-
     try:
-        args = parser_refusing().parse_args(flags)
+        args = refusing(build_parser()).parse_args(flags)
         configs_from_flags(args)  # the values: "--epochs must be ..."
     except (FlagError, UserError) as error:
         return first_line(error)
     # argparse sets a default only where the namespace lacks it: markers show what was given.
     unset = object()
-    given = parser_refusing().parse_args(
+    given = refusing(build_parser()).parse_args(
         flags, argparse.Namespace(**dict.fromkeys(vars(args), unset))
     )
     taken = [flag_name(name) for name in SWEEP_SETS if getattr(given, name, unset) is not unset]
     return f"{', '.join(taken)}: the sweep sets these itself" if taken else None
 
 
+def refusing(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The parser, raising FlagError where it would print usage or help and exit."""
+    parser.error, parser.exit = refuse, lambda *_: refuse()
+    parser.print_help = lambda *_: None
+    return parser
+
+
 def refuse(message: str = "") -> None:
-    raise FlagError(message.strip() or "the flags ask for train.py's help")
+    raise FlagError(message.strip() or "the flags ask for help")
 
 
 def evaluate_flags_problem(flags: list[str]) -> str | None:
+    """What evaluate.py would refuse in these flags, found with its own parser, or a flag the
+    sweep sets itself (None: nothing): checked before any run trains, as train.py's are."""
     taken = [flag for flag in EVALUATE_SETS if flag in flags]
-    return f"{', '.join(taken)}: the sweep sets these itself" if taken else None
+    if taken:
+        return f"{', '.join(taken)}: the sweep sets these itself"
+    try:
+        check_evaluate_args(refusing(build_evaluate_parser()).parse_args(flags))
+    except (FlagError, UserError) as error:
+        return first_line(error)
+    return None
 
 
 def records(folder: Path) -> list[dict]:
@@ -214,9 +224,9 @@ def result_problem(record: dict) -> str | None:
         return f"run {name} has no 'final' epoch record (an object)"
     for column, keys in COLUMNS.items():
         value = measure(record, keys)
-        if value is not None and not is_number(value):
-            shown = json.dumps(value)[:40]
-            return f"run {name}: {'.'.join(keys)} is {shown}, not a number ({column!r})"
+        if value is not None and not (is_number(value) and math.isfinite(value)):
+            shown = json.dumps(value)[:40]  # NaN and Infinity too: they would poison the means
+            return f"run {name}: {'.'.join(keys)} is {shown}, not a finite number ({column!r})"
     log = record.get("log", [])
     if not isinstance(log, list) or not all(isinstance(entry, dict) for entry in log):
         return f"run {name}: 'log' is not a list of epoch records (objects)"
@@ -701,6 +711,8 @@ def main(argv=None) -> None:
     if args.table:
         print("\n".join(table_rows(results, args.columns, args.per_run)))
     if args.plot:
+        if args.plot.is_dir():
+            raise UserError(f"--plot {args.plot} is a folder: name the PNG to write")
         if not results.exists():
             raise UserError(f"no run of {args.grid} has finished yet ({results} is missing)")
         make_output_folder(args.plot.parent, "--plot's folder")

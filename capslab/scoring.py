@@ -4,25 +4,90 @@ train.py and evaluate.py both score through `class_scores`, with the same batche
 evaluate.py prints the accuracy that training logged for the same checkpoint.
 """
 
+import argparse
 import math
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from capslab.data import (
     AFFINE_FAMILIES,
+    DATASETS,
     AffineParams,
     Split,
+    add_data_flags,
     batches,
     random_affine,
     to_model_input,
 )
+from capslab.errors import UserError
+from capslab.hardware import add_device_flags
 from capslab.multimnist import PairScores
 from CapsNet import CapsNet, capsule_length
 
 EVAL_BATCH_SIZE = 500
 ROUTING_ITERATIONS = (1, 2, 3, 5)  # scored by routing_stats, plus the model's own r
 ACTIVE_THRESHOLD = 0.01  # a primary capsule shorter than this counts as inactive
+SEEDS = 2**32  # --seed's range, numpy's, as train.py's
+
+
+def build_evaluate_parser(description: str | None = None) -> argparse.ArgumentParser:
+    """evaluate.py's flags; sweep.py checks a grid's "evaluate" flags with them."""
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add = parser.add_argument
+    add(
+        "--checkpoint",
+        default=None,
+        help="checkpoint to score (default: checkpoints/capsnet_mnist.pt, or "
+        "checkpoints/capsnet_multimnist.pt with --dataset multimnist)",
+    )
+    add(
+        "--dataset",
+        default=None,
+        choices=DATASETS,
+        help="the test set to score; multimnist: the 10,000 fixed test pairs "
+        "(default: the checkpoint's own)",
+    )
+    add_data_flags(parser)
+    add_device_flags(parser, threads=False)
+    add(
+        "--json",
+        action="store_true",
+        help="print one JSON object instead of the text report (default: off)",
+    )
+    add(
+        "--figures",
+        default=None,
+        type=Path,
+        metavar="DIR",
+        help="also save confusion, reconstruction and mistake PNGs in DIR (default: none)",
+    )
+    add(
+        "--routing-stats",
+        action="store_true",
+        help="CapsNet only: coupling entropy and spread, never-active primary capsules, "
+        "accuracy at r = 1, 2, 3, 5 (default: off)",
+    )
+    add(
+        "--affine",
+        action="store_true",
+        help="also score under seeded affNIST-like transforms on a 40x40 canvas, "
+        "centre-cropped to 28x28: "
+        "rotation, shear, scale, translation and all combined (default: off)",
+    )
+    add("--seed", type=int, default=0, help="seed of the --affine transforms (default: 0)")
+    return parser
+
+
+def check_evaluate_args(args: argparse.Namespace) -> None:
+    """The values argparse lets through that evaluate.py cannot use, as one UserError."""
+    if args.test_subset is not None and args.test_subset < 1:
+        raise UserError(f"--test-subset must be at least 1, got {args.test_subset}")
+    if not 0 <= args.seed < SEEDS:
+        raise UserError(f"--seed must be in 0 .. 2**32 - 1, got {args.seed}")
 
 
 def eval_batches(split: Split, progress: bool, desc: str):

@@ -753,8 +753,10 @@ class Trainer:
 
 def chosen_by_validation(metrics: list[dict]) -> dict | None:
     """The epoch record best.pt holds: the first with the highest validation accuracy, as
-    `save_epoch` keeps only a strict improvement (None for a run without validation)."""
-    return max((r for r in metrics if "val_acc" in r), key=lambda r: r["val_acc"], default=None)
+    `save_epoch` keeps only a strict improvement, which a NaN never is (None for a run
+    without validation)."""
+    scored = (r for r in metrics if "val_acc" in r and math.isfinite(r["val_acc"]))
+    return max(scored, key=lambda r: r["val_acc"], default=None)
 
 
 def write_log(metrics: list[dict], folder: Path) -> None:

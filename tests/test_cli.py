@@ -80,11 +80,19 @@ def test_evaluate_on_another_dataset_than_the_models_says_so(tiny_checkpoint):
     assert (result["dataset"], result["trained_on"]) == ("fashion-mnist", "mnist")
 
 
-@pytest.mark.parametrize("count", [0, -3])
-def test_evaluate_refuses_a_test_subset_below_one(tiny_checkpoint, data_dir, count):
-    flags = ["--checkpoint", tiny_checkpoint, "--data-dir", data_dir, "--test-subset", count]
-    result = run_in_process("evaluate.py", *flags, check=False)
-    assert_one_line_error(result, f"--test-subset must be at least 1, got {count}")
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (("--test-subset", 0), "--test-subset must be at least 1, got 0"),
+        (("--test-subset", -3), "--test-subset must be at least 1, got -3"),
+        (("--affine", "--seed", 10**23), f"--seed must be in 0 .. 2**32 - 1, got {10**23}"),
+        (("--affine", "--seed", -1), "--seed must be in 0 .. 2**32 - 1, got -1"),
+    ],
+)
+def test_evaluate_refuses_values_it_cannot_use(tiny_checkpoint, data_dir, flags, message):
+    common = ["--checkpoint", tiny_checkpoint, "--data-dir", data_dir]
+    result = run_in_process("evaluate.py", *common, *flags, check=False)
+    assert_one_line_error(result, message)
 
 
 def test_evaluate_figures_into_a_file_is_refused_before_scoring(tiny_checkpoint, data_dir):

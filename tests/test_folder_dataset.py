@@ -168,6 +168,7 @@ def test_colour_mnist_writes_a_colour_image_folder(tmp_path, data_dir):
     [
         ("colour_mnist.py", ["--train", "0"], "--train must be between 1 and 60000, got 0"),
         ("colour_mnist.py", ["--test", "99999"], "--test must be between 1 and 10000, got 99999"),
+        ("colour_mnist.py", ["--seed", str(10**23)], "--seed must be in 0 .. 2**32 - 1"),
         ("export_imagefolder.py", ["--limit", "-1"], "--limit must be at least 1, got -1"),
     ],
 )

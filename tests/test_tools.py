@@ -15,6 +15,7 @@ import train
 from capslab.checkpoint import load_checkpoint, save_checkpoint, unvalidated_weights
 from capslab.errors import UserError
 from capslab.jsonl import write_jsonl
+from capslab.training import chosen_by_validation
 
 from conftest import (
     REPO,
@@ -84,6 +85,9 @@ def test_a_bad_grid_is_refused_whole_in_one_line_before_any_run_trains(tmp_path)
         (b'[{"name": "a", "flags": [], "paper": "1.2.3%"}]', "the paper's figure '1.2.3%'"),
         (b'[{"name": "a", "flags": [], "evaluate": ["--json"]}]', "--json: the sweep sets"),
         (b'[{"name": "a", "flags": [], "evaluate": ["--checkpoint", "x"]}]', "--checkpoint: the"),
+        (b'{"evaluate": ["--afine"], "runs": [{"name": "a", "flags": []}]}', "--afine"),
+        (b'[{"name": "a", "flags": [], "evaluate": ["--seed", "-1"]}]', "--seed must be in 0"),
+        (b'[{"name": "a", "flags": [], "evaluate": ["--help"]}]', "the flags ask for help"),
     ],
 )
 def test_a_grid_file_that_is_no_grid_is_refused_in_one_line(tmp_path, content, fragment):
@@ -259,6 +263,8 @@ def test_a_real_sweep_records_a_refused_run_and_trains_the_next(data_dir, tmp_pa
         ('["r-s1", 99.5]', 'line 2: ["r-s1", 99.5] is a list, not a JSON object'),
         ('{"name": "r-s1"}', "line 2: run r-s1 has no 'final' epoch record"),
         ('{"name": "r-s1", "final": {"test_acc": "99.5"}}', 'final.test_acc is "99.5", not a'),
+        ('{"name": "r-s1", "final": {"test_acc": NaN}}', "final.test_acc is NaN, not a finite"),
+        ('{"name": "r-s1", "final": {"wall_seconds": -Infinity}}', "is -Infinity, not a finite"),
         ('{"name": "r-s1", "final": {}, "log": [1]}', "'log' is not a list of epoch records"),
     ],
 )
@@ -371,9 +377,14 @@ def test_time_to_accuracy_writes_null_where_the_log_holds_nan(tmp_path, capsys):
     out = capsys.readouterr().out
     row = json.loads(out, parse_constant=lambda name: pytest.fail(f"bare {name} in {out}"))
     assert row["reached"]["99.0"] == {"epoch": 1, "seconds": None, "train_seconds": 0}
-    assert row["chosen"]["val_acc"] is None
+    assert row["chosen"] is None  # a NaN validation score chooses nothing, as in training
     time_to_accuracy.main([str(log), "--thresholds", "99.0"])
     assert "ep 1 train 0:00" in capsys.readouterr().out  # the clock is NaN: training time
+
+
+def test_validation_never_chooses_an_epoch_scored_nan():
+    records = [{"epoch": 1, "val_acc": math.nan}, {"epoch": 2, "val_acc": 99.0}]
+    assert chosen_by_validation(records)["epoch"] == 2
 
 
 @pytest.mark.parametrize("threshold", ["nan", "inf", "-1", "101"])
