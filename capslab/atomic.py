@@ -9,13 +9,31 @@ from pathlib import Path
 
 def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
     """`write` a temporary file beside `path`, then rename it into place: a crash, a full disk
-    or a Ctrl-C midway leaves any earlier `path` whole, and no temporary behind."""
+    or a Ctrl-C midway leaves any earlier `path` whole, and no temporary behind. The bytes
+    reach the disk before the rename, and the rename before this returns, so a power cut
+    leaves the old file or the new one, never an empty one."""
     temporary = temporary_path(path)
     try:
         write(temporary)
+        sync(temporary)
         os.replace(temporary, path)
+        sync(path.parent)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def sync(path: Path) -> None:
+    """fsync a file, or a folder's entries where the system allows it (not on Windows)."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY)
+    except OSError:
+        if path.is_dir():
+            return  # Windows opens no folder
+        raise
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def temporary_path(path: Path) -> Path:

@@ -4,6 +4,7 @@ process (`run`, subprocess.Popen); the other CLI tests call the script's main in
 (`run_in_process`), with the same output and exit status."""
 
 import gzip
+import os
 import re
 import shutil
 import signal
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from capslab import checkpoint, training
+from capslab import atomic, checkpoint, training
 from capslab.checkpoint import load_checkpoint, save_checkpoint
 from capslab.errors import UserError
 
@@ -180,6 +181,28 @@ def damaged_gzip(content: bytes) -> bytes:
     middle = len(packed) // 2
     packed[middle : middle + 64] = bytes(64)
     return bytes(packed)
+
+
+def test_an_atomic_write_reaches_the_disk_before_the_rename_and_the_rename_after(
+    tmp_path, monkeypatch
+):
+    """A power cut after the rename must not leave an empty file: the temporary's bytes are
+    fsynced first, and the folder's entry once renamed."""
+    steps = []
+    real_fsync, real_replace = atomic.os.fsync, atomic.os.replace
+    monkeypatch.setattr(
+        atomic.os,
+        "fsync",
+        lambda fd: steps.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))) or real_fsync(fd),
+    )
+    monkeypatch.setattr(
+        atomic.os, "replace", lambda a, b: steps.append(("replace", str(b))) or real_replace(a, b)
+    )
+    target = tmp_path / "record.txt"
+    atomic.write_atomically(target, lambda temporary: temporary.write_text("whole"))
+    temporary = atomic.temporary_path(target)
+    assert steps == [("fsync", str(temporary)), ("replace", str(target)), ("fsync", str(tmp_path))]
+    assert target.read_text() == "whole" and not temporary.exists()
 
 
 @pytest.mark.parametrize(
