@@ -325,14 +325,19 @@ class NonFiniteError(UserError):
 
 
 class StopRequest:
-    """Ctrl-C or SIGTERM asks the loop to stop after the current batch; a second one aborts."""
+    """Ctrl-C or SIGTERM asks the loop to stop after the current batch; a second one aborts.
+    DataLoader workers inherit the handler and get the terminal's Ctrl-C too: they ignore it,
+    as the process that installed it stops them."""
 
     def __init__(self):
         self.requested = False
+        self.owner = os.getpid()
         signal.signal(signal.SIGINT, self.handle)
         signal.signal(signal.SIGTERM, self.handle)
 
     def handle(self, signum, frame):
+        if os.getpid() != self.owner:  # a forked worker: one message, from the owner alone
+            return
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True

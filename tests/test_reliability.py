@@ -24,6 +24,7 @@ from conftest import (
     REPO,
     SMALL_RUN,
     assert_one_line_error,
+    own_process_state,
     run,
     run_in_process,
     train_in_process,
@@ -374,6 +375,18 @@ def test_a_flipped_byte_inside_the_weights_is_caught_by_its_checksum(saved_run, 
     torch.load(path, weights_only=True)  # loads, one weight changed
     with pytest.raises(UserError, match=r"last.pt is corrupt: its .*/data/\d+ fails its checksum"):
         load_checkpoint(path)
+
+
+def test_a_forked_worker_ignores_the_ctrl_c_its_parent_handles(capsys):
+    with own_process_state():
+        stop = training.StopRequest()
+        stop.owner += 1  # as a DataLoader worker forked after the handler was installed sees it
+        stop.handle(signal.SIGINT, None)
+        stop.handle(signal.SIGINT, None)  # not even a second one aborts it
+        assert not stop.requested and capsys.readouterr().out == ""
+        stop.owner -= 1
+        stop.handle(signal.SIGINT, None)
+        assert stop.requested and "SIGINT: stopping after this batch" in capsys.readouterr().out
 
 
 @pytest.mark.slow
