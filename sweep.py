@@ -764,10 +764,13 @@ def sweep(
 
 def run_once(run: dict, folder: Path, data_dir: str) -> dict:
     """Train (or resume) one run and evaluate it: its results line, finished or failed."""
-    code, tail = train(run, folder, data_dir)
-    if code != 0:
-        print(f"[{run['name']}] failed: train.py {exit_status(code)}", flush=True)
-        return failure(run, "train.py", code, tail)
+    if complete(folder):  # trained before the sweep was stopped; its evaluation is missing
+        print(f"[{run['name']}] trained already: evaluating it", flush=True)
+    else:
+        code, tail = train(run, folder, data_dir)
+        if code != 0:
+            print(f"[{run['name']}] failed: train.py {exit_status(code)}", flush=True)
+            return failure(run, "train.py", code, tail)
     if not complete(folder):  # train.py exits 0 when a signal sent to it alone stopped it
         raise UserError(
             f"run {run['name']} ended (exit 0) before the end of its budget; "

@@ -194,9 +194,18 @@ def configs_from_checkpoint(
             f"the {saved.epochs} epochs it was started with"
         )
     try:
-        return replace(saved, **changes), model_class, model_config
+        resumed = replace(saved, **changes)
     except ValueError as error:
         raise as_user_error(error) from error
+    done = checkpoint.get("epoch", 0)
+    if not isinstance(done, int) or isinstance(done, bool) or done < 0:
+        raise UserError(f"{path} holds an invalid epoch count {done!r}")
+    if done >= resumed.epochs:
+        more = "raise --epochs to train more" if saved.schedule != "onecycle" else "it is finished"
+        raise UserError(
+            f"{path} has trained {done} of --epochs {resumed.epochs}: nothing to resume; {more}"
+        )
+    return resumed, model_class, model_config
 
 
 def init_from_checkpoint(args: argparse.Namespace, explicit: set[str], config: TrainConfig):

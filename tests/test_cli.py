@@ -405,6 +405,19 @@ def test_resumed_dry_run_trains_nothing_real_and_saves_nothing(trained_run, data
     assert snapshot(folder) == before
 
 
+@pytest.mark.parametrize("epochs", [None, 1, 2])
+def test_resuming_a_finished_run_says_there_is_nothing_to_resume(trained_run, data_dir, epochs):
+    folder, _ = trained_run
+    before = snapshot(folder)
+    flags = [] if epochs is None else ["--epochs", epochs]
+    result = train_cli(data_dir, folder, "--resume", *flags, check=False)
+    budget = 2 if epochs is None else epochs
+    assert_one_line_error(
+        result, f"has trained 2 of --epochs {budget}: nothing to resume; raise --epochs"
+    )
+    assert snapshot(folder) == before
+
+
 @pytest.mark.parametrize(
     "flags, named",
     [

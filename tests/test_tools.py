@@ -120,16 +120,32 @@ class FakeRuns:
     finish with one logged epoch; it counts who trained."""
 
     def __init__(self, monkeypatch, failing: set[str]):
-        self.failing, self.trained = failing, []
+        self.failing, self.trained, self.finished = failing, [], set()
         monkeypatch.setattr(sweep, "train", self.train)
-        monkeypatch.setattr(sweep, "complete", lambda folder: True)
+        monkeypatch.setattr(sweep, "complete", lambda folder: folder.name in self.finished)
         monkeypatch.setattr(sweep, "records", lambda folder: [{"epoch": 1, "test_acc": 99.0}])
 
     def train(self, run, folder, data_dir):
         self.trained.append(run["name"])
         if run["name"] in self.failing:
             return 1, ["epoch 1/1 ...", "error: something the run cannot get past"]
+        self.finished.add(folder.name)
         return 0, []
+
+
+def test_a_run_trained_before_the_sweep_stopped_is_evaluated_not_trained_again(
+    tmp_path, monkeypatch, capsys
+):
+    """kill -9 of the sweep between a run's last epoch and its results line: the rerun
+    records it (train.py --resume would refuse a finished run: nothing to resume)."""
+    grid = tmp_path / "grid.json"
+    grid.write_text(json.dumps([{"name": n, "flags": []} for n in ("a", "b")]))
+    fake = FakeRuns(monkeypatch, failing=set())
+    fake.finished.add("a")
+    sweep.main([str(grid), "--runs-dir", str(tmp_path / "runs")])
+    assert fake.trained == ["b"] and "[a] trained already: evaluating it" in capsys.readouterr().out
+    lines = grid.with_suffix(".results.jsonl").read_text().splitlines()
+    assert [json.loads(line)["name"] for line in lines] == ["a", "b"]
 
 
 def test_a_failed_run_is_recorded_the_next_runs_go_on_and_the_sweep_fails_at_the_end(
