@@ -351,9 +351,8 @@ def test_a_broken_checkpoint_is_refused_in_one_line(
     }
     break_it(broken)
     torch.save(broken, tmp_path / "last.pt")
-    resumed = run_in_process(
-        "train.py", "--data-dir", data_dir, "--checkpoint-dir", tmp_path, "--resume", check=False
-    )
+    resume = ["--checkpoint-dir", tmp_path, "--resume", "--epochs", 3]  # one epoch more
+    resumed = run_in_process("train.py", "--data-dir", data_dir, *resume, check=False)
     assert_one_line_error(resumed, str(tmp_path / "last.pt"), fragment)
     if "training settings" not in fragment:  # evaluate.py reads no training settings
         scored = run_in_process(
