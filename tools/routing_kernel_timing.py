@@ -48,6 +48,8 @@ class Kernel:
     buffers."""
 
     def __init__(self, source: Path, inputs: int, batch: int, dtype: str):
+        if source.is_dir():
+            raise UserError(f"{source} is a folder, not a kernel source file")
         if not source.is_file():
             raise UserError(f"{source}: no such file")
         text = source.read_text(errors="replace")
