@@ -314,14 +314,15 @@ class DigitCaps(nn.Module):
 
     def raw_votes(self, u: torch.Tensor) -> torch.Tensor:
         """The votes as one matmul writes them: (B, I, 8) -> (I, B, J*16); bf16 under autocast."""
-        return torch.bmm(u.transpose(0, 1), self.W)
+        return torch.bmm(u.transpose(0, 1), self.W)  # (I, B, 8) @ (I, 8, J*16) -> (I, B, J*16)
 
     def routing_layout(self, raw: torch.Tensor) -> torch.Tensor:
         """(I, B, J*16) -> (B, J, I, 16), where both routing contractions are batched
         matrix-vector products. Routing is float32 (float64 for float64 capsules): one copy
         moves u_hat there and casts bf16 votes alike."""
         num_in, batch, _ = raw.shape
-        u_hat = raw.view(num_in, batch, self.num_out, self.out_dim).permute(1, 2, 0, 3)
+        u_hat = raw.view(num_in, batch, self.num_out, self.out_dim)  # (I, B, J, 16)
+        u_hat = u_hat.permute(1, 2, 0, 3)  # (B, J, I, 16)
         dtype = torch.promote_types(u_hat.dtype, torch.float32)
         return u_hat.to(dtype, memory_format=torch.contiguous_format).contiguous()
 
@@ -456,10 +457,10 @@ class Decoder(nn.Module):
         self.image_shape = (config.in_channels, config.image_size, config.image_size)
 
     def forward(self, v: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """v (B, J, 16) and the class to keep (B,) -> reconstruction (B, C, 28, 28) in [0, 1]."""
+        """v (B, J, 16) and the class to keep (B,) -> reconstruction (B, C, N, N) in [0, 1]."""
         mask = F.one_hot(target, v.shape[1]).to(v.dtype)  # (B, J)
         masked = (v * mask.unsqueeze(-1)).flatten(1)  # (B, J*16)
-        return self.layers(masked).view(-1, *self.image_shape)
+        return self.layers(masked).view(-1, *self.image_shape)  # (B, C, N, N)
 
 
 class CapsNet(nn.Module):

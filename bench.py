@@ -1,6 +1,6 @@
 """Measure CapsNet speed against the convolution floor, in one process, and print one JSON object.
 
-    python bench.py                              # batch 128, 2 threads' worth of defaults
+    python bench.py                              # batch 128, torch's default threads
     python bench.py --batch-size 64 --steps 10 --threads 1
     python bench.py --bf16                       # bfloat16 autocast, model and floor alike
     python bench.py --model paper-cnn --bf16     # a baseline CNN's speed (it has no floor)

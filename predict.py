@@ -22,12 +22,12 @@ from pathlib import Path
 
 import torch
 
+from capslab.atomic import write_atomically
 from capslab.checkpoint import (
     SHIPPED_CHECKPOINT,
     class_names,
     has_trained_decoder,
     load_capsnet,
-    write_atomically,
 )
 from capslab.data import to_model_input
 from capslab.errors import UserError, exit_on_user_error, make_output_folder

@@ -144,7 +144,7 @@ def main(argv=None) -> None:
         type=float,
         nargs="+",
         default=THRESHOLDS,
-        help="test accuracies in %% (default: 99.0 99.5 99.6 99.7)",
+        help=f"test accuracies in %% (default: {' '.join(map(str, THRESHOLDS))})",
     )
     parser.add_argument(
         "--json", action="store_true", help="one JSON object per run (default: a table)"

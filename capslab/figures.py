@@ -183,15 +183,21 @@ def save_reconstructions(model: CapsNet, split: Split, device, path: Path) -> Pa
     return save(figure, path)
 
 
+PAIRS_A_SIDE = 8  # Figure 5's right pairs, then as many wrong ones
+
+
 def save_pair_reconstructions(
-    model: CapsNet, split: Split, scores: torch.Tensor, device, path: Path, per_side: int = 8
+    model: CapsNet, split: Split, scores: torch.Tensor, device, path: Path
 ) -> Path:
     """The paper's Figure 5: MultiMNIST inputs (top) and, below each, the reconstructions from
     its two longest capsules overlaid in two colours (red: the longer, green: the other),
     correctly recognised pairs on the left and failures on the right."""
     both_correct = PairScores.of(scores, split.labels).both_correct  # (N,)
     chosen = torch.cat(
-        [torch.nonzero(both_correct)[:per_side, 0], torch.nonzero(~both_correct)[:per_side, 0]]
+        [
+            torch.nonzero(both_correct)[:PAIRS_A_SIDE, 0],
+            torch.nonzero(~both_correct)[:PAIRS_A_SIDE, 0],
+        ]
     )
     top2 = scores[chosen].topk(2, dim=1).indices  # (n, 2) predicted digits, longer first
     x = to_model_input(split.images[chosen], device)  # (n, 1, 36, 36)

@@ -24,12 +24,12 @@ from capslab.data import (
 from capslab.errors import UserError
 from capslab.hardware import add_device_flags
 from capslab.multimnist import PairScores
+from capslab.settings import SEED_RANGE, is_seed
 from CapsNet import CapsNet, capsule_length
 
 EVAL_BATCH_SIZE = 500
 ROUTING_ITERATIONS = (1, 2, 3, 5)  # scored by routing_stats, plus the model's own r
 ACTIVE_THRESHOLD = 0.01  # a primary capsule shorter than this counts as inactive
-SEEDS = 2**32  # --seed's range, numpy's, as train.py's
 
 
 def build_evaluate_parser(description: str | None = None) -> argparse.ArgumentParser:
@@ -69,7 +69,7 @@ def build_evaluate_parser(description: str | None = None) -> argparse.ArgumentPa
         "--routing-stats",
         action="store_true",
         help="CapsNet only: coupling entropy and spread, never-active primary capsules, "
-        "accuracy at r = 1, 2, 3, 5 (default: off)",
+        f"accuracy at r = {', '.join(map(str, ROUTING_ITERATIONS))} (default: off)",
     )
     add(
         "--affine",
@@ -86,8 +86,8 @@ def check_evaluate_args(args: argparse.Namespace) -> None:
     """The values argparse lets through that evaluate.py cannot use, as one UserError."""
     if args.test_subset is not None and args.test_subset < 1:
         raise UserError(f"--test-subset must be at least 1, got {args.test_subset}")
-    if not 0 <= args.seed < SEEDS:
-        raise UserError(f"--seed must be in 0 .. 2**32 - 1, got {args.seed}")
+    if not is_seed(args.seed):
+        raise UserError(f"--seed must be in {SEED_RANGE}, got {args.seed}")
 
 
 def eval_batches(split: Split, progress: bool, desc: str):

@@ -1,10 +1,17 @@
 """How every config dataclass goes into a checkpoint and back: as a dict of plain values.
 
 The configs themselves (CapsNet.py's CapsNetConfig, the baselines', TrainConfig) know nothing of
-this, so the model file depends on torch alone.
+this, so the model file needs none of it.
 """
 
 from dataclasses import asdict
+
+SEEDS = 2**32  # numpy's seed range: every --seed is in 0 .. SEEDS - 1
+SEED_RANGE = "0 .. 2**32 - 1"
+
+
+def is_seed(value) -> bool:
+    return is_whole(value, 0) and value < SEEDS
 
 
 def is_whole(value, minimum: int) -> bool:

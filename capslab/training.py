@@ -30,7 +30,7 @@ from capslab.imagefolder import LOADINGS, MAX_IMAGE_SIZE, RECEPTIVE_FIELD, Folde
 from capslab.jsonl import write_jsonl
 from capslab.models import MODEL_KINDS, trains_decoder
 from capslab.scoring import EVAL_BATCH_SIZE, count_correct
-from capslab.settings import is_whole, settings_from_dict, settings_to_dict
+from capslab.settings import SEED_RANGE, is_seed, is_whole, settings_from_dict, settings_to_dict
 from CapsNet import RECONSTRUCTION_WEIGHT
 
 SCHEDULES = ("exponential", "onecycle")
@@ -102,7 +102,7 @@ class TrainConfig:
         default=2,
         metadata={
             "help": "random shift in pixels, 0 for none; --dataset folder scales it with the "
-            "image side N as on 28-px digits: round(MAX_SHIFT * N / 28)"
+            "image side N as on 28-px digits: round(--max-shift * N / 28)"
         },
     )
     seed: int = field(default=0, metadata={"help": "seed for init, split, order and shifts"})
@@ -191,9 +191,7 @@ class TrainConfig:
         for name in ("train_subset", "test_subset"):
             value = getattr(self, name)
             require(value is None or is_whole(value, 1), name, "a whole number >= 1")
-        require(  # numpy's seed range
-            is_whole(self.seed, 0) and self.seed < 2**32, "seed", "in 0 .. 2**32 - 1"
-        )
+        require(is_seed(self.seed), "seed", f"in {SEED_RANGE}")
         require(self.dataset in DATASETS, "dataset", f"one of {', '.join(DATASETS)}")
         require(self.model in MODEL_KINDS, "model", f"one of {', '.join(MODEL_KINDS)}")
         pair_models = [name for name, kind in MODEL_KINDS.items() if kind.reads_pairs]
@@ -451,7 +449,8 @@ class Trainer:
                 self.model, device_ids=[device.index] if device.type == "cuda" else None
             )
         self.step_model = torch.compile(replica) if config.compile else replica
-        # One fused kernel for all 8.2M parameters (results/README.md has the timing).
+        # One fused kernel for all the parameters, 8.2M in the paper's model (results/README.md
+        # has the timing).
         self.optimizer = torch.optim.Adam(
             self.model.parameters(), lr=config.lr, betas=config.adam_betas, fused=True
         )

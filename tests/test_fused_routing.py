@@ -500,7 +500,7 @@ def test_the_timing_tool_refuses_a_missing_or_broken_source_and_a_bad_count(tmp_
     broken.write_text("not C++\n")
     refusals = {
         (broken,): f"{broken} does not compile: ",
-        (tmp_path / "missing.cpp",): f"{tmp_path / 'missing.cpp'}: no such file",
+        (tmp_path / "missing.cpp",): f"{tmp_path / 'missing.cpp'} does not exist",
         (tmp_path,): f"{tmp_path} is a folder, not a kernel source file",
         (fused_routing.SOURCE, "--batch", 0): "--batch must be at least 1, got 0",
     }

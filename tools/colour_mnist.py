@@ -27,7 +27,7 @@ from capslab.errors import (  # noqa: E402
     exit_on_user_error,
     make_output_folder,
 )
-from capslab.scoring import SEEDS  # noqa: E402
+from capslab.settings import SEED_RANGE, is_seed  # noqa: E402
 
 MIN_DISTANCE = 0.5  # Euclidean distance in RGB [0, 1]^3 between ink and background
 
@@ -93,8 +93,8 @@ def main(argv=None) -> None:
         help="a random colour per image, or black (default: colour)",
     )
     args = parser.parse_args(argv)
-    if not 0 <= args.seed < SEEDS:  # before the output folder is made
-        raise UserError(f"--seed must be in 0 .. 2**32 - 1, got {args.seed}")
+    if not is_seed(args.seed):  # before the output folder is made
+        raise UserError(f"--seed must be in {SEED_RANGE}, got {args.seed}")
     make(args.out, args.data_dir, args.train, args.test, args.seed, args.background)
     print(f"wrote {args.train} train and {args.test} test colour digits to {args.out}")
 

@@ -33,14 +33,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 from capslab.errors import UserError, exit_on_user_error, first_line  # noqa: E402
 from capslab.fused_routing import LANES, SUFFIXES, address, build, compiler_name  # noqa: E402
 from capslab.hardware import cpu_name  # noqa: E402
+from CapsNet import EPS as MODEL_EPS  # noqa: E402
+from CapsNet import CapsNetConfig  # noqa: E402
 
-OUTPUTS, ITERATIONS, IN_DIM = 10, 3, 8
+PAPER = CapsNetConfig()  # the shapes timed are the paper model's
+OUTPUTS, ITERATIONS, IN_DIM = PAPER.num_classes, PAPER.routing_iterations, PAPER.primary_dim
 # The kernel's entry points by name, for the capsule dtypes whose outputs are float32 buffers.
 DTYPES = {name: dtype for dtype, name in SUFFIXES.items() if dtype != torch.float64}
 OUTPUT_NAMES = ("v", "c", "grad_s", "v_t", "grad_u", "grad_W")
 SQUASH_NAMES = ("u", "grad_conv")  # the primary squash's outputs
-PRIMARY_CHANNELS = 32
-EPS = ctypes.c_double(1e-7)
+PRIMARY_CHANNELS = PAPER.primary_channels
+EPS = ctypes.c_double(MODEL_EPS)
 
 
 class Kernel:
@@ -51,7 +54,7 @@ class Kernel:
         if source.is_dir():
             raise UserError(f"{source} is a folder, not a kernel source file")
         if not source.is_file():
-            raise UserError(f"{source}: no such file")
+            raise UserError(f"{source} does not exist")
         text = source.read_text(errors="replace")
         self.source = source
         self.takes_logits = "Acc* saved_c, Acc* logits)" in text
