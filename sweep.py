@@ -55,6 +55,7 @@ from capslab.checkpoint import load_checkpoint
 from capslab.data import AFFINE_FAMILIES, add_data_flags
 from capslab.errors import UserError, exit_on_user_error, first_line, flag_name, make_output_folder
 from capslab.figures import plot_test_errors
+from capslab.flags import parse_flags
 from capslab.jsonl import is_number, json_type, read_jsonl, write_jsonl
 from capslab.run_plan import build_parser, configs_from_flags
 from capslab.scoring import build_evaluate_parser, check_evaluate_args
@@ -170,16 +171,11 @@ def train_flags_problem(flags: list[str]) -> str | None:
     # The sweep launches train.py, so it checks the flags with train.py's own parser and
     # configs: a typo in the grid's last run is found before the first run spends hours training.
     try:
-        args = refusing(build_parser()).parse_args(flags)
+        args, given = parse_flags(refusing(build_parser()), flags)
         configs_from_flags(args)  # the values: "--epochs must be ..."
     except (FlagError, UserError) as error:
         return first_line(error)
-    # argparse sets a default only where the namespace lacks it: markers show what was given.
-    unset = object()
-    given = refusing(build_parser()).parse_args(
-        flags, argparse.Namespace(**dict.fromkeys(vars(args), unset))
-    )
-    taken = [flag_name(name) for name in SWEEP_SETS if getattr(given, name, unset) is not unset]
+    taken = [flag_name(name) for name in SWEEP_SETS if name in given]
     return f"{', '.join(taken)}: the sweep sets these itself" if taken else None
 
 
@@ -243,10 +239,6 @@ def read_results(results: Path) -> list[dict]:
 def latest_results(results: Path) -> dict[str, dict]:
     """Each run's latest result (a retried run's replaces its failure)."""
     return {record["name"]: record for record in read_results(results)}
-
-
-def finished_names(results: Path) -> set[str]:
-    return {name for name, record in latest_results(results).items() if "failed" not in record}
 
 
 def record_result(record: dict, results: Path) -> None:

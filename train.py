@@ -34,7 +34,6 @@ from capslab.flags import parse_flags  # noqa: E402
 from capslab.hardware import emulated_bf16_warning, keep_freed_memory, set_threads  # noqa: E402
 from capslab.run_plan import (  # noqa: E402
     build_parser,
-    configs_from_flags,  # noqa: F401 (tests/test_recipe.py builds its grids' configs with it)
     plan_run,
 )
 from capslab.training import (  # noqa: E402
@@ -47,8 +46,6 @@ from capslab.training import (  # noqa: E402
     log,
     seed_everything,
 )
-
-DEFAULTS = TrainConfig()  # for tests/test_recipe.py, which reads train.py's defaults here
 
 
 def main(argv=None) -> None:

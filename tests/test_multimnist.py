@@ -25,6 +25,7 @@ from capslab.multimnist import (
     place,
 )
 from capslab.scoring import pair_report
+from capslab.training import TrainConfig
 from CapsNet import CapsNet, CapsNetConfig, capsule_loss, margin_loss, reconstruction_loss
 
 from conftest import (
@@ -268,7 +269,7 @@ def test_train_on_pairs_writes_a_36x36_checkpoint_scored_by_the_papers_measure(
     assert record["train_loss"] > 0 and "wall_seconds" in record and record["machine"]
     # The paper's measure, written plainly: a pair is right when its two longest capsules
     # are its two digits. The run's 96 validation pairs, rebuilt as train.py built them.
-    val = load_run_splits("multimnist", data_dir, 96, 192, 96, train.DEFAULTS.seed)[1]
+    val = load_run_splits("multimnist", data_dir, 96, 192, 96, TrainConfig().seed)[1]
     model, _ = load_model(multimnist_run / "best.pt", CPU)
     with torch.no_grad():
         lengths = model(data.to_model_input(val.images, CPU))[0]  # (96, 10)

@@ -19,6 +19,7 @@ from capslab.checkpoint import load_checkpoint, model_from_checkpoint, save_chec
 from capslab.errors import UserError
 from capslab.hardware import cpu_name, has_native_bf16
 from capslab.jsonl import write_jsonl
+from capslab.run_plan import build_parser, configs_from_flags
 from capslab.training import TrainConfig, build_scheduler, ema_update
 
 from conftest import (
@@ -32,6 +33,8 @@ from conftest import (
     run_in_process,
     train_in_process,
 )
+
+DEFAULTS = TrainConfig()  # train.py's defaults: one source, the config
 
 
 def learning_rates(config: TrainConfig, steps_per_epoch: int) -> list[float]:
@@ -359,8 +362,8 @@ RECIPE = ("batch_size", "lr", "schedule", "lr_decay", "adam_betas", "ema_decay",
 def grid_configs(grid: str) -> dict[str, TrainConfig]:
     """Each run's TrainConfig, built from its flags as train.py builds it."""
     runs = sweep.read_grid(REPO / "results" / "grids" / grid)
-    parse = train.build_parser().parse_args  # exits on a flag train.py lacks
-    return {run["name"]: train.configs_from_flags(parse(run["flags"]))[0] for run in runs}
+    parse = build_parser().parse_args  # exits on a flag train.py lacks
+    return {run["name"]: configs_from_flags(parse(run["flags"]))[0] for run in runs}
 
 
 @pytest.mark.parametrize("grid", ["table1.json", "long.json", "final.json"])
@@ -370,7 +373,7 @@ def test_grids_that_pin_the_default_recipe_pin_train_pys_defaults(grid):
     assert pinned, grid
     for name, config in pinned.items():
         for setting in RECIPE:
-            assert getattr(config, setting) == getattr(train.DEFAULTS, setting), (name, setting)
+            assert getattr(config, setting) == getattr(DEFAULTS, setting), (name, setting)
 
 
 def test_the_recipe_grid_names_every_setting_its_arms_compare():
@@ -381,7 +384,7 @@ def test_the_recipe_grid_names_every_setting_its_arms_compare():
 
 def test_table1_trains_every_row_for_the_default_epoch_budget():
     budgets = {config.epochs for config in grid_configs("table1.json").values()}
-    assert budgets == {train.DEFAULTS.epochs}
+    assert budgets == {DEFAULTS.epochs}
 
 
 def test_every_committed_grid_parses_with_train_pys_flags():
@@ -442,7 +445,7 @@ def test_a_torn_results_line_is_named_in_one_line_and_a_blank_one_skipped(tmp_pa
     grid = tmp_path / "grid.json"
     results = grid.with_suffix(".results.jsonl")
     results.write_text(json.dumps({"name": "a-s0", "final": {"test_acc": 99.5}}) + "\n\n")
-    assert sweep.finished_names(results) == {"a-s0"}
+    assert list(sweep.latest_results(results)) == ["a-s0"]
     results.write_text(results.read_text() + '{"name": "a-s1", "fin\n')
     result = run_in_process("sweep.py", grid, "--table", check=False)
     assert_one_line_error(result, f"{results} is not a readable results file (line 3:")
