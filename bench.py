@@ -18,7 +18,6 @@ import argparse
 import copy
 import json
 import resource
-import sys
 import time
 from functools import partial
 from pathlib import Path
@@ -40,7 +39,7 @@ from capslab.hardware import (
 from capslab.models import MODEL_KINDS
 from capslab.multimnist import PairPool
 from capslab.run_plan import as_user_error
-from capslab.training import TrainConfig, Trainer, epoch_generator
+from capslab.training import TrainConfig, Trainer, epoch_generator, warn
 from CapsNet import CapsNet
 
 MAX_COUNT = 100_000  # --batch-size, --steps, --rounds: beyond any real measurement
@@ -257,7 +256,7 @@ def main(argv=None) -> None:
     keep_freed_memory()  # as train.py does, for model and floor alike
     device = pick_device(args.device)
     if args.bf16 and (warning := emulated_bf16_warning(device)):
-        print(f"{warning}: a round can take minutes", file=sys.stderr)
+        warn(f"{warning}: a round can take minutes")
     with fused_routing.kernel_enabled(args.routing == "kernel"):
         print(json.dumps(measure(args, device)))
 

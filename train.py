@@ -45,6 +45,7 @@ from capslab.training import (  # noqa: E402
     is_main_process,
     log,
     seed_everything,
+    warn,
 )
 
 
@@ -138,7 +139,7 @@ def log_start(trainer: Trainer, device, train_split, val_split, test_split) -> N
         f"val {len(val_split) if val_split else 0}  test {len(test_split)}"
     )
     if trainer.config.bf16 and (warning := emulated_bf16_warning(device)):
-        log(f"{warning}: try --no-bf16")
+        warn(f"{warning}: try --no-bf16")
 
 
 def out_of_memory(config: TrainConfig, device, trainer: Trainer) -> UserError:

@@ -71,7 +71,7 @@ def emulated_bf16_warning(device: torch.device) -> str | None:
     if has_native_bf16(device):
         return None
     return (
-        f"warning: bf16 is emulated on this {device.type} (no AVX512-BF16 or AMX) and can be "
+        f"bf16 is emulated on this {device.type} (no AVX512-BF16 or AMX) and can be "
         "many times slower than float32"
     )
 

@@ -24,7 +24,7 @@ from capslab.flags import add_config_flags, flag_fields, flag_values
 from capslab.hardware import add_device_flags
 from capslab.imagefolder import inspect_folder
 from capslab.models import MODEL_KINDS
-from capslab.training import DRY_RUN_BATCHES, TrainConfig, log
+from capslab.training import DRY_RUN_BATCHES, TrainConfig, log, warn
 from CapsNet import CapsNetConfig
 
 # Settings a resumed run may change: none of them changes what it computes.
@@ -233,8 +233,8 @@ def init_from_checkpoint(args: argparse.Namespace, explicit: set[str], config: T
     saved = checkpoint.get("train_config") or {}
     split = ("seed", "val_size", "train_subset")
     if config.val_size and any(saved.get(name) != getattr(config, name) for name in split):
-        log(
-            f"warning: {path} was trained on another split (--seed {saved.get('seed')} "
+        warn(
+            f"{path} was trained on another split (--seed {saved.get('seed')} "
             f"--val-size {saved.get('val_size')}), so this run's validation images may be "
             "ones it trained on"
         )

@@ -11,6 +11,7 @@ import math
 import os
 import random
 import signal
+import sys
 import time
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -386,6 +387,11 @@ def log(*args, **kwargs) -> None:
         print(*args, **kwargs)
 
 
+def warn(message: str) -> None:
+    """A "warning: ..." line on stderr, as every script prints its warnings (rank 0 only)."""
+    log(f"warning: {message}", file=sys.stderr, flush=True)
+
+
 def build_scheduler(optimizer, config: TrainConfig, steps_per_epoch: int):
     """exponential: stepped per epoch. onecycle: stepped per batch, warming up to config.lr over
     the first ONECYCLE_WARMUP of the budget, then cosine-annealing to lr / 25e4 (not in the
@@ -715,8 +721,8 @@ class Trainer:
         # One digit: 1 in K; a MultiMNIST pair: 1 in K choose 2 for the two longest capsules.
         chance = 100 / (math.comb(classes, 2) if val_split.labels.dim() == 2 else classes)
         if record["val_acc"] < AT_CHANCE * chance:
-            log(
-                f"warning: validation accuracy {record['val_acc']:.2f}% after epoch "
+            warn(
+                f"validation accuracy {record['val_acc']:.2f}% after epoch "
                 f"{record['epoch']} is at chance ({chance:.1f}%) and the loss is no lower than "
                 "at the start: the model is not learning; try a lower --lr"
             )

@@ -359,9 +359,9 @@ def test_init_from_warns_when_validation_may_hold_the_checkpoints_training_image
         *["--init-from", folder / "best.pt", "--dry-run", *SMALL_RUN, "--seed", "1"],
     )
     # A tiny model's validation is at chance, which training warns about: no other warning.
-    warned = [line for line in same.stdout.splitlines() if "warning" in line]
-    assert [line for line in warned if "is at chance" not in line] == [], same.stdout
-    assert "trained on another split (--seed 0 --val-size 64)" in other.stdout
+    warned = [line for line in same.stderr.splitlines() if "warning" in line]
+    assert [line for line in warned if "is at chance" not in line] == [], same.stderr
+    assert "warning: " in other.stderr and "trained on another split (--seed 0" in other.stderr
 
 
 def test_export_cli_writes_the_chosen_weights_and_keeps_an_existing_file(trained_run, tmp_path):
