@@ -108,7 +108,7 @@ def run(
         log(f"resumed at epoch {trainer.progress.epoch + 1}, batch {trainer.progress.batches_done}")
     log_start(trainer, device, train_split, val_split, test_split)
     try:
-        train_loop(trainer, train_split, val_split, test_split)
+        train_loop(trainer, train_split, val_split, test_split, args.data_dir)
     except torch.OutOfMemoryError as error:
         raise out_of_memory(config, device, trainer) from error
     except RuntimeError as error:
@@ -150,7 +150,9 @@ def out_of_memory(config: TrainConfig, device, trainer: Trainer) -> UserError:
     )
 
 
-def train_loop(trainer: Trainer, train_split, val_split, test_split) -> None:
+def train_loop(trainer: Trainer, train_split, val_split, test_split, data_dir: str) -> None:
+    """Epochs until the budget is spent or a signal stops the run; then the command to run next
+    (it names --data-dir: the default, data/, may not be where this run read its images)."""
     stop, config = StopRequest(), trainer.config
     while trainer.progress.epoch < config.epochs:
         if not trainer.train_epoch(train_split, stop):
@@ -159,9 +161,8 @@ def train_loop(trainer: Trainer, train_split, val_split, test_split) -> None:
                 return
             saved = trainer.save("last.pt")
             log(
-                f"interrupted: saved {saved}; continue with "
-                "python train.py --resume --checkpoint-dir "
-                f"{trainer.checkpoint_dir}"
+                f"interrupted: saved {saved}; continue with python train.py --resume "
+                f"--checkpoint-dir {trainer.checkpoint_dir} --data-dir {data_dir}"
             )
             return
         record = trainer.score_epoch(val_split, test_split)
@@ -177,7 +178,10 @@ def train_loop(trainer: Trainer, train_split, val_split, test_split) -> None:
             "weights, is the final model"
         )
     best = "best" if config.val_size else "last"
-    log(f"done: python evaluate.py --checkpoint {trainer.checkpoint_dir / best}.pt")
+    log(
+        f"done: python evaluate.py --checkpoint {trainer.checkpoint_dir / best}.pt "
+        f"--data-dir {data_dir}"
+    )
 
 
 def summary_line(record: dict, epochs: int) -> str:

@@ -255,7 +255,10 @@ def train_val_split(
 ) -> tuple[Split, Split | None]:
     """A seeded held-out validation split, then an optional training subset for quick runs."""
     if not 0 <= val_size < len(full):
-        raise UserError(f"--val-size must be between 0 and {len(full) - 1}, got {val_size}")
+        raise UserError(
+            f"--val-size must be between 0 and {len(full) - 1}, got {val_size}: the training set "
+            f"holds {len(full)} images; hold out about a tenth (--val-size {len(full) // 10})"
+        )
     order = torch.randperm(len(full), generator=torch.Generator().manual_seed(seed))
     val = full.subset(order[:val_size]) if val_size else None
     train_indices = order[val_size:]

@@ -232,11 +232,13 @@ def init_from_checkpoint(args: argparse.Namespace, explicit: set[str], config: T
         )
     saved = checkpoint.get("train_config") or {}
     split = ("seed", "val_size", "train_subset")
-    if config.val_size and any(saved.get(name) != getattr(config, name) for name in split):
+    differing = [name for name in split if saved.get(name) != getattr(config, name)]
+    if config.val_size and differing:
+        theirs = " ".join(f"{flag_name(name)} {saved.get(name)}" for name in differing)
+        ours = " ".join(f"{flag_name(name)} {getattr(config, name)}" for name in differing)
         warn(
-            f"{path} was trained on another split (--seed {saved.get('seed')} "
-            f"--val-size {saved.get('val_size')}), so this run's validation images may be "
-            "ones it trained on"
+            f"{path} was trained on another split ({theirs}; this run: {ours}), so this run's "
+            "validation images may be ones it trained on"
         )
     return checkpoint
 

@@ -31,6 +31,14 @@ from conftest import (
 )
 
 
+def test_the_command_train_prints_last_scores_the_run_it_trained(trained_run):
+    """Its data may not be in the default data/: the command names --data-dir."""
+    folder, stdout = trained_run
+    script, *args = stdout.split("done: python ")[1].split()
+    result = json.loads(run_in_process(script, *args, "--test-subset", 10, "--json").stdout)
+    assert result["checkpoint"] == str(folder / "best.pt") and result["total"] == 10
+
+
 def test_train_writes_checkpoints_and_log(trained_run):
     folder, stdout = trained_run
     assert "epoch 2/2" in stdout and "img/s" in stdout
@@ -361,7 +369,7 @@ def test_init_from_warns_when_validation_may_hold_the_checkpoints_training_image
     # A tiny model's validation is at chance, which training warns about: no other warning.
     warned = [line for line in same.stderr.splitlines() if "warning" in line]
     assert [line for line in warned if "is at chance" not in line] == [], same.stderr
-    assert "warning: " in other.stderr and "trained on another split (--seed 0" in other.stderr
+    assert "trained on another split (--seed 0; this run: --seed 1)" in other.stderr
 
 
 def test_export_cli_writes_the_chosen_weights_and_keeps_an_existing_file(trained_run, tmp_path):
