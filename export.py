@@ -20,9 +20,10 @@ from capslab.checkpoint import (
     unvalidated_weights,
 )
 from capslab.errors import UserError, exit_on_user_error
+from capslab.training import chosen_by_validation
 
 
-def export(source: Path, destination: Path, overwrite: bool, allow_unvalidated: bool) -> None:
+def export(source: Path, destination: Path, overwrite: bool, allow_unvalidated: bool) -> dict:
     """Check that SOURCE's chosen weights rebuild its model, then export them to DESTINATION."""
     if destination.is_dir():
         raise UserError(f"{destination} is a folder: name the file to write")
@@ -39,6 +40,7 @@ def export(source: Path, destination: Path, overwrite: bool, allow_unvalidated: 
         )
     model_from_checkpoint(checkpoint, source)
     export_weights(checkpoint, destination)
+    return checkpoint
 
 
 def main(argv=None) -> None:
@@ -60,8 +62,19 @@ def main(argv=None) -> None:
         "ended or partway through one (default: refuse)",
     )
     args = parser.parse_args(argv)
-    export(args.source, args.destination, args.overwrite, args.unvalidated)
-    print(f"wrote {args.destination} ({args.destination.stat().st_size / 2**20:.1f} MiB)")
+    checkpoint = export(args.source, args.destination, args.overwrite, args.unvalidated)
+    size = args.destination.stat().st_size / 2**20
+    print(f"wrote {args.destination} ({size:.1f} MiB): {what_was_exported(checkpoint)}")
+
+
+def what_was_exported(checkpoint: dict) -> str:
+    """'epoch 26, validation 99.62%, averaged weights', as far as the checkpoint says."""
+    chosen = chosen_by_validation(checkpoint.get("metrics") or [])
+    parts = [f"epoch {chosen['epoch'] if chosen else checkpoint.get('epoch', '?')}"]
+    if chosen:
+        parts.append(f"validation {chosen['val_acc']:.2f}%")
+    parts.append("averaged weights" if checkpoint.get("chosen") == "ema" else "raw weights")
+    return ", ".join(parts)
 
 
 if __name__ == "__main__":

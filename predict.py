@@ -30,7 +30,7 @@ from capslab.checkpoint import (
     load_capsnet,
 )
 from capslab.data import to_model_input
-from capslab.errors import UserError, exit_on_user_error, make_output_folder
+from capslab.errors import UserError, counted, exit_on_user_error, make_output_folder
 from capslab.hardware import add_device_flags, pick_device
 from capslab.imagefolder import read_image
 from capslab.inference import classify, to_png
@@ -190,7 +190,7 @@ def main(argv=None) -> None:
     )
     failed = print_records(records, len(args.images), args.json)
     if failed:
-        raise UserError(f"{failed} of {len(args.images)} images could not be classified")
+        raise UserError(f"{failed} of {counted(len(args.images), 'image')} could not be classified")
 
 
 if __name__ == "__main__":

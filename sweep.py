@@ -621,7 +621,8 @@ def next_run(
         elif listing:
             state = f"failed ({failure_line(outcome)}), " if failed else ""
             logged = len(records(runs_dir / name))
-            print(f"[{name}] {state}{logged} epoch{'' if logged == 1 else 's'} logged")
+            progress = f"{logged} epoch{'' if logged == 1 else 's'} logged" if logged else "to do"
+            print(f"[{name}] {state}{progress}")
         elif name not in tried:
             return run
     return None
@@ -636,8 +637,10 @@ def failure_line(outcome: dict) -> str:
 
 
 def main(argv=None) -> None:
+    numbers = {"EXACT_SPLITS": f"{EXACT_SPLITS:,}", "PERMUTATIONS": f"{PERMUTATIONS:,}"}
+    description = re.sub("|".join(numbers), lambda name: numbers[name[0]], __doc__)
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("grid", type=Path, help="JSON grid file")
     add_data_flags(parser, test_subset=False)
@@ -692,7 +695,9 @@ def main(argv=None) -> None:
         "--column",
         choices=COLUMNS,
         default="test error",
-        help="what --compare sets against each other (default: test error)",
+        metavar="COLUMN",
+        help="what --compare sets against each other: one of the names --columns takes "
+        "(default: 'test error')",
     )
     args = parser.parse_args(argv)
     if (args.columns or args.per_run) and not args.table:
@@ -700,13 +705,13 @@ def main(argv=None) -> None:
     results = args.grid.with_suffix(".results.jsonl")
     if args.compare:
         print(contrast(results, *args.compare, args.column))
+    if args.plot and args.plot.is_dir():
+        raise UserError(f"--plot {args.plot} is a folder: name the PNG to write")
+    if (args.table or args.plot) and not results.exists():
+        raise UserError(f"no run of {args.grid} has finished yet ({results} is missing)")
     if args.table:
         print("\n".join(table_rows(results, args.columns, args.per_run)))
     if args.plot:
-        if args.plot.is_dir():
-            raise UserError(f"--plot {args.plot} is a folder: name the PNG to write")
-        if not results.exists():
-            raise UserError(f"no run of {args.grid} has finished yet ({results} is missing)")
         make_output_folder(args.plot.parent, "--plot's folder")
         print(f"wrote {plot_test_errors(errors_by_recipe(results), args.plot)}")
     if args.table or args.plot or args.compare:

@@ -6,7 +6,7 @@
     python train.py --resume             # continue checkpoints/last.pt exactly where it stopped
     python train.py --resume checkpoints/capsnet_mnist.pt --checkpoint-dir runs/more
                                          # continue a weights-only checkpoint (Adam restarts)
-    python train.py --init-from checkpoints/capsnet_mnist.pt --epochs 5 --lr 3e-4 \
+    python train.py --init-from checkpoints/capsnet_mnist.pt --epochs 5 --lr 3e-4 \\
         --checkpoint-dir runs/finetune   # a new run (any schedule) from the shipped weights
     python train.py --train-subset 2000 --epochs 5 --data-dir ../shared/data
     python train.py --model cnn --checkpoint-dir checkpoints/cnn   # the small CNN baseline

@@ -14,6 +14,11 @@ def flag_name(setting: str) -> str:
     return "--" + setting.replace("_", "-")
 
 
+def counted(count: int, noun: str) -> str:
+    """'1 file', '2 files': a count with its noun, singular or plural (nouns ending in s)."""
+    return f"{count:,} {noun}{'' if count == 1 else 's'}"
+
+
 def first_line(error: Exception) -> str:
     """An exception's message cut to its first line (its type name when it has none)."""
     return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

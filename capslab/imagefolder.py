@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from capslab.errors import UserError, first_line
+from capslab.errors import UserError, counted, first_line
 from CapsNet import CapsNetConfig
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -150,7 +150,7 @@ def inspect_folder(root: str | Path, channels: int | None) -> FolderInfo:
     detected = 1 if gray == total else 3
     notes = []
     if skipped := train.skipped + test.skipped:
-        notes.append(f"{root}: skipped {skipped} files that are not images (by their suffix)")
+        notes.append(f"{root}: skipped {counted(skipped, 'file')} without an image suffix")
     chosen = channels or detected
     if chosen == 3 and gray:
         how = "forced by --channels 3" if channels else f"{total - gray} of {total} are colour"
@@ -336,7 +336,7 @@ def load_folder(root: str | Path, options: FolderOptions, parts=("train", "test"
     counts = ", ".join(f"{part} {len(scan.files)}" for part, scan in zip(parts, scans))
     (log or log_rank0)(
         f"folder {root}: {len(options.class_names)} classes, {counts} images of {shape}, "
-        f"{estimate / 2**20:,.0f} MiB of pixels (limit {IN_MEMORY_LIMIT / 2**30:.0f} GiB): {where}"
+        f"{estimate / 2**20:,.1f} MiB of pixels (limit {IN_MEMORY_LIMIT / 2**30:.0f} GiB): {where}"
     )
     splits = []
     for scan in scans:

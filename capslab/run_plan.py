@@ -19,7 +19,7 @@ from capslab.checkpoint import (
     model_from_checkpoint,
 )
 from capslab.data import IMAGE_SIZE, add_data_flags
-from capslab.errors import UserError, flag_name
+from capslab.errors import UserError, counted, flag_name
 from capslab.flags import add_config_flags, flag_fields, flag_values
 from capslab.hardware import add_device_flags
 from capslab.imagefolder import inspect_folder
@@ -191,7 +191,7 @@ def configs_from_checkpoint(
     if saved.schedule == "onecycle" and changes.get("epochs", saved.epochs) != saved.epochs:
         raise UserError(
             f"--epochs cannot change when resuming a onecycle run: its schedule spans "
-            f"the {saved.epochs} epochs it was started with"
+            f"the {counted(saved.epochs, 'epoch')} it was started with"
         )
     try:
         resumed = replace(saved, **changes)

@@ -376,8 +376,13 @@ def test_export_cli_writes_the_chosen_weights_and_keeps_an_existing_file(trained
     folder, _ = trained_run
     shipped = tmp_path / "shipped.pt"
     result = run_in_process("export.py", folder / "best.pt", shipped)
-    assert result.stdout.startswith(f"wrote {shipped}")
     exported, source = load_checkpoint(shipped), load_checkpoint(folder / "best.pt")
+    chosen_epoch = max(source["metrics"], key=lambda record: record["val_acc"])
+    weights = "averaged" if source.get("chosen") == "ema" else "raw"
+    assert result.stdout.startswith(f"wrote {shipped} (") and result.stdout.endswith(
+        f"): epoch {chosen_epoch['epoch']}, validation {chosen_epoch['val_acc']:.2f}%, "
+        f"{weights} weights\n"
+    )
     assert "optimizer" not in exported and exported["metrics"] == source["metrics"]
     chosen = source["ema"] if source.get("chosen") == "ema" else source["model"]
     assert all(torch.equal(exported["model"][name], chosen[name]) for name in chosen)

@@ -280,7 +280,7 @@ def test_a_file_that_is_not_an_image_is_skipped_and_counted_by_its_suffix(tmp_pa
     root = make_folder(tmp_path)
     (root / "train" / "cat" / "notes.txt").write_text("not a picture")
     out = train_folder(root, tmp_path / "run", "--dry-run").stdout
-    assert "skipped 1 files that are not images" in out
+    assert "skipped 1 file without an image suffix" in out
 
 
 def test_a_file_named_as_an_image_that_is_none_is_refused(tmp_path):

@@ -433,12 +433,14 @@ def test_plot_into_a_folder_that_cannot_be_made_is_one_line(tmp_path):
     assert (tmp_path / "new" / "e.png").read_bytes().startswith(b"\x89PNG")
 
 
-def test_plotting_a_grid_with_no_finished_run_is_one_line(tmp_path):
+def test_plotting_or_tabling_a_grid_with_no_finished_run_is_one_line(tmp_path):
     grid = tmp_path / "grid.json"
     grid.write_text("[]")
     result = run_in_process("sweep.py", grid, "--plot", tmp_path / "a.png", check=False)
     assert_one_line_error(result, "no run of", "has finished yet")
     assert not (tmp_path / "a.png").exists()
+    result = run_in_process("sweep.py", grid, "--table", check=False)
+    assert_one_line_error(result, "no run of", "has finished yet")
 
 
 def test_a_torn_results_line_is_named_in_one_line_and_a_blank_one_skipped(tmp_path):

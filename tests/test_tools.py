@@ -216,12 +216,15 @@ def test_list_prints_each_runs_state_and_trains_nothing(tmp_path, monkeypatch, c
         sweep.main(flags)  # a finishes, bad fails
     grid.write_text(json.dumps([{"name": n, "flags": []} for n in ("a", "bad", "new")]))
     capsys.readouterr()
+    monkeypatch.setattr(
+        sweep, "records", lambda folder: [{"epoch": 1}] if folder.name == "bad" else []
+    )
     sweep.main([*flags, "--list"])
     assert fake.trained == ["a", "bad"]  # by the first sweep; --list trains nothing
     assert capsys.readouterr().out.splitlines() == [
         "[a] done",
         "[bad] failed (train.py exit 1), 1 epoch logged",
-        "[new] 1 epoch logged",
+        "[new] to do",
     ]
 
 

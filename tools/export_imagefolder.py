@@ -58,11 +58,15 @@ def export(dataset: str, data_dir: str, out: Path, limit: int | None = None) -> 
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("dataset", choices=("fashion-mnist", "mnist"))
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("dataset", choices=("fashion-mnist", "mnist"), help="which to write")
     parser.add_argument("out", type=Path, help="an empty or new folder")
     parser.add_argument("--data-dir", default="data", help="where the dataset is (default: data)")
-    parser.add_argument("--limit", type=int, default=None, help="first N of each split")
+    parser.add_argument(
+        "--limit", type=int, default=None, help="first N of each split (default: all)"
+    )
     args = parser.parse_args(argv)
     counts = export(args.dataset, args.data_dir, args.out, args.limit)
     print(f"wrote {counts['train']} train and {counts['test']} test images to {args.out}")
