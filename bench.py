@@ -19,6 +19,7 @@ import copy
 import json
 import resource
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -84,8 +85,8 @@ def profile_training(train_step, steps: int, path: Path) -> None:
     write_atomically(path, partial(Path.write_text, data=text))
 
 
-def measure(args: argparse.Namespace, device: torch.device) -> dict:
-    kernel_calls_before = fused_routing.kernel_calls  # "routing" says which one really ran
+def bench_trainer(args: argparse.Namespace, device: torch.device, steps_taken: int) -> Trainer:
+    """A Trainer of a fresh, seeded model whose one "epoch" spans exactly the steps timed."""
     torch.manual_seed(0)
     try:
         config = TrainConfig(
@@ -99,22 +100,20 @@ def measure(args: argparse.Namespace, device: torch.device) -> dict:
         )
     except ValueError as error:  # e.g. a CNN on pairs
         raise as_user_error(error) from error
-    split = synthetic_split(args.batch_size, args.dataset)
     kind = MODEL_KINDS[args.model]
     model = kind.model_class(kind.config_class(image_size=IMAGE_SIZE[args.dataset]))
-    # The first call, then per round a warm-up call (images_per_second's) and the timed steps.
-    steps_taken = 1 + args.rounds * (1 + args.steps) + (args.steps if args.profile else 0)
-    trainer = Trainer(
-        config,
-        model,
-        device,
-        steps_per_epoch=steps_taken,
-        checkpoint_dir=Path("unused"),
-        dry_run=True,
-    )
+    unused = Path("unused")  # a dry-run trainer saves nothing
+    return Trainer(config, model, device, steps_taken, unused, dry_run=True)
+
+
+def timed_steps(args: argparse.Namespace, trainer: Trainer, device: torch.device) -> dict:
+    """The calls timed, by name: a training step and the model's forward passes, each beside
+    the same work of the convolutions alone (the floor; None for a CNN, which has none)."""
+    split = synthetic_split(args.batch_size, args.dataset)
     generator = epoch_generator(0, 0)
     images, labels = split.images[: args.batch_size], split.labels[: args.batch_size]
     x = to_model_input(split.training_batch(images, labels, 0, generator).images, device)
+    model = trainer.model
     floor = conv_floor(model) if isinstance(model, CapsNet) else None
 
     def autocast():
@@ -131,37 +130,54 @@ def measure(args: argparse.Namespace, device: torch.device) -> dict:
             out = floor(x)
         out.sum().backward()
 
-    def eval_step():
-        with autocast():
-            trainer.model(x)
+    def forward(inputs: torch.Tensor, module) -> Callable[[], None]:
+        def step():
+            with autocast():
+                module(inputs)
 
-    def single_step():
-        with autocast():
-            trainer.model(x[:1])
+        return step
 
-    def floor_forward():
-        with autocast():
-            floor(x)
+    return {
+        "train": train_step,
+        "train_floor": floor_step if floor else None,
+        "eval": forward(x, model),
+        "eval_floor": forward(x, floor) if floor else None,
+        "single": forward(x[:1], model),
+    }
 
-    started = time.perf_counter()
-    train_step()  # with --compile, this first call compiles
-    first_step_seconds = time.perf_counter() - started
-    train_rates, floor_rates, eval_rates, forward_floor_rates, latencies = [], [], [], [], []
-    for _ in range(args.rounds):  # alternate, so drift in machine load hits both sides
-        train_rates.append(images_per_second(train_step, args.batch_size, args.steps))
-        if floor:
-            floor_rates.append(images_per_second(floor_step, args.batch_size, args.steps))
+
+def time_rounds(args: argparse.Namespace, steps: dict, model: torch.nn.Module) -> dict:
+    """Images/s of each step, per round; the single image's latency in ms. The rounds
+    alternate the model and its floor, so drift in machine load hits both sides."""
+    rates = {name: [] for name in ("train", "train_floor", "eval", "eval_floor")}
+    latencies = []
+    for _ in range(args.rounds):
+        for name in ("train", "train_floor"):
+            if steps[name]:
+                rates[name].append(images_per_second(steps[name], args.batch_size, args.steps))
         with torch.inference_mode():
-            trainer.model.eval()
-            eval_rates.append(images_per_second(eval_step, args.batch_size, args.steps))
-            if floor:
-                forward_floor_rates.append(
-                    images_per_second(floor_forward, args.batch_size, args.steps)
-                )
-            latencies.append(1000 / images_per_second(single_step, 1, 20))
-        trainer.model.train()
+            model.eval()
+            for name in ("eval", "eval_floor"):
+                if steps[name]:
+                    rates[name].append(images_per_second(steps[name], args.batch_size, args.steps))
+            latencies.append(1000 / images_per_second(steps["single"], 1, 20))
+        model.train()
+    return {"rates": rates, "latencies": latencies}
+
+
+def measure(args: argparse.Namespace, device: torch.device) -> dict:
+    kernel_calls_before = fused_routing.kernel_calls  # "routing" says which one really ran
+    # The first call, then per round a warm-up call (images_per_second's) and the timed steps.
+    steps_taken = 1 + args.rounds * (1 + args.steps) + (args.steps if args.profile else 0)
+    trainer = bench_trainer(args, device, steps_taken)
+    steps = timed_steps(args, trainer, device)
+    started = time.perf_counter()
+    steps["train"]()  # with --compile, this first call compiles
+    first_step_seconds = time.perf_counter() - started
+    timed = time_rounds(args, steps, trainer.model)
     if args.profile:
-        profile_training(train_step, args.steps, args.profile)
+        profile_training(steps["train"], args.steps, args.profile)
+    rates = timed["rates"]
     result = {
         "device": str(device),
         "cpu": cpu_name(),
@@ -176,11 +192,8 @@ def measure(args: argparse.Namespace, device: torch.device) -> dict:
         "compile": args.compile,
         "bf16": args.bf16,
         "routing": "kernel" if fused_routing.kernel_calls > kernel_calls_before else "torch",
-        "train_img_per_s": max(train_rates),
-        "train_floor_img_per_s": max(floor_rates, default=None),
-        "eval_img_per_s": max(eval_rates),
-        "eval_floor_img_per_s": max(forward_floor_rates, default=None),
-        "single_image_latency_ms": min(latencies),
+        **{f"{name}_img_per_s": max(values, default=None) for name, values in rates.items()},
+        "single_image_latency_ms": min(timed["latencies"]),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "first_train_step_s": first_step_seconds,
     }
