@@ -636,7 +636,7 @@ def failure_line(outcome: dict) -> str:
     return f"{failed.get('script', 'train.py')} {status}"
 
 
-def main(argv=None) -> None:
+def build_sweep_parser() -> argparse.ArgumentParser:
     numbers = {"EXACT_SPLITS": f"{EXACT_SPLITS:,}", "PERMUTATIONS": f"{PERMUTATIONS:,}"}
     description = re.sub("|".join(numbers), lambda name: numbers[name[0]], __doc__)
     parser = argparse.ArgumentParser(
@@ -699,10 +699,23 @@ def main(argv=None) -> None:
         help="what --compare sets against each other: one of the names --columns takes "
         "(default: 'test error')",
     )
+    return parser
+
+
+def main(argv=None) -> None:
+    parser = build_sweep_parser()
     args = parser.parse_args(argv)
     if (args.columns or args.per_run) and not args.table:
         parser.error("--columns and --per-run shape the table: add --table")
     results = args.grid.with_suffix(".results.jsonl")
+    if args.table or args.plot or args.compare:
+        report(args, results)
+    else:
+        run_sweep(args, results)
+
+
+def report(args: argparse.Namespace, results: Path) -> None:
+    """--compare, --table and --plot: what the finished runs say; nothing trains."""
     if args.compare:
         print(contrast(results, *args.compare, args.column))
     if args.plot and args.plot.is_dir():
@@ -714,8 +727,10 @@ def main(argv=None) -> None:
     if args.plot:
         make_output_folder(args.plot.parent, "--plot's folder")
         print(f"wrote {plot_test_errors(errors_by_recipe(results), args.plot)}")
-    if args.table or args.plot or args.compare:
-        return
+
+
+def run_sweep(args: argparse.Namespace, results: Path) -> None:
+    """The sweep (or --list), with Ctrl-C and SIGTERM as one-line stops that keep what ran."""
     # Both signals raise KeyboardInterrupt, SIGINT too: a sweep started with `&` from a script
     # inherits an ignored SIGINT, and would otherwise not hear `kill -INT`.
     stopping = (signal.SIGINT, signal.SIGTERM)
