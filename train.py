@@ -170,7 +170,10 @@ def train_loop(trainer: Trainer, train_split, val_split, test_split, data_dir: s
         trainer.save_epoch(record)
         log(summary_line(record, config.epochs), flush=True)
         if trainer.dry_run:
-            log("dry run: nothing saved")
+            log(
+                f"dry run: {DRY_RUN_BATCHES} training and {DRY_RUN_BATCHES} evaluation batches, "
+                "scored on those alone; nothing saved"
+            )
             return
     if not config.val_size:
         log(

@@ -414,7 +414,8 @@ def test_resumed_dry_run_trains_nothing_real_and_saves_nothing(trained_run, data
     folder, _ = trained_run
     before = snapshot(folder)
     result = train_cli(data_dir, folder, "--resume", "--epochs", 3, "--dry-run", "--quiet")
-    assert "dry run: nothing saved" in result.stdout and "epoch 3/3" in result.stdout
+    assert "dry run: 2 training and 2 evaluation batches" in result.stdout
+    assert "nothing saved" in result.stdout and "epoch 3/3" in result.stdout
     assert snapshot(folder) == before
 
 
