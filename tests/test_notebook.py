@@ -54,7 +54,8 @@ LINE = re.compile(
 )
 EVIDENCE = re.compile(
     r"evidence maps of (\d+) samples: c_ij varies (\d+\.\d)% from input to input, "
-    r"the agreement (\d+\.\d)%"
+    r"the agreement (\d+\.\d)% \(each cell's standard deviation over the inputs, over the map's "
+    r"mean size\)"
 )
 STRONGEST = re.compile(r"(\S+), capsule (\S+): dimension (\d+) changes the reconstruction most")
 PAIRED = re.compile(r"(\S+) \+ (\S+) moved ([+-]\d) px right, ([+-]\d) px down: the two longest")
