@@ -178,8 +178,8 @@ def folder_options(checkpoint: dict, model: torch.nn.Module) -> FolderOptions:
         model.config.image_size,
         model.config.in_channels,
         tuple(class_names(checkpoint)),
-        saved.get("folder_loading", "auto"),
-        saved.get("workers", 2),
+        saved.get("folder_loading", FolderOptions.loading),
+        saved.get("workers", FolderOptions.workers),
     )
 
 

@@ -27,7 +27,13 @@ from capslab.data import CLASS_NAMES, DATASETS, IMAGE_SIZE, Split, batches, to_m
 from capslab.errors import UserError
 from capslab.figures import plot_curve
 from capslab.hardware import device_name, has_native_bf16, pick_device
-from capslab.imagefolder import LOADINGS, MAX_IMAGE_SIZE, RECEPTIVE_FIELD, FolderOptions
+from capslab.imagefolder import (
+    IN_MEMORY_LIMIT,
+    LOADINGS,
+    MAX_IMAGE_SIZE,
+    RECEPTIVE_FIELD,
+    FolderOptions,
+)
 from capslab.jsonl import write_jsonl
 from capslab.models import MODEL_KINDS, trains_decoder
 from capslab.scoring import EVAL_BATCH_SIZE, count_correct
@@ -162,16 +168,17 @@ class TrainConfig:
         },
     )
     folder_loading: str = field(
-        default="auto",
+        default=FolderOptions.loading,
         metadata={
             "help": "--dataset folder: hold the images in memory as uint8, or stream them from "
-            "disk with DataLoader workers; auto streams a folder over "
-            "capslab/imagefolder.py's IN_MEMORY_LIMIT (2 GiB of pixels); both give the same run",
+            "disk with DataLoader workers; auto streams a folder over capslab/imagefolder.py's "
+            f"IN_MEMORY_LIMIT ({IN_MEMORY_LIMIT / 2**30:g} GiB of pixels); both give the same run",
             "choices": LOADINGS,
         },
     )
     workers: int = field(
-        default=2, metadata={"help": "--dataset folder: DataLoader worker processes that read it"}
+        default=FolderOptions.workers,
+        metadata={"help": "--dataset folder: DataLoader worker processes that read it"},
     )
     class_names: tuple[str, ...] | None = None  # a folder's, from its sub-folders (not a flag)
     init_from: str | None = field(
