@@ -20,7 +20,7 @@ from capslab.checkpoint import (
     unvalidated_weights,
 )
 from capslab.errors import UserError, exit_on_user_error
-from capslab.training import chosen_by_validation
+from capslab.jsonl import chosen_by_validation
 
 
 def export(source: Path, destination: Path, overwrite: bool, allow_unvalidated: bool) -> dict:

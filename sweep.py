@@ -56,10 +56,9 @@ from capslab.data import AFFINE_FAMILIES, add_data_flags
 from capslab.errors import UserError, exit_on_user_error, first_line, flag_name, make_output_folder
 from capslab.figures import plot_test_errors
 from capslab.flags import parse_flags
-from capslab.jsonl import is_number, json_type, read_jsonl, write_jsonl
+from capslab.jsonl import chosen_by_validation, is_number, json_type, read_jsonl, write_jsonl
 from capslab.run_plan import build_parser, configs_from_flags
 from capslab.scoring import build_evaluate_parser, check_evaluate_args
-from capslab.training import chosen_by_validation
 
 RUN_KEYS = ("name", "flags", "evaluate", "paper")  # what a run of the grid may hold
 GRID_KEYS = ("evaluate", "runs")  # and the grid object

@@ -17,10 +17,14 @@ import json
 import math
 from pathlib import Path
 
-from capslab.checkpoint import load_checkpoint
 from capslab.errors import UserError, exit_on_user_error
-from capslab.jsonl import is_number, number_problem, read_jsonl, record_problem
-from capslab.training import chosen_by_validation
+from capslab.jsonl import (
+    chosen_by_validation,
+    is_number,
+    number_problem,
+    read_jsonl,
+    record_problem,
+)
 
 THRESHOLDS = (99.0, 99.5, 99.6, 99.7)
 NUMBERS = ("test_acc", "val_acc", "seconds", "wall_seconds")  # what the table computes with
@@ -43,6 +47,8 @@ def read_log(path: Path) -> list[dict]:
     if path.suffix != ".pt":
         log = path / "metrics.jsonl" if path.is_dir() else path
         return read_jsonl(log, "metrics log", epoch_record_problem)
+    from capslab.checkpoint import load_checkpoint  # here: torch's 2 s import, for .pt alone
+
     metrics = load_checkpoint(path).get("metrics", [])  # a list of dicts: load_checkpoint checks
     for number, record in enumerate(metrics, start=1):
         problem = record_problem(record, epoch_record_problem)

@@ -1,8 +1,10 @@
 """JSON Lines files (metrics.jsonl, GRID.results.jsonl): one JSON object a line, read with a
 one-line error that names the file and the line, written atomically, so a crash mid-write
-leaves the previous file whole."""
+leaves the previous file whole; and the epoch record validation chose. No torch: the tools
+that only read records (time_to_accuracy.py, tools/bench_against.py) start at once."""
 
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -66,6 +68,14 @@ def number_problem(record: dict, keys, where: str = "") -> str | None:
         if key in record and not is_number(record[key]):
             return f"{where}{key!r} is {json.dumps(record[key])[:40]}, not a number"
     return None
+
+
+def chosen_by_validation(metrics: list[dict]) -> dict | None:
+    """The epoch record best.pt holds: the first with the highest validation accuracy, as
+    `save_epoch` keeps only a strict improvement, which a NaN never is (None for a run
+    without validation)."""
+    scored = (r for r in metrics if "val_acc" in r and math.isfinite(r["val_acc"]))
+    return max(scored, key=lambda r: r["val_acc"], default=None)
 
 
 def write_jsonl(records: list[dict], path: Path) -> None:

@@ -34,7 +34,7 @@ from capslab.imagefolder import (
     RECEPTIVE_FIELD,
     FolderOptions,
 )
-from capslab.jsonl import write_jsonl
+from capslab.jsonl import chosen_by_validation, write_jsonl
 from capslab.models import MODEL_KINDS, trains_decoder
 from capslab.scoring import EVAL_BATCH_SIZE, count_correct
 from capslab.settings import SEED_RANGE, is_seed, is_whole, settings_from_dict, settings_to_dict
@@ -766,14 +766,6 @@ class Trainer:
         self.save("last.pt")
         if not self.dry_run and self.rank == 0:
             write_log(self.progress.metrics, self.checkpoint_dir)
-
-
-def chosen_by_validation(metrics: list[dict]) -> dict | None:
-    """The epoch record best.pt holds: the first with the highest validation accuracy, as
-    `save_epoch` keeps only a strict improvement, which a NaN never is (None for a run
-    without validation)."""
-    scored = (r for r in metrics if "val_acc" in r and math.isfinite(r["val_acc"]))
-    return max(scored, key=lambda r: r["val_acc"], default=None)
 
 
 def write_log(metrics: list[dict], folder: Path) -> None:

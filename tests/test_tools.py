@@ -14,8 +14,7 @@ import time_to_accuracy
 import train
 from capslab.checkpoint import load_checkpoint, save_checkpoint, unvalidated_weights
 from capslab.errors import UserError
-from capslab.jsonl import write_jsonl
-from capslab.training import chosen_by_validation
+from capslab.jsonl import chosen_by_validation, write_jsonl
 
 from conftest import (
     REPO,
@@ -603,14 +602,21 @@ def test_bench_against_refuses_a_bad_commit_or_count(args, message):
     assert_one_line_error(result, message)
 
 
-def test_bench_against_starts_without_importing_torch():
-    """It runs git and bench.py, nothing of torch's: its refusals come at once, not after
-    torch's 2 s import (capslab.atomic keeps the JSONL writer free of it)."""
+@pytest.mark.parametrize(
+    "script, args",
+    [
+        (AGAINST_TOOL, ["--help"]),
+        (REPO / "time_to_accuracy.py", [str(REPO / "results" / "mnist_metrics.jsonl")]),
+    ],
+)
+def test_the_record_tools_start_without_importing_torch(script, args):
+    """bench_against.py runs git and bench.py, time_to_accuracy.py reads JSONL logs: neither
+    needs torch's 2 s import (capslab.atomic and capslab.jsonl are free of it)."""
     check = (
         "import runpy, sys\n"
-        "sys.argv = ['bench_against.py', '--help']\n"
+        f"sys.argv = [{str(script)!r}, *{args!r}]\n"
         "try:\n"
-        f"    runpy.run_path({str(AGAINST_TOOL)!r}, run_name='__main__')\n"
+        f"    runpy.run_path({str(script)!r}, run_name='__main__')\n"
         "except SystemExit:\n"
         "    pass\n"
         "print('torch' in sys.modules)\n"
