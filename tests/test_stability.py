@@ -153,7 +153,7 @@ def test_bf16_is_on_by_default_exactly_where_the_cpu_has_native_bf16(data_dir, t
         assert saved["train_config"]["bf16"] is expected, flag
         record = saved["metrics"][-1]
         assert (record["bf16"], record["machine"]) == (expected, cpu_name()), flag
-        warned = "bf16 is emulated" in capsys.readouterr().out
+        warned = "warning: bf16 is emulated" in capsys.readouterr().err
         assert warned == (expected and not has_native_bf16(torch.device("cpu"))), flag
 
 
