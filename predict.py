@@ -82,8 +82,9 @@ def output_stems(names: list[str]) -> list[str]:
 
 
 def text_line(record: dict) -> str:
-    if "error" in record:
-        return f"{record['file']}: error: {record['error']}"
+    if "error" in record:  # the line names the file first, so the message need not repeat it
+        message = record["error"].removeprefix(f"{record['file']} ")
+        return f"{record['file']}: error: {message}"
     confidence = f"confidence {record['confidence']:.3f} (length of the winning capsule)"
     return f"{record['file']}: {record['prediction']}  {confidence}"
 

@@ -293,5 +293,5 @@ def preprocess(source) -> torch.Tensor:
         ink = ink_map(gray)  # (H, W), white ink on black
         mask = digit_mask(ink)  # (H, W)
     except UserError as error:
-        raise UserError(f"no digit found in {source_name(source)}: {error}") from error
+        raise UserError(f"{source_name(source)} holds no digit: {error}") from error
     return torch.from_numpy(to_mnist(crop_digit(ink, mask)))  # (28, 28)
