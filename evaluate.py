@@ -26,12 +26,14 @@ from capslab.checkpoint import (
     SHIPPED_CHECKPOINT,
     SHIPPED_MULTIMNIST,
     class_names,
+    epoch_text,
+    epochs_before,
     folder_options,
     has_trained_decoder,
     load_model,
     unvalidated_weights,
 )
-from capslab.data import CLASS_NAMES, IMAGE_SIZE, load_test_split
+from capslab.data import CLASS_NAMES, IMAGE_SIZE, first_images, load_test_split
 from capslab.errors import UserError, exit_on_user_error, make_output_folder
 from capslab.figures import save_figures, save_pair_reconstructions
 from capslab.hardware import pick_device
@@ -126,7 +128,7 @@ def score(args: argparse.Namespace, model, checkpoint: dict, device) -> dict:
         check_input_size(model, dataset, args.checkpoint)
     names = class_names(checkpoint) if dataset == checkpoint["dataset"] else CLASS_NAMES[dataset]
     with contextlib.redirect_stdout(sys.stderr if args.json else sys.stdout):  # a folder's note
-        split = load_test_split(dataset, args.data_dir, folder).first(args.test_subset)
+        split = first_images(load_test_split(dataset, args.data_dir, folder), args.test_subset)
     kind = checkpoint["model_kind"]
     if split.labels.dim() == 2:  # MultiMNIST pairs
         return score_pairs(args, model, checkpoint, split, device)
@@ -139,14 +141,7 @@ def score(args: argparse.Namespace, model, checkpoint: dict, device) -> dict:
         stats, predictions = routing_stats(model, split, device, progress=not args.json)
     else:
         predictions = class_scores(model, split, device, progress=not args.json).argmax(dim=1)
-    result = {
-        "checkpoint": str(args.checkpoint),
-        "model_kind": kind,
-        "dataset": dataset,
-        "trained_on": checkpoint["dataset"],  # another dataset only when --dataset asks for it
-        "epoch": checkpoint.get("epoch"),
-        **report(split.labels, predictions, names),
-    }
+    result = {**about(args, checkpoint, dataset), **report(split.labels, predictions, names)}
     if args.routing_stats:
         result["routing"] = stats
     if args.affine:
@@ -169,6 +164,18 @@ def score(args: argparse.Namespace, model, checkpoint: dict, device) -> dict:
     return result
 
 
+def about(args: argparse.Namespace, checkpoint: dict, dataset: str) -> dict:
+    """What a result is of: which checkpoint, how long it trained, the data scored."""
+    return {
+        "checkpoint": str(args.checkpoint),
+        "model_kind": checkpoint["model_kind"],
+        "dataset": dataset,
+        "trained_on": checkpoint["dataset"],  # another dataset only when --dataset asks for it
+        "epoch": checkpoint.get("epoch"),
+        "epochs_before": epochs_before(checkpoint),  # --init-from's, in all; null: unknown
+    }
+
+
 def check_input_size(model, dataset: str, path) -> None:
     size = getattr(model.config, "image_size", IMAGE_SIZE[dataset])
     if size != IMAGE_SIZE[dataset]:
@@ -185,10 +192,7 @@ def score_pairs(args: argparse.Namespace, model, checkpoint: dict, split, device
         raise UserError("--routing-stats and --affine score single digits, not multimnist pairs")
     scores = class_scores(model, split, device, progress=not args.json)  # (N, 10)
     result = {
-        "checkpoint": str(args.checkpoint),
-        "model_kind": checkpoint["model_kind"],
-        "dataset": "multimnist",
-        "epoch": checkpoint.get("epoch"),
+        **about(args, checkpoint, "multimnist"),
         **pair_report(split.labels, scores, CLASS_NAMES["multimnist"]),
     }
     if args.figures and has_trained_decoder(checkpoint):
@@ -202,7 +206,8 @@ def score_pairs(args: argparse.Namespace, model, checkpoint: dict, split, device
 def print_text(result: dict, device) -> None:
     print(
         f"checkpoint {result['checkpoint']}  model {result['model_kind']}  "
-        f"dataset {result['dataset']}  epoch {result['epoch']}  device {device}"
+        f"dataset {result['dataset']}  {epoch_text(result['epoch'], result['epochs_before'])}  "
+        f"device {device}"
     )
     if result.get("trained_on", result["dataset"]) != result["dataset"]:
         print(f"note: the model was trained on {result['trained_on']}, not {result['dataset']}")

@@ -14,6 +14,8 @@ import argparse
 from pathlib import Path
 
 from capslab.checkpoint import (
+    epoch_text,
+    epochs_before,
     export_weights,
     load_checkpoint,
     model_from_checkpoint,
@@ -70,7 +72,8 @@ def main(argv=None) -> None:
 def what_was_exported(checkpoint: dict) -> str:
     """'epoch 26, validation 99.62%, averaged weights', as far as the checkpoint says."""
     chosen = chosen_by_validation(checkpoint.get("metrics") or [])
-    parts = [f"epoch {chosen['epoch'] if chosen else checkpoint.get('epoch', '?')}"]
+    epoch = chosen["epoch"] if chosen else checkpoint.get("epoch")
+    parts = [epoch_text(epoch, epochs_before(checkpoint))]
     if chosen:
         parts.append(f"validation {chosen['val_acc']:.2f}%")
     parts.append("averaged weights" if checkpoint.get("chosen") == "ema" else "raw weights")

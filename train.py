@@ -32,10 +32,7 @@ from capslab.data import load_run_splits  # noqa: E402
 from capslab.errors import UserError, exit_on_user_error  # noqa: E402
 from capslab.flags import parse_flags  # noqa: E402
 from capslab.hardware import emulated_bf16_warning, keep_freed_memory, set_threads  # noqa: E402
-from capslab.run_plan import (  # noqa: E402
-    build_parser,
-    plan_run,
-)
+from capslab.run_plan import RunPlan, build_parser, plan_run  # noqa: E402
 from capslab.training import (  # noqa: E402
     DRY_RUN_BATCHES,
     StopRequest,
@@ -62,7 +59,7 @@ def main(argv=None) -> None:
     try:
         seed_everything(plan.config.seed)
         model = plan.new_model()
-        run(args, plan.config, model, device, plan.checkpoint, plan.path)
+        run(args, plan, model, device)
     finally:
         if lock is not None:
             lock.release()
@@ -70,14 +67,8 @@ def main(argv=None) -> None:
             dist.destroy_process_group()
 
 
-def run(
-    args,
-    config: TrainConfig,
-    model: torch.nn.Module,
-    device,
-    checkpoint: dict | None,
-    path: Path | None,
-) -> None:
+def run(args, plan: RunPlan, model: torch.nn.Module, device) -> None:
+    config, checkpoint, path = plan.config, plan.checkpoint, plan.path
     train_split, val_split, test_split = load_run_splits(
         config.dataset,
         args.data_dir,
@@ -99,6 +90,7 @@ def run(
         started=LAUNCHED,
     )
     check_batches_fit(config.batch_size, len(train_split), trainer.world_size)
+    trainer.progress.epochs_before = plan.epochs_before()  # a resumed run's comes from its file
     if checkpoint is not None:
         if "optimizer" not in checkpoint:
             log(

@@ -13,6 +13,8 @@ A training checkpoint (`last.pt`, `best.pt`) is one dict of tensors and plain ty
     optimizer, scheduler, ema_updates
     epoch, batches_done, totals, shift_rng, metrics, best_val, skipped, wall_seconds
                       where the run stands (training.Progress)
+    epochs_before     the epochs the --init-from weights had trained, in all (0: from scratch;
+                      files from before it was kept lack it)
 
 A shipped checkpoint keeps only the chosen weights, the config, the class names and the
 metrics. Files from
@@ -36,7 +38,7 @@ from capslab.data import CLASS_NAMES, DATASETS
 from capslab.errors import UserError, first_line
 from capslab.imagefolder import FolderOptions
 from capslab.models import MODEL_KINDS, trains_decoder
-from capslab.settings import settings_from_dict, settings_to_dict
+from capslab.settings import is_whole, settings_from_dict, settings_to_dict
 from CapsNet import RECONSTRUCTION_WEIGHT, CapsNet
 
 SHIPPED_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "capsnet_mnist.pt"
@@ -47,6 +49,7 @@ SHIPPED_KEYS = (
     "dataset",
     "class_names",
     "epoch",
+    "epochs_before",
     "metrics",
     "train_config",
 )
@@ -145,6 +148,9 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dic
     metrics = checkpoint.get("metrics", [])
     if not (isinstance(metrics, list) and all(isinstance(record, dict) for record in metrics)):
         raise UserError(f"{path} holds an invalid log (its 'metrics' are not a list of records)")
+    for key in ("epoch", "epochs_before"):
+        if checkpoint.get(key) is not None and not is_whole(checkpoint[key], 0):
+            raise UserError(f"{path} holds an invalid {key} {checkpoint[key]!r} (not a count)")
     return checkpoint
 
 
@@ -157,6 +163,29 @@ def damaged_member(path: Path) -> str | None:
             return archive.testzip()
     except (zipfile.BadZipFile, OSError, EOFError, zlib.error):
         return None
+
+
+def epochs_before(checkpoint: dict) -> int | None:
+    """The epochs its run's --init-from weights had trained, in all: 0 for a run from scratch,
+    None for an --init-from run saved before checkpoints kept the count."""
+    if checkpoint.get("epochs_before") is not None:
+        return checkpoint["epochs_before"]
+    return None if (checkpoint.get("train_config") or {}).get("init_from") else 0
+
+
+def epochs_in_all(checkpoint: dict) -> int | None:
+    """The epochs its weights have trained, counting those before --init-from; None: unknown."""
+    before = epochs_before(checkpoint)
+    return None if before is None else checkpoint.get("epoch", 0) + before
+
+
+def epoch_text(epoch: int | None, before: int | None) -> str:
+    """'epoch 9', or after --init-from 'epoch 9 (39 in all, 30 before --init-from)'."""
+    if before is None:
+        return f"epoch {epoch} (after --init-from)"
+    if not before or epoch is None:
+        return f"epoch {epoch}"
+    return f"epoch {epoch} ({epoch + before} in all, {before} before --init-from)"
 
 
 def class_names(checkpoint: dict) -> list[str]:

@@ -86,12 +86,6 @@ class Split:
         """A batch as training sees it: each image shifted at random by up to max_shift px."""
         return Split(random_shift(images, max_shift, generator), labels)
 
-    def first(self, count: int | None) -> "Split":
-        """The first `count` images (--test-subset); None: all of them."""
-        if count is None:
-            return self
-        return self.subset(torch.arange(min(count, len(self))))
-
 
 def add_data_flags(parser: argparse.ArgumentParser, test_subset: bool = True) -> None:
     """--data-dir and --test-subset, as train.py and evaluate.py take them (sweep.py: the first)."""
@@ -165,7 +159,16 @@ def load_run_splits(
             raise UserError(f"--val-size {val_size}: validation digits: {error}") from None
     if test is None:
         test = load_test_split(dataset, data_dir)
-    return train, val, test.first(test_subset)
+    return train, val, first_images(test, test_subset)
+
+
+def first_images(split, count: int | None):
+    """The first `count` images of a Split or FileSplit (--test-subset); None: all of them."""
+    if count is None:
+        return split
+    if not 1 <= count <= len(split):
+        raise UserError(f"--test-subset must be between 1 and {len(split)}, got {count}")
+    return split.subset(torch.arange(count))
 
 
 def load_test_split(

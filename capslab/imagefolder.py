@@ -270,7 +270,7 @@ class LazyImages:
 class FileSplit:
     """A split kept on disk: file paths and labels, its batches read by DataLoader workers.
     It answers what training and scoring ask of an in-memory Split (len, labels, subset,
-    first, training_batch, batches, images)."""
+    training_batch, batches, images)."""
 
     sources = None  # single images, never MultiMNIST pairs
 
@@ -289,9 +289,6 @@ class FileSplit:
         return FileSplit(
             [self.files[i] for i in indices.tolist()], self.labels[indices], self.options
         )
-
-    def first(self, count: int | None) -> "FileSplit":
-        return self if count is None else self.subset(torch.arange(min(count, len(self))))
 
     def training_batch(self, images, labels, max_shift: int, generator):
         from capslab.data import Split  # data.py imports this module

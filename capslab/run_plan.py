@@ -15,6 +15,7 @@ import torch
 from capslab.checkpoint import (
     class_names,
     config_from_checkpoint,
+    epochs_in_all,
     load_checkpoint,
     model_from_checkpoint,
 )
@@ -88,6 +89,10 @@ class RunPlan:
         if self.initial is None:
             return self.model_class(self.model_config)
         return model_from_checkpoint(self.initial, self.config.init_from)
+
+    def epochs_before(self) -> int | None:
+        """The epochs the starting weights have trained: 0 from scratch, None if unknown."""
+        return 0 if self.initial is None else epochs_in_all(self.initial)
 
 
 def plan_run(args: argparse.Namespace, explicit: set[str]) -> RunPlan:

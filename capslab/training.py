@@ -22,7 +22,13 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from capslab.checkpoint import load_weights, save_checkpoint, saved_progress, training_checkpoint
+from capslab.checkpoint import (
+    epochs_before,
+    load_weights,
+    save_checkpoint,
+    saved_progress,
+    training_checkpoint,
+)
 from capslab.data import CLASS_NAMES, DATASETS, IMAGE_SIZE, Split, batches, to_model_input
 from capslab.errors import UserError
 from capslab.figures import plot_curve
@@ -317,6 +323,7 @@ class Progress:
     skipped: int = 0  # batches skipped for a non-finite loss (--on-nonfinite skip)
     initial_loss: float | None = None  # the run's first loss, which divergence is judged by
     wall_seconds: float = 0.0  # the run's wall clock when saved, evaluation included
+    epochs_before: int | None = 0  # the --init-from weights' epochs in all (None: unknown)
 
 
 PROGRESS_FIELDS = tuple(f.name for f in fields(Progress))  # each saved under its own name
@@ -497,7 +504,8 @@ class Trainer:
         """Continue a training checkpoint exactly, or a weights-only one at the scheduled lr."""
         load_weights(self.model, checkpoint["model"], path)
         saved = saved_progress(checkpoint, PROGRESS_FIELDS)
-        self.progress = Progress(**{"totals": empty_totals(), **saved})
+        before = epochs_before(checkpoint)  # older files lack it
+        self.progress = Progress(**{"totals": empty_totals(), **saved, "epochs_before": before})
         self.clock_offset = self.progress.wall_seconds
         if self.ema is not None and checkpoint.get("ema") is not None:
             load_weights(self.ema.module, checkpoint["ema"], path)

@@ -15,9 +15,15 @@ from PIL import Image
 import bench
 import train
 from capslab import fused_routing, hardware
-from capslab.checkpoint import export_weights, load_checkpoint
-from capslab.data import DEBIAN_FASHION_DIR, Split
-from capslab.errors import flag_name
+from capslab.checkpoint import (
+    epoch_text,
+    epochs_before,
+    epochs_in_all,
+    export_weights,
+    load_checkpoint,
+)
+from capslab.data import DEBIAN_FASHION_DIR, Split, first_images
+from capslab.errors import UserError, flag_name
 from capslab.figures import plot_curve
 from capslab.run_plan import RESUMABLE
 
@@ -93,6 +99,7 @@ def test_evaluate_on_another_dataset_than_the_models_says_so(tiny_checkpoint):
     [
         (("--test-subset", 0), "--test-subset must be at least 1, got 0"),
         (("--test-subset", -3), "--test-subset must be at least 1, got -3"),
+        (("--test-subset", 10**6), "--test-subset must be between 1 and 10000, got 1000000"),
         (("--affine", "--seed", 10**23), f"--seed must be in 0 .. 2**32 - 1, got {10**23}"),
         (("--affine", "--seed", -1), "--seed must be in 0 .. 2**32 - 1, got -1"),
     ],
@@ -308,12 +315,12 @@ def test_evaluate_rejects_bad_checkpoints(kind, tmp_path, data_dir):
 @pytest.mark.slow
 def test_weights_only_checkpoint_continues_at_the_scheduled_lr(data_dir, tmp_path):
     first = train_in_process(data_dir, tmp_path / "first", "--epochs", 1)
-    export_weights(first, tmp_path / "shipped.pt")
+    export_weights({**first, "epochs_before": 4}, tmp_path / "shipped.pt")  # after --init-from
     assert "optimizer" not in load_checkpoint(tmp_path / "shipped.pt")
     continued = train_in_process(
         data_dir, tmp_path / "second", "--epochs", 2, "--resume", tmp_path / "shipped.pt"
     )
-    assert continued["epoch"] == 2
+    assert continued["epoch"] == 2 and continued["epochs_before"] == 4
     assert [record["epoch"] for record in continued["metrics"]] == [1, 2]
     assert continued["metrics"][1]["lr"] == pytest.approx(0.9e-3)
     assert continued["best_val"] == max(record["val_acc"] for record in continued["metrics"])
@@ -332,9 +339,27 @@ def test_init_from_starts_a_new_run_from_the_chosen_weights(data_dir, tmp_path):
     )
     assert [record["epoch"] for record in tuned["metrics"]] == [1]
     assert tuned["train_config"]["init_from"] == str(tmp_path / "shipped.pt")
+    assert (first["epochs_before"], tuned["epochs_before"]) == (0, 1)  # the source's epoch
+    scored = run_in_process(
+        "evaluate.py", "--checkpoint", tmp_path / "tuned" / "best.pt", "--data-dir", data_dir,
+        "--test-subset", 10,
+    )  # fmt: skip
+    assert "  epoch 1 (2 in all, 1 before --init-from)  " in scored.stdout.splitlines()[0]
     assert tuned["train_config"]["schedule"] == "onecycle"
     for name, weight in first["model"].items():
         torch.testing.assert_close(tuned["model"][name], weight, rtol=0, atol=1e-9)
+
+
+def test_epochs_before_init_from_add_up_along_a_chain():
+    scratch = {"epoch": 30, "epochs_before": 0, "train_config": {"init_from": None}}
+    continued = {"epoch": 9, "epochs_before": 30, "train_config": {"init_from": "a.pt"}}
+    assert (epochs_in_all(scratch), epochs_in_all(continued)) == (30, 39)
+    assert epoch_text(9, epochs_before(continued)) == "epoch 9 (39 in all, 30 before --init-from)"
+    older = {"epoch": 9, "train_config": {"init_from": "a.pt"}}  # saved before the count was kept
+    assert epochs_before(older) is None and epochs_in_all(older) is None
+    assert epoch_text(9, epochs_before(older)) == "epoch 9 (after --init-from)"
+    assert epochs_before({"epoch": 5, "train_config": {}}) == 0  # from scratch, an older file
+    assert epoch_text(5, 0) == "epoch 5"
 
 
 @pytest.mark.parametrize(
@@ -603,6 +628,8 @@ def test_train_refuses_zero_threads_before_reading_data(tmp_path):
 
 def test_test_subset_takes_the_first_images_in_order():
     split = Split(torch.arange(5, dtype=torch.uint8).view(5, 1, 1), torch.arange(5))
-    assert split.first(None) is split
-    assert split.first(3).labels.tolist() == [0, 1, 2]
-    assert split.first(99).labels.tolist() == [0, 1, 2, 3, 4]
+    assert first_images(split, None) is split
+    assert first_images(split, 3).labels.tolist() == [0, 1, 2]
+    assert first_images(split, 5).labels.tolist() == [0, 1, 2, 3, 4]
+    with pytest.raises(UserError, match="--test-subset must be between 1 and 5, got 6"):
+        first_images(split, 6)

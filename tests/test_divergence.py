@@ -7,7 +7,7 @@ import torch
 import train
 from capslab import training
 from capslab.checkpoint import load_checkpoint
-from capslab.data import load_split
+from capslab.data import first_images, load_split
 from CapsNet import CapsNet
 
 from conftest import CPU, SMALL, SMALL_MODEL, SMALL_SCHEDULE, own_process_state
@@ -33,7 +33,7 @@ def test_divergence_keeps_the_last_good_checkpoint(data_dir, tmp_path):
     trainer = training.Trainer(
         config, CapsNet(SMALL), CPU, steps_per_epoch=4, checkpoint_dir=tmp_path
     )
-    digits = load_split("mnist", data_dir, train=False).first(16)
+    digits = first_images(load_split("mnist", data_dir, train=False), 16)
     generator = torch.Generator().manual_seed(0)
     trainer.train_step(digits.images, digits.labels, generator)  # the first loss, the reference
     saved = trainer.save("last.pt")
