@@ -205,7 +205,7 @@ def measure(args: argparse.Namespace, device: torch.device) -> dict:
     }
 
 
-def main(argv=None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -255,16 +255,25 @@ def main(argv=None) -> None:
         metavar="FILE",
         help="also profile --steps training steps and write the time by op to FILE (default: no)",
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Counts in range, and --profile's folder made before the benchmark, not after it."""
     for name in ("batch_size", "steps", "rounds"):
         if not 1 <= getattr(args, name) <= MAX_COUNT:
             raise UserError(
                 f"{flag_name(name)} must be between 1 and {MAX_COUNT:,}, got {getattr(args, name)}"
             )
-    if args.profile:  # before the benchmark, not after it
+    if args.profile:
         if args.profile.is_dir():
             raise UserError(f"--profile {args.profile} is a folder, not a file")
         make_output_folder(args.profile.parent, "--profile's folder")
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    check_args(args)
     set_threads(args.threads)
     keep_freed_memory()  # as train.py does, for model and floor alike
     device = pick_device(args.device)

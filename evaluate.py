@@ -113,6 +113,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def score(args: argparse.Namespace, model, checkpoint: dict, device) -> dict:
     """Every score the flags ask for, as one JSON-ready dict; --figures also writes its files."""
+    dataset, split = test_split(args, model, checkpoint)
+    if split.labels.dim() == 2:  # MultiMNIST pairs
+        return score_pairs(args, model, checkpoint, split, device)
+    return score_digits(args, model, checkpoint, dataset, split, device)
+
+
+def test_split(args: argparse.Namespace, model, checkpoint: dict) -> tuple[str, object]:
+    """The dataset to score (--dataset, else the checkpoint's) and its test split (the first
+    --test-subset images), after checking that the model can read it."""
     dataset = args.dataset or checkpoint["dataset"]
     if "folder" in (dataset, checkpoint["dataset"]) and dataset != checkpoint["dataset"]:
         raise UserError(
@@ -126,16 +135,19 @@ def score(args: argparse.Namespace, model, checkpoint: dict, device) -> dict:
             raise UserError("--affine transforms 28x28 images on a 40x40 canvas")
     else:
         check_input_size(model, dataset, args.checkpoint)
-    names = class_names(checkpoint) if dataset == checkpoint["dataset"] else CLASS_NAMES[dataset]
     with contextlib.redirect_stdout(sys.stderr if args.json else sys.stdout):  # a folder's note
         split = first_images(load_test_split(dataset, args.data_dir, folder), args.test_subset)
-    kind = checkpoint["model_kind"]
-    if split.labels.dim() == 2:  # MultiMNIST pairs
-        return score_pairs(args, model, checkpoint, split, device)
+    return dataset, split
+
+
+def score_digits(args: argparse.Namespace, model, checkpoint: dict, dataset: str, split, device):
+    """One digit an image: accuracy, per class and confusion; --routing-stats, --affine and
+    --figures as asked. Returns the JSON-ready dict."""
+    names = class_names(checkpoint) if dataset == checkpoint["dataset"] else CLASS_NAMES[dataset]
     if args.routing_stats and not isinstance(model, CapsNet):
         raise UserError(
-            f"--routing-stats needs a CapsNet checkpoint; {args.checkpoint} holds a {kind}, "
-            "which has no routing"
+            f"--routing-stats needs a CapsNet checkpoint; {args.checkpoint} holds a "
+            f"{checkpoint['model_kind']}, which has no routing"
         )
     if args.routing_stats:  # its pass also gives the predictions at the model's own r
         stats, predictions = routing_stats(model, split, device, progress=not args.json)
