@@ -126,6 +126,12 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dic
             f"{path} is not a readable checkpoint ({type(error).__name__}: it is empty, "
             "truncated or not a torch file)"
         ) from error
+    return checked_layout(checkpoint, path)
+
+
+def checked_layout(checkpoint, path: Path) -> dict:
+    """A loaded file as this code's checkpoint: old keys renamed, missing ones filled in with
+    what they meant, and the dataset, class names, log and epochs checked."""
     if not isinstance(checkpoint, dict) or "model" not in checkpoint or "config" not in checkpoint:
         raise UserError(f"{path} is not a checkpoint of this code (it lacks 'model' and 'config')")
     for old, new in RENAMED_KEYS.items():

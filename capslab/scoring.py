@@ -124,6 +124,35 @@ def count_correct(model, split: Split, device: torch.device) -> int:
     return int(correct_mask(class_scores(model, split, device), split.labels).sum())
 
 
+class CouplingTally:
+    """Sums over examples of the coupling coefficients c_ij, for their entropy and spread."""
+
+    def __init__(self, num_out: int, num_in: int):
+        self.c_sum = torch.zeros(num_out, num_in, dtype=torch.float64)  # sum of c_ij
+        self.c_sq_sum = torch.zeros(num_out, num_in, dtype=torch.float64)  # sum of c_ij^2
+        self.entropy_sum = 0.0
+
+    def add(self, c: torch.Tensor) -> None:
+        """c (b, J, I): each input capsule's coupling to the J outputs."""
+        c = c.cpu().double()  # MPS has no float64
+        entropy = -torch.special.xlogy(c, c).sum(dim=1)  # (b, I): H over j of each c_i
+        self.entropy_sum += entropy.mean(dim=1).sum().item()
+        self.c_sum += c.sum(dim=0)
+        self.c_sq_sum += (c * c).sum(dim=0)
+
+    def stats(self, count: int) -> dict:
+        num_out = self.c_sum.shape[0]
+        mean = self.c_sum / count
+        c_std = (self.c_sq_sum / count - mean**2).clamp(min=0).sqrt()  # (J, I), std over examples
+        return {
+            "coupling_entropy": self.entropy_sum / count,
+            "coupling_entropy_uniform": math.log(num_out),  # the maximum: c_ij = 1/J (r = 1)
+            "coupling_std": c_std.mean().item(),
+            # The largest mean std possible, c_i one-hot on a uniformly random j: sqrt(J - 1) / J.
+            "coupling_std_max": math.sqrt(num_out - 1) / num_out,
+        }
+
+
 def routing_stats(
     model: CapsNet, split: Split, device: torch.device, progress: bool = False
 ) -> tuple[dict, torch.Tensor]:
@@ -132,13 +161,9 @@ def routing_stats(
     weights. Returns the statistics and the predictions (N,) at the model's own r."""
     trained_r = model.config.routing_iterations
     all_r = sorted({*ROUTING_ITERATIONS, trained_r})
-    num_out, num_in = model.config.num_classes, model.config.num_primary_caps
-    c_sum = torch.zeros(num_out, num_in, dtype=torch.float64)  # sum over examples of c_ij
-    c_sq_sum = torch.zeros(num_out, num_in, dtype=torch.float64)  # ... of c_ij^2
-    entropy_sum, inactive_sum = 0.0, 0.0
-    ever_active = torch.zeros(num_in, dtype=torch.bool)
-    correct = dict.fromkeys(all_r, 0)
-    predictions = []
+    coupling = CouplingTally(model.config.num_classes, model.config.num_primary_caps)
+    ever_active = torch.zeros(model.config.num_primary_caps, dtype=torch.bool)
+    inactive_sum, correct, predictions = 0.0, dict.fromkeys(all_r, 0), []
     model.eval()
     with torch.inference_mode():
         for images, labels in eval_batches(split, progress, "routing"):
@@ -152,26 +177,13 @@ def routing_stats(
                 )  # (b, J, 16), (b, J, I)
                 predicted = capsule_length(v).argmax(dim=1).cpu()  # (b,)
                 correct[r] += (predicted == labels).sum().item()
-                if r != trained_r:
-                    continue
-                predictions.append(predicted)
-                c = c.cpu().double()  # MPS has no float64
-                entropy_sum += (
-                    -torch.special.xlogy(c, c).sum(dim=1).mean(dim=1).sum().item()
-                )  # H over j
-                c_sum += c.sum(dim=0)
-                c_sq_sum += (c * c).sum(dim=0)
+                if r == trained_r:
+                    predictions.append(predicted)
+                    coupling.add(c)
     count = len(split)
-    c_std = (
-        (c_sq_sum / count - (c_sum / count) ** 2).clamp(min=0).sqrt()
-    )  # (J, I), std over examples
     stats = {
         "iterations": trained_r,
-        "coupling_entropy": entropy_sum / count,
-        "coupling_entropy_uniform": math.log(num_out),  # the maximum: c_ij = 1/J (r = 1)
-        "coupling_std": c_std.mean().item(),
-        # The largest possible mean std, for c_i one-hot on a uniformly random j: sqrt(J - 1) / J.
-        "coupling_std_max": math.sqrt(num_out - 1) / num_out,
+        **coupling.stats(count),
         "active_threshold": ACTIVE_THRESHOLD,
         "never_active_fraction": 1 - ever_active.float().mean().item(),
         "inactive_fraction_per_image": inactive_sum / count,
