@@ -48,11 +48,12 @@ import subprocess
 import sys
 from collections import deque
 from fnmatch import fnmatchcase
+from functools import partial
 from itertools import combinations
 from pathlib import Path
 
 from capslab.checkpoint import load_checkpoint
-from capslab.data import AFFINE_FAMILIES, add_data_flags
+from capslab.data import AFFINE_FAMILIES, DATA_DIR, add_data_flags
 from capslab.errors import UserError, exit_on_user_error, first_line, flag_name, make_output_folder
 from capslab.figures import plot_test_errors
 from capslab.flags import parse_flags
@@ -64,7 +65,7 @@ RUN_KEYS = ("name", "flags", "evaluate", "paper")  # what a run of the grid may 
 GRID_KEYS = ("evaluate", "runs")  # and the grid object
 # train.py settings the sweep sets itself, or that would never leave a finished run.
 SWEEP_SETS = ("checkpoint_dir", "data_dir", "resume", "dry_run")
-EVALUATE_SETS = ("--checkpoint", "--data-dir", "--json")  # evaluate.py flags the sweep sets
+EVALUATE_SETS = ("checkpoint", "data_dir", "json")  # evaluate.py settings the sweep sets
 LOG_TAIL = 20  # lines of a failed run's output kept in the results file
 MAX_NAME_BYTES = 200  # a run folder's name: filesystems stop at 255, and temporaries add to it
 EXACT_SPLITS = 200_000  # beyond this many splits, --compare draws PERMUTATIONS of them
@@ -76,9 +77,10 @@ class FlagError(Exception):
     """train.py's parser refused a grid's flags (instead of printing usage and exiting)."""
 
 
-def read_grid(path: Path) -> list[dict]:
+def read_grid(path: Path, data_dir: str = DATA_DIR) -> list[dict]:
     """The runs, each with its "evaluate" flags (the grid's unless it has its own), after
-    checking the whole grid: every problem is named in one UserError."""
+    checking the whole grid against the data in data_dir: every problem is named in one
+    UserError."""
     try:
         grid = json.loads(path.read_text())
     except (OSError, ValueError) as error:  # ValueError: not JSON, or not even text
@@ -97,7 +99,7 @@ def read_grid(path: Path) -> list[dict]:
         else []
     )
     problems += flag_list_problems("the grid's 'evaluate'", evaluate, evaluate_flags_problem)
-    problems += runs_problems(runs)
+    problems += runs_problems(runs, data_dir)
     if problems:
         raise UserError(
             f"{path} has {len(problems)} problem(s); no run of it trains until they are fixed: "
@@ -106,8 +108,10 @@ def read_grid(path: Path) -> list[dict]:
     return [{"evaluate": evaluate, **run} for run in runs]
 
 
-def runs_problems(runs: list) -> list[str]:
-    """Every problem of the grid's runs: their names, keys and flags."""
+def runs_problems(runs: list, data_dir: str = DATA_DIR) -> list[str]:
+    """Every problem of the grid's runs: their names, keys and flags (a folder dataset's
+    read from data_dir)."""
+    check_train_flags = partial(train_flags_problem, data_dir=data_dir)
     problems, seen = [], {}
     for number, run in enumerate(runs, start=1):
         if not isinstance(run, dict):
@@ -126,7 +130,7 @@ def runs_problems(runs: list) -> list[str]:
         if "flags" not in run:
             problems.append(f"{where}: no 'flags' (a list, [] for train.py's defaults)")
         else:
-            problems += flag_list_problems(f"{where}: 'flags'", run["flags"], train_flags_problem)
+            problems += flag_list_problems(f"{where}: 'flags'", run["flags"], check_train_flags)
         if "evaluate" in run:
             problems += flag_list_problems(
                 f"{where}: 'evaluate'", run["evaluate"], evaluate_flags_problem
@@ -163,14 +167,15 @@ def flag_list_problems(where: str, flags, check) -> list[str]:
     return [f"{where}: {problem}"] if problem else []
 
 
-def train_flags_problem(flags: list[str]) -> str | None:
-    """What train.py would refuse in these flags, found with train.py's own parser and
-    configs, or a flag the sweep sets itself (None: nothing)."""
+def train_flags_problem(flags: list[str], data_dir: str = DATA_DIR) -> str | None:
+    """What train.py would refuse in these flags, given the sweep's data_dir, found with
+    train.py's own parser and configs, or a flag the sweep sets itself (None: nothing)."""
 
     # The sweep launches train.py, so it checks the flags with train.py's own parser and
     # configs: a typo in the grid's last run is found before the first run spends hours training.
     try:
         args, given = parse_flags(refusing(build_parser()), flags)
+        args.data_dir = data_dir  # the sweep passes its own: a folder dataset is read there
         configs_from_flags(args)  # the values: "--epochs must be ..."
     except (FlagError, UserError) as error:
         return first_line(error)
@@ -192,13 +197,18 @@ def refuse(message: str = "") -> None:
 def evaluate_flags_problem(flags: list[str]) -> str | None:
     """What evaluate.py would refuse in these flags, found with its own parser, or a flag the
     sweep sets itself (None: nothing): checked before any run trains, as train.py's are."""
-    taken = [flag for flag in EVALUATE_SETS if flag in flags]
-    if taken:
-        return f"{', '.join(taken)}: the sweep sets these itself"
     try:
-        check_evaluate_args(refusing(build_evaluate_parser()).parse_args(flags))
+        args, given = parse_flags(refusing(build_evaluate_parser()), flags)
+        check_evaluate_args(args)
     except (FlagError, UserError) as error:
         return first_line(error)
+    if taken := [flag_name(name) for name in EVALUATE_SETS if name in given]:
+        return f"{', '.join(taken)}: the sweep sets these itself"  # also as --check=X
+    if "figures" in given:
+        return (
+            "--figures would write every run's figures into the one folder: run evaluate.py "
+            "--figures on the run's checkpoint instead"
+        )
     return None
 
 
@@ -606,11 +616,12 @@ def next_run(
     listing: bool,
     retry_failed: bool = False,
     tried: frozenset[str] = frozenset(),
+    data_dir: str = DATA_DIR,
 ) -> dict | None:
     """The first run of the grid that has no result yet, or a failed one with retry_failed,
     that this sweep has not tried (printing each one's state)."""
     outcomes = latest_results(results)
-    for run in read_grid(grid_path):
+    for run in read_grid(grid_path, data_dir):
         name, outcome = run["name"], outcomes.get(run["name"])
         failed = outcome is not None and "failed" in outcome
         if outcome is not None and not failed:
@@ -719,6 +730,8 @@ def report(args: argparse.Namespace, results: Path) -> None:
         print(contrast(results, *args.compare, args.column))
     if args.plot and args.plot.is_dir():
         raise UserError(f"--plot {args.plot} is a folder: name the PNG to write")
+    if args.plot and args.plot.suffix.lower() != ".png":
+        raise UserError(f"--plot {args.plot}: the plot is a PNG, so name a .png file")
     if (args.table or args.plot) and not results.exists():
         raise UserError(f"no run of {args.grid} has finished yet ({results} is missing)")
     if args.table:
@@ -734,6 +747,8 @@ def run_sweep(args: argparse.Namespace, results: Path) -> None:
     # inherits an ignored SIGINT, and would otherwise not hear `kill -INT`.
     stopping = (signal.SIGINT, signal.SIGTERM)
     previous = {number: signal.signal(number, signal.default_int_handler) for number in stopping}
+    if args.grid.is_file() and not args.list:  # the results go beside it: found now, not later
+        make_output_folder(results.parent, "the grid's folder")
     try:
         sweep(args.grid, results, args.runs_dir, args.data_dir, args.list, args.retry_failed)
     except KeyboardInterrupt:
@@ -755,7 +770,9 @@ def sweep(
     """Train and record each run in turn; a failed run is recorded and the next one goes on.
     At the end, a UserError names the grid's runs whose latest try failed."""
     tried: set[str] = set()
-    while run := next_run(grid, results, runs_dir, listing, retry_failed, frozenset(tried)):
+    while run := next_run(
+        grid, results, runs_dir, listing, retry_failed, frozenset(tried), data_dir
+    ):
         tried.add(run["name"])
         record_result(run_once(run, runs_dir / run["name"], data_dir), results)
     if listing:
@@ -763,7 +780,7 @@ def sweep(
     outcomes = latest_results(results)
     failed = [
         f"{run['name']} ({failure_line(outcomes[run['name']])})"
-        for run in read_grid(grid)
+        for run in read_grid(grid, data_dir)
         if "failed" in outcomes.get(run["name"], {})
     ]
     if failed:

@@ -31,6 +31,7 @@ import torch
 from capslab.errors import UserError
 from capslab.imagefolder import FileSplit, FolderOptions, load_folder
 
+DATA_DIR = "data"  # where --data-dir points unless given
 DEBIAN_FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
 
 CLASS_NAMES = {
@@ -90,7 +91,9 @@ class Split:
 def add_data_flags(parser: argparse.ArgumentParser, test_subset: bool = True) -> None:
     """--data-dir and --test-subset, as train.py and evaluate.py take them (sweep.py: the first)."""
     parser.add_argument(
-        "--data-dir", default="data", help="dataset root, downloaded into if absent (default: data)"
+        "--data-dir",
+        default=DATA_DIR,
+        help=f"dataset root, downloaded into if absent (default: {DATA_DIR})",
     )
     if test_subset:
         parser.add_argument(

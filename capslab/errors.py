@@ -2,6 +2,7 @@
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 
@@ -53,10 +54,15 @@ def check_new_output_folder(folder: Path) -> None:
 
 
 def make_output_folder(folder: Path, flag: str) -> None:
-    """Create the folder a flag names for output files, before any work is done for them."""
+    """Create the folder a flag names for output files, and check that it takes files, before
+    any work is done for them."""
     if folder.exists() and not folder.is_dir():
         raise UserError(f"{flag} {folder} is a file, not a folder")
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise UserError(f"{flag} {folder} cannot be created ({error.strerror})") from error
+    try:
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as error:
+        raise UserError(f"{flag} {folder} cannot be written ({error.strerror})") from error

@@ -15,8 +15,9 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-from data import load_split
 from PIL import Image, ImageDraw, ImageFilter
+
+from capslab.data import DATA_DIR, load_split
 
 HERE = Path(__file__).parent
 PAPER = (236, 232, 220)  # off-white
@@ -177,7 +178,7 @@ def save(image: Image.Image, path: Path, style: str) -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="Make the sample photos in samples/.")
     parser.add_argument(
-        "--data-dir", default="data", help="MNIST root, as for train.py (default: data)"
+        "--data-dir", default=DATA_DIR, help=f"MNIST root, as for train.py (default: {DATA_DIR})"
     )
     parser.add_argument(
         "--out-dir", type=Path, default=HERE, help=f"where to write the images (default: {HERE})"

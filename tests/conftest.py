@@ -13,6 +13,7 @@ import signal
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 import zlib
@@ -96,14 +97,20 @@ TINY_RUN = [
 ]
 
 
+# As root, file modes bind only a process without these capabilities (util-linux's setpriv).
+AS_A_USER = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--inh-caps=-all"]
+
+
 def run(
-    script: str, *args, check: bool = True, timeout: float = 600
+    script: str, *args, check: bool = True, timeout: float = 600, as_a_user: bool = False
 ) -> subprocess.CompletedProcess:
     """A script in its own process, as a user runs it: for tests about the process itself
-    (signals, locks between processes, the interpreter's exit). Importing torch costs each call
-    2-4 s; `run_in_process` gives the same result object without it."""
+    (signals, locks between processes, the interpreter's exit), or, with as_a_user, one that
+    file modes bind even when the tests run as root. Importing torch costs each call 2-4 s;
+    `run_in_process` gives the same result object without it."""
+    prefix = AS_A_USER if as_a_user and os.geteuid() == 0 else []
     result = subprocess.run(
-        [sys.executable, str(REPO / script), *map(str, args)],
+        [*prefix, sys.executable, str(REPO / script), *map(str, args)],
         capture_output=True,
         text=True,
         cwd=REPO,
@@ -328,6 +335,21 @@ def trained_run(tmp_path_factory, data_dir) -> tuple[Path, str]:
         "train.py", "--data-dir", data_dir, "--checkpoint-dir", folder, "--epochs", 2, *SMALL_RUN
     )
     return folder, result.stdout
+
+
+@pytest.fixture
+def unwritable_folder(tmp_path) -> Path:
+    """A folder that exists and refuses new files: a read-only one, or where root ignores the
+    mode, /sys (read-only in most containers); the test skips if neither refuses."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    for folder in (locked, Path("/sys")):
+        try:
+            tempfile.TemporaryFile(dir=folder).close()
+        except OSError:
+            return folder
+    pytest.skip("no folder here refuses new files")
 
 
 @pytest.fixture

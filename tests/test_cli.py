@@ -121,6 +121,19 @@ def test_evaluate_figures_into_a_file_is_refused_before_scoring(tiny_checkpoint,
     assert result.stdout == ""
 
 
+def test_evaluate_figures_into_a_folder_that_takes_no_files_is_refused_before_scoring(
+    tiny_checkpoint, data_dir, unwritable_folder
+):
+    result = run_in_process(
+        "evaluate.py",
+        *["--checkpoint", tiny_checkpoint, "--data-dir", data_dir],
+        *["--figures", unwritable_folder],
+        check=False,
+    )
+    assert_one_line_error(result, f"--figures {unwritable_folder} cannot be written")
+    assert result.stdout == ""
+
+
 def test_evaluate_reports_what_training_reported(trained_run, data_dir):
     folder, _ = trained_run
     best = load_checkpoint(folder / "best.pt")

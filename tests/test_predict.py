@@ -21,6 +21,7 @@ from capslab.inference import PERTURBATIONS, classify, perturbed_reconstructions
 from capslab.preprocess import open_image, preprocess
 from capslab.settings import settings_to_dict
 from CapsNet import CapsNet, CapsNetConfig
+from samples import make_samples
 
 from conftest import REPO, png_header_only, run_in_process
 
@@ -554,6 +555,24 @@ def test_cli_show_folder_that_cannot_be_made_is_an_error_before_any_file(
     assert err == f"error: --show {folder} cannot be created (Not a directory)\n"
 
 
+def test_cli_show_folder_that_takes_no_files_is_an_error_before_any_file(
+    unwritable_folder, capsys, tiny_checkpoint
+):
+    status, out, err = run_main(
+        capsys,
+        str(SAMPLES[0]),
+        "--checkpoint",
+        str(tiny_checkpoint),
+        "--show",
+        str(unwritable_folder),
+    )
+    assert status == 2 and out == ""
+    assert (
+        err.startswith(f"error: --show {unwritable_folder} cannot be written (")
+        and err.count("\n") == 1
+    )
+
+
 def test_cli_refuses_a_model_without_capsules(tmp_path, capsys):
     path = tmp_path / "cnn.pt"
     save_checkpoint(
@@ -606,3 +625,17 @@ def test_every_caller_gets_the_same_model_input(mnist_test):
     assert from_uint8.max() == 1 and from_uint8.min() == 0
     torch.testing.assert_close(to_model_input(digits.float() / 255, "cpu"), from_uint8)
     torch.testing.assert_close(to_model_input(digits[0].float() / 255, "cpu"), from_uint8[:1])
+
+
+@pytest.mark.slow
+def test_the_samples_are_made_again_from_mnist_as_committed(data_dir, tmp_path):
+    """samples/make_samples.py still runs and gives the committed images: the same files, and
+    the same pixels (a JPEG within rounding, as another libjpeg may encode it)."""
+    make_samples.main(["--data-dir", str(data_dir), "--out-dir", str(tmp_path)])
+    made = sorted(path for path in tmp_path.iterdir() if path.suffix in {".jpg", ".png"})
+    assert [path.name for path in made] == [path.name for path in SAMPLES]
+    for again, committed in zip(made, SAMPLES):
+        pixels = [np.asarray(Image.open(path), dtype=np.float64) for path in (again, committed)]
+        assert pixels[0].shape == pixels[1].shape, committed.name
+        tolerance = 0 if committed.suffix == ".png" else 1.0  # mean absolute difference, 0-255
+        assert np.abs(pixels[0] - pixels[1]).mean() <= tolerance, committed.name

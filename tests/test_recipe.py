@@ -429,6 +429,9 @@ def test_plot_into_a_folder_that_cannot_be_made_is_one_line(tmp_path):
     assert_one_line_error(result, f"--plot's folder {tmp_path / 'a-file'} is a file")
     result = run_in_process("sweep.py", grid, "--plot", tmp_path, check=False)
     assert_one_line_error(result, f"--plot {tmp_path} is a folder: name the PNG to write")
+    result = run_in_process("sweep.py", grid, "--plot", tmp_path / "e.svg", check=False)
+    assert_one_line_error(result, "e.svg: the plot is a PNG, so name a .png file")
+    assert not (tmp_path / "e.svg").exists()
     sweep.main([str(grid), "--plot", str(tmp_path / "new" / "e.png")])  # a new folder is made
     assert (tmp_path / "new" / "e.png").read_bytes().startswith(b"\x89PNG")
 

@@ -84,6 +84,9 @@ def test_a_bad_grid_is_refused_whole_in_one_line_before_any_run_trains(tmp_path)
         (b'[{"name": "a", "flags": [], "paper": "1.2.3%"}]', "the paper's figure '1.2.3%'"),
         (b'[{"name": "a", "flags": [], "evaluate": ["--json"]}]', "--json: the sweep sets"),
         (b'[{"name": "a", "flags": [], "evaluate": ["--checkpoint", "x"]}]', "--checkpoint: the"),
+        (b'[{"name": "a", "flags": [], "evaluate": ["--check=x"]}]', "--checkpoint: the sweep"),
+        (b'{"evaluate": ["--data-dir=d"], "runs": [{"name": "a", "flags": []}]}', "--data-dir"),
+        (b'[{"name": "a", "flags": [], "evaluate": ["--figures", "f"]}]', "--figures would write"),
         (b'{"evaluate": ["--afine"], "runs": [{"name": "a", "flags": []}]}', "--afine"),
         (b'[{"name": "a", "flags": [], "evaluate": ["--seed", "-1"]}]', "--seed must be in 0"),
         (b'[{"name": "a", "flags": [], "evaluate": ["--help"]}]', "the flags ask for help"),
@@ -101,6 +104,17 @@ def test_a_grid_that_is_missing_or_a_folder_is_refused_in_one_line(tmp_path):
     for path in (tmp_path / "missing.json", tmp_path):
         result = run_in_process("sweep.py", path, check=False)
         assert_one_line_error(result, f"{path} is not a readable grid file")
+
+
+@pytest.mark.slow
+def test_a_grid_in_a_folder_that_takes_no_files_is_refused_before_any_run(tmp_path):
+    grid = tmp_path / "locked" / "grid.json"
+    grid.parent.mkdir()
+    grid.write_text(json.dumps([{"name": "a", "flags": []}]))
+    grid.parent.chmod(0o555)
+    result = run("sweep.py", grid, "--runs-dir", tmp_path / "runs", check=False, as_a_user=True)
+    assert_one_line_error(result, f"the grid's folder {grid.parent} cannot be written")
+    assert not (tmp_path / "runs").exists()
 
 
 @pytest.mark.parametrize(

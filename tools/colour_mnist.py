@@ -20,7 +20,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
 
-from capslab.data import load_split  # noqa: E402
+from capslab.data import DATA_DIR, load_split  # noqa: E402
 from capslab.errors import (  # noqa: E402
     UserError,
     check_new_output_folder,
@@ -82,7 +82,9 @@ def make(out: Path, data_dir: str, train: int, test: int, seed: int, background:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", type=Path, help="an empty or new folder")
-    parser.add_argument("--data-dir", default="data", help="where MNIST is (default: data)")
+    parser.add_argument(
+        "--data-dir", default=DATA_DIR, help=f"where MNIST is (default: {DATA_DIR})"
+    )
     parser.add_argument("--train", type=int, default=3000, help="training images (default: 3000)")
     parser.add_argument("--test", type=int, default=1000, help="test images (default: 1000)")
     parser.add_argument("--seed", type=int, default=0, help="picks digits and colours (default: 0)")

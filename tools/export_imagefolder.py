@@ -20,7 +20,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
 
-from capslab.data import CLASS_NAMES, load_split  # noqa: E402
+from capslab.data import CLASS_NAMES, DATA_DIR, load_split  # noqa: E402
 from capslab.errors import (  # noqa: E402
     UserError,
     check_new_output_folder,
@@ -63,7 +63,9 @@ def main(argv=None) -> None:
     )
     parser.add_argument("dataset", choices=("fashion-mnist", "mnist"), help="which to write")
     parser.add_argument("out", type=Path, help="an empty or new folder")
-    parser.add_argument("--data-dir", default="data", help="where the dataset is (default: data)")
+    parser.add_argument(
+        "--data-dir", default=DATA_DIR, help=f"where the dataset is (default: {DATA_DIR})"
+    )
     parser.add_argument(
         "--limit", type=int, default=None, help="first N of each split (default: all)"
     )
