@@ -14,6 +14,11 @@ Model and floor are timed in alternating rounds and each keeps its best round, s
 neighbour on the machine hurts both alike.
 """
 
+from capslab.errors import exit_on_ctrl_c_while_loading
+
+exit_on_ctrl_c_while_loading(__name__)  # first: torch takes seconds to load
+
+# isort: split
 import argparse
 import copy
 import json

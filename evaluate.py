@@ -17,6 +17,11 @@ resize, so the digits keep the pixel scale the model was trained at. Each family
 alone and all together.
 """
 
+from capslab.errors import exit_on_ctrl_c_while_loading
+
+exit_on_ctrl_c_while_loading(__name__)  # first: torch takes seconds to load
+
+# isort: split
 import argparse
 import contextlib
 import json

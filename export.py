@@ -10,6 +10,11 @@ run stopped by Ctrl-C), or a run without validation stopped before its last epoc
 unless --unvalidated says that is what you want.
 """
 
+from capslab.errors import exit_on_ctrl_c_while_loading
+
+exit_on_ctrl_c_while_loading(__name__)  # first: torch takes seconds to load
+
+# isort: split
 import argparse
 from pathlib import Path
 

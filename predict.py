@@ -14,6 +14,11 @@ A model trained on a folder of images (train.py --dataset folder) reads each fil
 did (imagefolder.read_image: grayscale or RGB, resized to its N x N) and names its classes.
 """
 
+from capslab.errors import exit_on_ctrl_c_while_loading
+
+exit_on_ctrl_c_while_loading(__name__)  # first: torch takes seconds to load
+
+# isort: split
 import argparse
 import json
 import textwrap

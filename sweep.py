@@ -36,6 +36,11 @@ beyond that Monte-Carlo (PERMUTATIONS random splits drawn with a fixed seed, so 
 the same p).
 """
 
+from capslab.errors import exit_on_ctrl_c_while_loading
+
+exit_on_ctrl_c_while_loading(__name__)  # first: torch takes seconds to load
+
+# isort: split
 import argparse
 import json
 import math

@@ -24,16 +24,21 @@ from pathlib import Path
 
 LAUNCHED = time.perf_counter()  # the run's wall clock counts from here, imports included
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
+from capslab.errors import exit_on_ctrl_c_while_loading
 
-from capslab.checkpoint import claim_run_folder  # noqa: E402
-from capslab.data import load_run_splits  # noqa: E402
-from capslab.errors import UserError, exit_on_user_error  # noqa: E402
-from capslab.flags import parse_flags  # noqa: E402
-from capslab.hardware import emulated_bf16_warning, keep_freed_memory, set_threads  # noqa: E402
-from capslab.run_plan import RunPlan, build_parser, plan_run  # noqa: E402
-from capslab.training import (  # noqa: E402
+exit_on_ctrl_c_while_loading(__name__)  # before torch, which takes seconds to load
+
+# isort: split
+import torch
+import torch.distributed as dist
+
+from capslab.checkpoint import claim_run_folder
+from capslab.data import load_run_splits
+from capslab.errors import UserError, exit_on_user_error
+from capslab.flags import parse_flags
+from capslab.hardware import emulated_bf16_warning, keep_freed_memory, set_threads
+from capslab.run_plan import RunPlan, build_parser, plan_run
+from capslab.training import (
     DRY_RUN_BATCHES,
     StopRequest,
     TrainConfig,

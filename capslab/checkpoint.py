@@ -112,6 +112,10 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dic
         raise UserError(f"checkpoint {path} is a folder, not a checkpoint file")
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
+    try:
+        path.open("rb").close()
+    except OSError as error:  # say so, rather than call it damaged below
+        raise UserError(f"checkpoint {path} cannot be read ({error.strerror})") from error
     if damaged := damaged_member(path):
         raise UserError(f"{path} is corrupt: its {damaged} fails its checksum")
     try:

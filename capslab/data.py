@@ -111,6 +111,8 @@ def read_idx(path: Path) -> torch.Tensor:
     try:
         with opener(path, "rb") as file:
             content = file.read()
+    except PermissionError as error:
+        raise UserError(f"{path} cannot be read ({error.strerror})") from error
     except (OSError, EOFError, zlib.error) as error:  # a cut-off or damaged gzip stream
         raise UserError(f"{path} is corrupt or truncated ({error})") from error
     if len(content) < 4 or content[:3] != b"\x00\x00\x08":

@@ -1,9 +1,26 @@
 """One-line errors for the scripts: a problem the user can fix never shows a traceback."""
 
 import os
+import signal
 import sys
 import tempfile
 from pathlib import Path
+
+
+def exit_on_ctrl_c_while_loading(module_name: str) -> None:
+    """Called first by each script, with its __name__: until exit_on_user_error runs main(),
+    Ctrl-C ends the script at once with one line and status 130. A KeyboardInterrupt raised
+    there would land inside some library's import (torch takes seconds), print its traceback,
+    and could leave the library half loaded for the interpreter's exit. Imported as a module
+    (by the tests), the script changes nothing."""
+    if module_name == "__main__":
+        signal.signal(signal.SIGINT, exit_interrupted)
+
+
+def exit_interrupted(signum, frame) -> None:
+    sys.stderr.write("error: interrupted\n")
+    sys.stderr.flush()
+    os._exit(130)  # nothing is written yet; the half-loaded libraries get no exit handlers
 
 
 class UserError(Exception):
@@ -25,24 +42,44 @@ def first_line(error: Exception) -> str:
     return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised wherever the script is, as Ctrl-C raises KeyboardInterrupt: files being
+    written are cleaned up on the way out (atomic.write_atomically) rather than left half done."""
+
+
+def raise_terminated(signum, frame):
+    raise Terminated
+
+
 def exit_on_user_error(main):
-    """Run `main()`, turning a UserError into `error: ...` on stderr and exit status 2, and a
-    Ctrl-C into `error: interrupted` and status 130.
+    """Run `main()`, turning a UserError into `error: ...` on stderr and exit status 2, a
+    Ctrl-C into `error: interrupted` and status 130, and SIGTERM into `error: terminated` and
+    status 143 (where the script has no handler of its own for them, as train.py has).
 
     A reader that stops early (`... | head`) ends the script quietly with status 1, as the
     Python documentation's note on SIGPIPE recommends: stdout goes to devnull so that the
     interpreter's final flush cannot fail a second time."""
+    previous = {
+        signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler),
+        signal.SIGTERM: signal.signal(signal.SIGTERM, raise_terminated),
+    }
     try:
         main()
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:  # Ctrl-C where no handler of the script's own catches it
+    except Terminated:
+        print("error: terminated", file=sys.stderr)
+        sys.exit(143)  # 128 + SIGTERM, as a shell reports it
+    except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
-        sys.exit(130)  # 128 + SIGINT, as a shell reports it
+        sys.exit(130)  # 128 + SIGINT
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 def check_new_output_folder(folder: Path) -> None:

@@ -18,7 +18,7 @@ import torch
 
 from capslab import atomic, checkpoint, training
 from capslab.checkpoint import load_checkpoint, save_checkpoint
-from capslab.errors import UserError
+from capslab.errors import UserError, exit_on_user_error
 
 from conftest import (
     REPO,
@@ -245,6 +245,30 @@ def test_a_damaged_mnist_file_is_named(data_dir, tmp_path, damage, fragment):
     assert_one_line_error(result, str(broken), fragment)
 
 
+@pytest.mark.slow
+def test_files_the_user_cannot_read_are_named_as_such_not_as_damaged(
+    data_dir, tmp_path, tiny_checkpoint
+):
+    raw = tmp_path / "data" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in RAW:
+        (raw / name).symlink_to(data_dir / "MNIST" / "raw" / name)
+    labels = raw / "t10k-labels-idx1-ubyte"
+    labels.unlink()
+    shutil.copy(data_dir / "MNIST" / "raw" / labels.name, labels)
+    locked = tmp_path / "locked.pt"
+    shutil.copy(tiny_checkpoint, locked)
+    for path in (labels, locked):
+        path.chmod(0)
+    scored = run(
+        "evaluate.py", "--checkpoint", tiny_checkpoint, "--data-dir", tmp_path / "data",
+        check=False, as_a_user=True,
+    )  # fmt: skip
+    assert_one_line_error(scored, f"{labels} cannot be read (Permission denied)")
+    refused = run("evaluate.py", "--checkpoint", locked, check=False, as_a_user=True)
+    assert_one_line_error(refused, f"checkpoint {locked} cannot be read (Permission denied)")
+
+
 def idx_bytes(values: torch.Tensor) -> bytes:
     """An IDX file of unsigned bytes: magic, the shape (big-endian), the values."""
     shape = b"".join(size.to_bytes(4, "big") for size in values.shape)
@@ -403,6 +427,27 @@ def test_a_reader_that_stops_early_gets_no_traceback():
     assert stderr == ""
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["train.py", "evaluate.py", "predict.py", "export.py",
+                                    "sweep.py", "bench.py"])  # fmt: skip
+def test_ctrl_c_while_torch_loads_is_one_line_and_status_130(script):
+    """A second in, each script is still importing torch (2-4 s on 2 cores), or has begun its
+    work; either way Ctrl-C ends it with one line, no traceback from inside an import."""
+    process = subprocess.Popen(
+        [sys.executable, REPO / script, "--help"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(1.0)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    if process.returncode == 0:
+        pytest.skip(f"{script} --help finished within a second: nothing to interrupt")
+    assert (process.returncode, stderr) == (130, "error: interrupted\n")
+
+
 def test_ctrl_c_outside_trainings_own_handler_is_one_line_and_status_130(
     tiny_checkpoint, monkeypatch
 ):
@@ -437,3 +482,31 @@ def test_an_interrupted_figure_leaves_the_previous_file_whole_and_no_temporary(t
             figures.plot_curve([*records, {**records[0], "epoch": 2}], path)
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["curve.png"]
+
+
+@pytest.mark.parametrize(
+    "signum, message, status",
+    [(signal.SIGTERM, "terminated", 143), (signal.SIGINT, "interrupted", 130)],
+)
+def test_a_signal_mid_write_is_one_line_and_leaves_the_old_file_whole(
+    tmp_path, capsys, signum, message, status
+):
+    """evaluate, predict, export and the tools have no handler of their own: SIGTERM stops them
+    as Ctrl-C does, and the file being written stays as it was, with no temporary left."""
+    target = tmp_path / "model.pt"
+    target.write_bytes(b"what the user saved")
+    before = signal.getsignal(signal.SIGTERM)
+
+    def write(path: Path) -> None:
+        path.write_bytes(b"half")
+        os.kill(os.getpid(), signum)
+        time.sleep(10)  # the handler raises long before this ends
+        path.write_bytes(b"whole")
+
+    with pytest.raises(SystemExit) as stopped:
+        exit_on_user_error(lambda: atomic.write_atomically(target, write))
+    assert stopped.value.code == status
+    assert capsys.readouterr().err == f"error: {message}\n"
+    assert target.read_bytes() == b"what the user saved"
+    assert list(tmp_path.iterdir()) == [target]
+    assert signal.getsignal(signal.SIGTERM) is before
