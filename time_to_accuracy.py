@@ -122,11 +122,16 @@ def chosen_cell(chosen: dict | None) -> str:
     return f"{test} ep {chosen['epoch']}"
 
 
+def threshold_label(threshold: float) -> str:
+    """'99.0%', or every digit the user gave: '99.15%' (rounded, two columns could share a name)."""
+    return f"{threshold:.1f}%" if threshold == round(threshold, 1) else f"{threshold:g}%"
+
+
 def print_table(rows: list[dict], thresholds) -> None:
     width = max(len("run"), *(len(row["run"]) for row in rows))
     header = (
         f"{'run':<{width}}  "
-        + "".join(f"{f'{t:.1f}%':>20}" for t in thresholds)
+        + "".join(f"{threshold_label(t):>20}" for t in thresholds)
         + "     final         chosen  trained on"
     )
     print(header)

@@ -19,6 +19,7 @@ Under torchrun, --batch-size stays the global batch (see training.py); if you ra
 give each process more work, scale --lr linearly with it.
 """
 
+import shlex
 import time
 from pathlib import Path
 
@@ -157,10 +158,8 @@ def train_loop(trainer: Trainer, train_split, val_split, test_split, data_dir: s
                 log("interrupted: dry run, nothing saved")
                 return
             saved = trainer.save("last.pt")
-            log(
-                f"interrupted: saved {saved}; continue with python train.py --resume "
-                f"--checkpoint-dir {trainer.checkpoint_dir} --data-dir {data_dir}"
-            )
+            flags = ["--resume", "--checkpoint-dir", trainer.checkpoint_dir, "--data-dir", data_dir]
+            log(f"interrupted: saved {saved}; continue with {command('train.py', *flags)}")
             return
         record = trainer.score_epoch(val_split, test_split)
         trainer.close_epoch(record)
@@ -178,10 +177,13 @@ def train_loop(trainer: Trainer, train_split, val_split, test_split, data_dir: s
             "weights, is the final model"
         )
     best = "best" if config.val_size else "last"
-    log(
-        f"done: python evaluate.py --checkpoint {trainer.checkpoint_dir / best}.pt "
-        f"--data-dir {data_dir}"
-    )
+    checkpoint = trainer.checkpoint_dir / f"{best}.pt"
+    log(f"done: {command('evaluate.py', '--checkpoint', checkpoint, '--data-dir', data_dir)}")
+
+
+def command(script: str, *args) -> str:
+    """The command line to paste into a shell: each path quoted where it needs it."""
+    return shlex.join(["python", script, *map(str, args)])
 
 
 def summary_line(record: dict, epochs: int) -> str:

@@ -5,7 +5,9 @@ stdout, stderr and exit status as `python train.py ...`, without importing torch
 trained_run, conftest's small run trained once per session, is shared by many tests here."""
 
 import json
+import shlex
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -40,9 +42,18 @@ from conftest import (
 def test_the_command_train_prints_last_scores_the_run_it_trained(trained_run):
     """Its data may not be in the default data/: the command names --data-dir."""
     folder, stdout = trained_run
-    script, *args = stdout.split("done: python ")[1].split()
+    python, script, *args = shlex.split(stdout.split("done: ")[1].splitlines()[0])
     result = json.loads(run_in_process(script, *args, "--test-subset", 10, "--json").stdout)
     assert result["checkpoint"] == str(folder / "best.pt") and result["total"] == 10
+
+
+def test_a_command_to_paste_quotes_its_paths():
+    line = train.command(
+        "evaluate.py", "--checkpoint", Path("my runs/é/best.pt"), "--data-dir", "d"
+    )
+    assert shlex.split(line) == [
+        "python", "evaluate.py", "--checkpoint", "my runs/é/best.pt", "--data-dir", "d"
+    ]  # fmt: skip
 
 
 def test_train_writes_checkpoints_and_log(trained_run):

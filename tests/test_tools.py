@@ -401,6 +401,15 @@ def test_time_to_accuracy_refuses_a_missing_log_a_bad_machine_and_metrics_that_a
         assert_one_line_error(run_in_process("time_to_accuracy.py", path, check=False), fragment)
 
 
+def test_time_to_accuracy_heads_each_column_with_its_threshold_as_given(tmp_path, capsys):
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"epoch": 1, "test_acc": 99.2}\n{"epoch": 2, "test_acc": 99.6}\n')
+    time_to_accuracy.main([str(log), "--thresholds", "99.15", "99.25", "99"])
+    header, row = capsys.readouterr().out.splitlines()
+    assert header.split()[1:4] == ["99.15%", "99.25%", "99.0%"]
+    assert row.split()[1:10] == ["ep", "1", "train", "0:00", "ep", "2", "train", "0:00", "ep"]
+
+
 def test_time_to_accuracy_writes_null_where_the_log_holds_nan(tmp_path, capsys):
     log = tmp_path / "metrics.jsonl"
     log.write_text('{"epoch": 1, "test_acc": 99.2, "val_acc": NaN, "wall_seconds": NaN}\n')
