@@ -170,6 +170,9 @@ def test_colour_mnist_writes_a_colour_image_folder(tmp_path, data_dir):
         ("colour_mnist.py", ["--test", "99999"], "--test must be between 1 and 10000, got 99999"),
         ("colour_mnist.py", ["--seed", str(10**23)], "--seed must be in 0 .. 2**32 - 1"),
         ("export_imagefolder.py", ["--limit", "-1"], "--limit must be at least 1, got -1"),
+        # A split without some class, which train.py would refuse:
+        ("colour_mnist.py", ["--train", "20", "--test", "5"], "--train 20 draws no 1, 2, so"),
+        ("export_imagefolder.py", ["--limit", "40"], "--limit 40 leaves test/ without 8-8"),
     ],
 )
 def test_the_tools_refuse_counts_they_cannot_write_and_leave_nothing(

@@ -66,12 +66,21 @@ def make(out: Path, data_dir: str, train: int, test: int, seed: int, background:
     for name, count in (("train", train), ("test", test)):
         if not 1 <= count <= len(splits[name]):
             raise UserError(f"--{name} must be between 1 and {len(splits[name])}, got {count}")
-    make_output_folder(out, "OUT")
     generator = torch.Generator().manual_seed(seed)
+    drawn = {}  # split -> (chosen digits, colours), drawn in this order from the one generator
     for split_name, count in (("train", train), ("test", test)):
+        chosen = torch.randperm(len(splits[split_name]), generator=generator)[:count]
+        drawn[split_name] = chosen, colour_pairs(count, generator, background)
+        missing = sorted(set(range(10)) - set(splits[split_name].labels[chosen].tolist()))
+        if missing:  # train.py reads a folder only if both splits hold every class
+            raise UserError(
+                f"--{split_name} {count} draws no {', '.join(map(str, missing))}, so train.py "
+                f"would refuse the folder: raise --{split_name}"
+            )
+    make_output_folder(out, "OUT")
+    for split_name, (chosen, colours) in drawn.items():
         mnist = splits[split_name]
-        chosen = torch.randperm(len(mnist), generator=generator)[:count]
-        images = paint(mnist.images[chosen], *colour_pairs(count, generator, background))
+        images = paint(mnist.images[chosen], *colours)
         for index, (image, label) in enumerate(zip(images, mnist.labels[chosen].tolist())):
             folder = out / split_name / str(label)
             folder.mkdir(parents=True, exist_ok=True)

@@ -43,17 +43,26 @@ def export(dataset: str, data_dir: str, out: Path, limit: int | None = None) -> 
     splits = {
         name: load_split(dataset, data_dir, train=name == "train") for name in ("train", "test")
     }
-    make_output_folder(out, "OUT")
     names = [folder_name(k, name) for k, name in enumerate(CLASS_NAMES[dataset])]
-    counts = {}
+    counts = {
+        name: len(split) if limit is None else min(limit, len(split))
+        for name, split in splits.items()
+    }
+    for split_name, split in splits.items():  # train.py reads a folder only if no class is empty
+        missing = sorted(set(range(len(names))) - set(split.labels[: counts[split_name]].tolist()))
+        if missing:
+            raise UserError(
+                f"--limit {limit} leaves {split_name}/ without "
+                f"{', '.join(names[k] for k in missing)}, which train.py refuses: raise --limit"
+            )
+    make_output_folder(out, "OUT")
     for split_name, split in splits.items():
-        count = len(split) if limit is None else min(limit, len(split))
+        count = counts[split_name]
         for name in names:
             (out / split_name / name).mkdir(parents=True, exist_ok=True)
         for index in range(count):
             folder = out / split_name / names[int(split.labels[index])]
             Image.fromarray(split.images[index].numpy(), mode="L").save(folder / f"{index:05d}.png")
-        counts[split_name] = count
     return counts
 
 
