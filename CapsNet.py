@@ -109,9 +109,12 @@ class CapsNetConfig:
         return self.primary_channels * self.primary_grid**2
 
 
+MAX_SIZE = 2**31 - 1  # beyond a C int, torch's kernels overflow rather than refuse
+
+
 def check_positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:  # bools are ints
-        raise ValueError(f"{name} must be a whole number of at least 1, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_SIZE:
+        raise ValueError(f"{name} must be a whole number from 1 to {MAX_SIZE:,}, got {value!r}")
 
 
 def squash(s: torch.Tensor, dim: int = -1) -> torch.Tensor:

@@ -45,12 +45,15 @@ def add_device_flags(parser: argparse.ArgumentParser, threads: bool = True) -> N
         )
 
 
+MAX_THREADS = 1024  # more would only oversubscribe any CPU there is, or overflow torch's int
+
+
 def set_threads(threads: int | None) -> None:
     """Apply --threads; None keeps torch's choice."""
     if threads is None:
         return
-    if threads < 1:
-        raise UserError(f"--threads must be at least 1, got {threads}")
+    if not 1 <= threads <= MAX_THREADS:
+        raise UserError(f"--threads must be between 1 and {MAX_THREADS}, got {threads}")
     torch.set_num_threads(threads)
 
 

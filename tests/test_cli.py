@@ -279,6 +279,8 @@ def test_an_interrupted_dry_run_says_it_saved_nothing(data_dir, tmp_path, monkey
         (["--device", "tpu"], "tpu"),
         (["--train-subset", "999999"], "--train-subset"),
         (["--seed", "-1"], "--seed must be in 0 .. 2**32 - 1"),
+        (["--routing-iterations", str(10**20)], "--routing-iterations must be a whole number from"),
+        (["--conv1-channels", str(2**31)], "--conv1-channels must be a whole number from 1 to"),
     ],
 )
 def test_train_rejects_bad_values(flags, fragment, data_dir, tmp_path):
@@ -626,9 +628,8 @@ def test_bench_refuses_bad_flags(tmp_path):
                               (tmp_path / "a-file" / "p.txt", "--profile's folder")):  # fmt: skip
         result = run_in_process("bench.py", "--profile", profile, check=False)
         assert_one_line_error(result, fragment)  # at once, not after the benchmark
-    assert_one_line_error(
-        run_in_process("bench.py", "--threads", 0, check=False), "--threads must be at least 1"
-    )
+    too_many = run_in_process("bench.py", "--threads", 10**20, check=False)
+    assert_one_line_error(too_many, f"--threads must be between 1 and 1024, got {10**20}")
     cnn_on_pairs = run_in_process(
         "bench.py", "--model", "cnn", "--dataset", "multimnist", check=False
     )
@@ -647,7 +648,7 @@ def test_train_refuses_zero_threads_before_reading_data(tmp_path):
     result = run_in_process(
         "train.py", "--threads", 0, "--data-dir", tmp_path / "absent", "--dry-run", check=False
     )
-    assert_one_line_error(result, "--threads must be at least 1")
+    assert_one_line_error(result, "--threads must be between 1 and 1024, got 0")
 
 
 def test_test_subset_takes_the_first_images_in_order():

@@ -406,6 +406,7 @@ def test_overfits_a_small_batch(mnist_train):
         ("in_channels", 0),
         ("num_classes", 0),
         ("conv1_channels", 1.5),
+        ("conv1_channels", 2**31),  # torch's kernels would overflow, not refuse
         ("kernel_size", 0),
         ("primary_channels", None),
         ("primary_dim", True),
