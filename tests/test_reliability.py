@@ -428,8 +428,12 @@ def test_a_reader_that_stops_early_gets_no_traceback():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script", ["train.py", "evaluate.py", "predict.py", "export.py",
-                                    "sweep.py", "bench.py"])  # fmt: skip
+@pytest.mark.parametrize(
+    "script",
+    ["train.py", "evaluate.py", "predict.py", "export.py", "sweep.py", "bench.py",
+     *(f"tools/{name}.py" for name in ("colour_mnist", "conv_gradient_timing", "export_imagefolder",
+                                      "folder_loading", "routing_kernel_timing"))],
+)  # fmt: skip
 def test_ctrl_c_while_torch_loads_is_one_line_and_status_130(script):
     """A second in, each script is still importing torch (2-4 s on 2 cores), or has begun its
     work; either way Ctrl-C ends it with one line, no traceback from inside an import."""

@@ -27,8 +27,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
 
-from capslab.errors import UserError, exit_on_user_error, make_output_folder  # noqa: E402
-from capslab.jsonl import read_jsonl, write_jsonl  # noqa: E402
+from capslab.errors import UserError, exit_on_user_error, make_output_folder
+from capslab.jsonl import read_jsonl, write_jsonl
 
 ARMS = ("before", "after")
 COLUMNS = ("train_img_per_s", "train_ratio", "eval_img_per_s", "eval_ratio")

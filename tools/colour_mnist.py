@@ -15,19 +15,24 @@ import argparse
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
+
+from capslab.errors import exit_on_ctrl_c_while_loading
+
+exit_on_ctrl_c_while_loading(__name__)  # before torch, which takes seconds to load
+
+# isort: split
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
-
-from capslab.data import DATA_DIR, load_split  # noqa: E402
-from capslab.errors import (  # noqa: E402
+from capslab.data import DATA_DIR, load_split
+from capslab.errors import (
     UserError,
     check_new_output_folder,
     exit_on_user_error,
     make_output_folder,
 )
-from capslab.settings import SEED_RANGE, is_seed  # noqa: E402
+from capslab.settings import SEED_RANGE, is_seed
 
 MIN_DISTANCE = 0.5  # Euclidean distance in RGB [0, 1]^3 between ink and background
 

@@ -27,14 +27,19 @@ import time
 from functools import partial
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
+
+from capslab.errors import exit_on_ctrl_c_while_loading
+
+exit_on_ctrl_c_while_loading(__name__)  # before torch, which takes seconds to load
+
+# isort: split
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
-
-from capslab.errors import UserError, exit_on_user_error  # noqa: E402
-from capslab.hardware import cpu_name  # noqa: E402
-from CapsNet import (  # noqa: E402
+from capslab.errors import UserError, exit_on_user_error
+from capslab.hardware import cpu_name
+from CapsNet import (
     CapsNetConfig,
     ChannelsLastGradients,
     PrimaryCaps,

@@ -16,12 +16,17 @@ import argparse
 import sys
 from pathlib import Path
 
-from PIL import Image
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
 
-from capslab.data import CLASS_NAMES, DATA_DIR, load_split  # noqa: E402
-from capslab.errors import (  # noqa: E402
+from capslab.errors import exit_on_ctrl_c_while_loading
+
+exit_on_ctrl_c_while_loading(__name__)  # before torch, which takes seconds to load
+
+# isort: split
+from PIL import Image
+
+from capslab.data import CLASS_NAMES, DATA_DIR, load_split
+from capslab.errors import (
     UserError,
     check_new_output_folder,
     exit_on_user_error,

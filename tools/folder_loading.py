@@ -16,13 +16,18 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
 
-from capslab.data import batches  # noqa: E402
-from capslab.errors import UserError, exit_on_user_error, flag_name  # noqa: E402
-from capslab.imagefolder import (  # noqa: E402
+from capslab.errors import exit_on_ctrl_c_while_loading
+
+exit_on_ctrl_c_while_loading(__name__)  # before torch, which takes seconds to load
+
+# isort: split
+import torch
+
+from capslab.data import batches
+from capslab.errors import UserError, exit_on_user_error, flag_name
+from capslab.imagefolder import (
     MAX_IMAGE_SIZE,
     RECEPTIVE_FIELD,
     FolderOptions,

@@ -26,15 +26,20 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
 
-from capslab.errors import UserError, exit_on_user_error, first_line  # noqa: E402
-from capslab.fused_routing import LANES, SUFFIXES, address, build, compiler_name  # noqa: E402
-from capslab.hardware import cpu_name  # noqa: E402
-from CapsNet import EPS as MODEL_EPS  # noqa: E402
-from CapsNet import CapsNetConfig  # noqa: E402
+from capslab.errors import exit_on_ctrl_c_while_loading
+
+exit_on_ctrl_c_while_loading(__name__)  # before torch, which takes seconds to load
+
+# isort: split
+import torch
+
+from capslab.errors import UserError, exit_on_user_error, first_line
+from capslab.fused_routing import LANES, SUFFIXES, address, build, compiler_name
+from capslab.hardware import cpu_name
+from CapsNet import EPS as MODEL_EPS
+from CapsNet import CapsNetConfig
 
 PAPER = CapsNetConfig()  # the shapes timed are the paper model's
 OUTPUTS, ITERATIONS, IN_DIM = PAPER.num_classes, PAPER.routing_iterations, PAPER.primary_dim
