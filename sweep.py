@@ -42,6 +42,8 @@ exit_on_ctrl_c_while_loading(__name__)  # first: torch takes seconds to load
 
 # isort: split
 import argparse
+import contextlib
+import io
 import json
 import math
 import os
@@ -58,7 +60,7 @@ from itertools import combinations
 from pathlib import Path
 
 from capslab.checkpoint import load_checkpoint
-from capslab.data import AFFINE_FAMILIES, DATA_DIR, add_data_flags
+from capslab.data import AFFINE_FAMILIES, add_data_flags
 from capslab.errors import UserError, exit_on_user_error, first_line, flag_name, make_output_folder
 from capslab.figures import plot_test_errors
 from capslab.flags import parse_flags
@@ -82,7 +84,7 @@ class FlagError(Exception):
     """train.py's parser refused a grid's flags (instead of printing usage and exiting)."""
 
 
-def read_grid(path: Path, data_dir: str = DATA_DIR) -> list[dict]:
+def read_grid(path: Path, data_dir: str) -> list[dict]:
     """The runs, each with its "evaluate" flags (the grid's unless it has its own), after
     checking the whole grid against the data in data_dir: every problem is named in one
     UserError."""
@@ -113,7 +115,7 @@ def read_grid(path: Path, data_dir: str = DATA_DIR) -> list[dict]:
     return [{"evaluate": evaluate, **run} for run in runs]
 
 
-def runs_problems(runs: list, data_dir: str = DATA_DIR) -> list[str]:
+def runs_problems(runs: list, data_dir: str) -> list[str]:
     """Every problem of the grid's runs: their names, keys and flags (a folder dataset's
     read from data_dir)."""
     check_train_flags = partial(train_flags_problem, data_dir=data_dir)
@@ -172,7 +174,7 @@ def flag_list_problems(where: str, flags, check) -> list[str]:
     return [f"{where}: {problem}"] if problem else []
 
 
-def train_flags_problem(flags: list[str], data_dir: str = DATA_DIR) -> str | None:
+def train_flags_problem(flags: list[str], data_dir: str) -> str | None:
     """What train.py would refuse in these flags, given the sweep's data_dir, found with
     train.py's own parser and configs, or a flag the sweep sets itself (None: nothing)."""
 
@@ -181,7 +183,8 @@ def train_flags_problem(flags: list[str], data_dir: str = DATA_DIR) -> str | Non
     try:
         args, given = parse_flags(refusing(build_parser()), flags)
         args.data_dir = data_dir  # the sweep passes its own: a folder dataset is read there
-        configs_from_flags(args)  # the values: "--epochs must be ..."
+        with contextlib.redirect_stdout(io.StringIO()):  # a folder's notes: train.py prints them
+            configs_from_flags(args)  # the values: "--epochs must be ..."
     except (FlagError, UserError) as error:
         return first_line(error)
     taken = [flag_name(name) for name in SWEEP_SETS if name in given]
@@ -618,10 +621,10 @@ def next_run(
     grid_path: Path,
     results: Path,
     runs_dir: Path,
+    data_dir: str,
     listing: bool,
     retry_failed: bool = False,
     tried: frozenset[str] = frozenset(),
-    data_dir: str = DATA_DIR,
 ) -> dict | None:
     """The first run of the grid that has no result yet, or a failed one with retry_failed,
     that this sweep has not tried (printing each one's state)."""
@@ -750,10 +753,10 @@ def run_sweep(args: argparse.Namespace, results: Path) -> None:
     """The sweep (or --list), with Ctrl-C and SIGTERM as one-line stops that keep what ran."""
     # Both signals raise KeyboardInterrupt, SIGINT too: a sweep started with `&` from a script
     # inherits an ignored SIGINT, and would otherwise not hear `kill -INT`.
-    stopping = (signal.SIGINT, signal.SIGTERM)
-    previous = {number: signal.signal(number, signal.default_int_handler) for number in stopping}
     if args.grid.is_file() and not args.list:  # the results go beside it: found now, not later
         make_output_folder(results.parent, "the grid's folder")
+    stopping = (signal.SIGINT, signal.SIGTERM)
+    previous = {number: signal.signal(number, signal.default_int_handler) for number in stopping}
     try:
         sweep(args.grid, results, args.runs_dir, args.data_dir, args.list, args.retry_failed)
     except KeyboardInterrupt:
@@ -776,7 +779,7 @@ def sweep(
     At the end, a UserError names the grid's runs whose latest try failed."""
     tried: set[str] = set()
     while run := next_run(
-        grid, results, runs_dir, listing, retry_failed, frozenset(tried), data_dir
+        grid, results, runs_dir, data_dir, listing, retry_failed, frozenset(tried)
     ):
         tried.add(run["name"])
         record_result(run_once(run, runs_dir / run["name"], data_dir), results)

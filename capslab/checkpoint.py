@@ -14,7 +14,7 @@ A training checkpoint (`last.pt`, `best.pt`) is one dict of tensors and plain ty
     epoch, batches_done, totals, shift_rng, metrics, best_val, skipped, wall_seconds
                       where the run stands (training.Progress)
     epochs_before     the epochs the --init-from weights had trained, in all (0: from scratch;
-                      files from before it was kept lack it)
+                      None: unknown, a run from a file that did not say; older files lack it)
 
 A shipped checkpoint keeps only the chosen weights, the config, the class names and the
 metrics. Files from
@@ -35,7 +35,7 @@ from filelock import FileLock, Timeout
 
 from capslab.atomic import remove_temporaries, write_atomically
 from capslab.data import CLASS_NAMES, DATASETS
-from capslab.errors import UserError, first_line
+from capslab.errors import UserError, first_line, make_output_folder
 from capslab.imagefolder import FolderOptions
 from capslab.models import MODEL_KINDS, trains_decoder
 from capslab.settings import is_whole, settings_from_dict, settings_to_dict
@@ -86,13 +86,7 @@ def claim_run_folder(folder: Path) -> FileLock:
     The lock is an OS file lock, so it is released on any exit, a crash or kill -9 included.
     Temporary files that a killed run left behind are removed.
     """
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / ".write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as error:
-        raise UserError(f"cannot write checkpoints to {folder} ({first_line(error)})") from error
+    make_output_folder(folder, "--checkpoint-dir")
     lock = FileLock(folder / ".lock", timeout=0)
     try:
         lock.acquire()
@@ -185,15 +179,17 @@ def epochs_before(checkpoint: dict) -> int | None:
 
 def epochs_in_all(checkpoint: dict) -> int | None:
     """The epochs its weights have trained, counting those before --init-from; None: unknown."""
-    before = epochs_before(checkpoint)
-    return None if before is None else checkpoint.get("epoch", 0) + before
+    before, epoch = epochs_before(checkpoint), checkpoint.get("epoch")
+    return None if before is None or epoch is None else epoch + before
 
 
 def epoch_text(epoch: int | None, before: int | None) -> str:
     """'epoch 9', or after --init-from 'epoch 9 (39 in all, 30 before --init-from)'."""
+    if epoch is None:
+        return "epoch ?"
     if before is None:
         return f"epoch {epoch} (after --init-from)"
-    if not before or epoch is None:
+    if not before:
         return f"epoch {epoch}"
     return f"epoch {epoch} ({epoch + before} in all, {before} before --init-from)"
 

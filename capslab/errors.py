@@ -13,14 +13,14 @@ def exit_on_ctrl_c_while_loading(module_name: str) -> None:
     there would land inside some library's import (torch takes seconds), print its traceback,
     and could leave the library half loaded for the interpreter's exit. Imported as a module
     (by the tests), the script changes nothing."""
-    if module_name == "__main__":
-        signal.signal(signal.SIGINT, exit_interrupted)
+    if module_name == "__main__" and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        signal.signal(signal.SIGINT, exit_interrupted)  # ignored stays ignored (`cmd &`)
 
 
 def exit_interrupted(signum, frame) -> None:
     sys.stderr.write("error: interrupted\n")
     sys.stderr.flush()
-    os._exit(130)  # nothing is written yet; the half-loaded libraries get no exit handlers
+    os._exit(130)  # main() has not begun: nothing is written, and no library half loaded exits
 
 
 class UserError(Exception):
@@ -54,15 +54,17 @@ def raise_terminated(signum, frame):
 def exit_on_user_error(main):
     """Run `main()`, turning a UserError into `error: ...` on stderr and exit status 2, a
     Ctrl-C into `error: interrupted` and status 130, and SIGTERM into `error: terminated` and
-    status 143 (where the script has no handler of its own for them, as train.py has).
+    status 143 (where the script has no handler of its own for them, as train.py and sweep.py
+    have; a signal the caller ignores stays ignored).
 
     A reader that stops early (`... | head`) ends the script quietly with status 1, as the
     Python documentation's note on SIGPIPE recommends: stdout goes to devnull so that the
     interpreter's final flush cannot fail a second time."""
-    previous = {
-        signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler),
-        signal.SIGTERM: signal.signal(signal.SIGTERM, raise_terminated),
-    }
+    if signal.getsignal(signal.SIGINT) is exit_interrupted:  # loaded: Ctrl-C may now unwind
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous is signal.SIG_DFL:  # not where the caller ignores it or has its own
+        signal.signal(signal.SIGTERM, raise_terminated)
     try:
         main()
     except UserError as error:
@@ -78,8 +80,7 @@ def exit_on_user_error(main):
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)
     finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
+        signal.signal(signal.SIGTERM, previous)
 
 
 def check_new_output_folder(folder: Path) -> None:

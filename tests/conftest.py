@@ -9,6 +9,7 @@ import io
 import json
 import os
 import random
+import shutil
 import signal
 import struct
 import subprocess
@@ -108,7 +109,11 @@ def run(
     (signals, locks between processes, the interpreter's exit), or, with as_a_user, one that
     file modes bind even when the tests run as root. Importing torch costs each call 2-4 s;
     `run_in_process` gives the same result object without it."""
-    prefix = AS_A_USER if as_a_user and os.geteuid() == 0 else []
+    prefix = []
+    if as_a_user and os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("root, and no setpriv (util-linux) to run a process that file modes bind")
+        prefix = AS_A_USER
     result = subprocess.run(
         [*prefix, sys.executable, str(REPO / script), *map(str, args)],
         capture_output=True,

@@ -386,6 +386,7 @@ def test_epochs_before_init_from_add_up_along_a_chain():
     assert epoch_text(9, epochs_before(older)) == "epoch 9 (after --init-from)"
     assert epochs_before({"epoch": 5, "train_config": {}}) == 0  # from scratch, an older file
     assert epoch_text(5, 0) == "epoch 5"
+    assert epoch_text(None, 3) == "epoch ?" and epochs_in_all({"epochs_before": 3}) is None
 
 
 @pytest.mark.parametrize(

@@ -407,14 +407,14 @@ def test_hub_loads_an_exported_folder_model_with_its_class_names(folder_run, tmp
     assert lengths.shape == (2, 3) and reconstructions.shape == (2, 3, SIDE, SIDE)
 
 
-def test_a_sweep_checks_a_folder_grid_against_its_own_data_dir(tmp_path, monkeypatch):
-    """The grid's flags are checked with the --data-dir the sweep trains with, not train.py's
-    default data/ (which here holds nothing)."""
+def test_a_sweep_checks_a_folder_grid_against_its_own_data_dir(tmp_path):
+    """The grid's flags are checked with the --data-dir the sweep trains with (a folder there
+    holds the classes), not train.py's default data/."""
     make_folder(tmp_path / "images")
     grid = tmp_path / "grid.json"
     grid.write_text(json.dumps([{"name": "fold", "flags": ["--dataset", "folder"]}]))
-    monkeypatch.chdir(tmp_path)
     listed = run_in_process("sweep.py", grid, "--list", "--data-dir", tmp_path / "images")
     assert listed.stdout == "[fold] to do\n"
-    refused = run_in_process("sweep.py", grid, "--list", check=False)  # data/ does not exist
-    assert_one_line_error(refused, "run 1 ('fold'): 'flags':", "data/train")
+    elsewhere = tmp_path / "elsewhere"
+    refused = run_in_process("sweep.py", grid, "--list", "--data-dir", elsewhere, check=False)
+    assert_one_line_error(refused, "run 1 ('fold'): 'flags':", str(elsewhere / "train"))

@@ -16,6 +16,7 @@ import sweep
 import time_to_accuracy
 import train
 from capslab.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from capslab.data import DATA_DIR
 from capslab.errors import UserError
 from capslab.hardware import cpu_name, has_native_bf16
 from capslab.jsonl import write_jsonl
@@ -361,7 +362,7 @@ RECIPE = ("batch_size", "lr", "schedule", "lr_decay", "adam_betas", "ema_decay",
 
 def grid_configs(grid: str) -> dict[str, TrainConfig]:
     """Each run's TrainConfig, built from its flags as train.py builds it."""
-    runs = sweep.read_grid(REPO / "results" / "grids" / grid)
+    runs = sweep.read_grid(REPO / "results" / "grids" / grid, DATA_DIR)
     parse = build_parser().parse_args  # exits on a flag train.py lacks
     return {run["name"]: configs_from_flags(parse(run["flags"]))[0] for run in runs}
 
@@ -378,7 +379,7 @@ def test_grids_that_pin_the_default_recipe_pin_train_pys_defaults(grid):
 
 def test_the_recipe_grid_names_every_setting_its_arms_compare():
     """Its records stay true when a default changes: no arm leans on train.py's defaults."""
-    for run in sweep.read_grid(REPO / "results" / "grids" / "recipe.json"):
+    for run in sweep.read_grid(REPO / "results" / "grids" / "recipe.json", DATA_DIR):
         assert {"--schedule", "--lr", "--batch-size", "--ema-decay"} <= set(run["flags"]), run
 
 

@@ -13,6 +13,7 @@ import sweep
 import time_to_accuracy
 import train
 from capslab.checkpoint import load_checkpoint, save_checkpoint, unvalidated_weights
+from capslab.data import DATA_DIR
 from capslab.errors import UserError
 from capslab.jsonl import chosen_by_validation, write_jsonl
 
@@ -500,7 +501,7 @@ def test_a_resumed_run_drops_init_from_which_train_refuses_beside_resume():
     flags = ["--dataset", "multimnist", "--init-from", "a.pt", "--epochs", "10", "--init-from=b.pt"]
     assert sweep.resume_flags(flags) == ["--dataset", "multimnist", "--epochs", "10"]
     assert sweep.resume_flags(["--init-f", "a.pt", "--lr", "1e-3"]) == ["--lr", "1e-3"]  # a prefix
-    assert sweep.train_flags_problem(["--init-f", "a.pt"]) is None  # as train.py takes it
+    assert sweep.train_flags_problem(["--init-f", "a.pt"], DATA_DIR) is None  # as train.py takes it
 
 
 # --- tools/conv_gradient_timing.py ---------------------------------------------------------
