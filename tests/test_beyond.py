@@ -157,6 +157,7 @@ def test_baseline_parameter_count_is_the_documented_one():
     assert sum(p.numel() for p in BaselineCNN().parameters()) == documented
 
 
+@pytest.mark.slow  # seconds of training: the fast loop stays near a minute
 def test_cnn_trains_checkpoints_and_evaluates(data_dir, tmp_path, capsys):
     checkpoint = train_in_process(data_dir, tmp_path / "cnn", "--epochs", 1, "--model", "cnn")
     assert checkpoint["model_kind"] == "cnn"

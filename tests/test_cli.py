@@ -637,6 +637,7 @@ def test_bench_refuses_bad_flags(tmp_path):
     assert_one_line_error(cnn_on_pairs, "--model must be capsnet with --dataset multimnist")
 
 
+@pytest.mark.slow  # seconds of training: the fast loop stays near a minute
 def test_bench_times_a_batch_of_one_pair():
     """One pair needs a pool of two digits of two classes to draw it from."""
     flags = ["--dataset", "multimnist", "--batch-size", 1, "--steps", 1, "--rounds", 1]

@@ -47,6 +47,7 @@ def test_divergence_keeps_the_last_good_checkpoint(data_dir, tmp_path):
     assert all(torch.equal(trainer.model.state_dict()[n], before[n]) for n in before)
 
 
+@pytest.mark.slow  # seconds of training: the fast loop stays near a minute
 def test_a_capsnet_trained_to_chance_is_warned_about_and_exits_cleanly(data_dir, tmp_path, capsys):
     with own_process_state():
         train.main([*DIVERGING, "--epochs", "1", "--data-dir", str(data_dir),
