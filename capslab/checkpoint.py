@@ -152,9 +152,12 @@ def checked_layout(checkpoint, path: Path) -> dict:
     metrics = checkpoint.get("metrics", [])
     if not (isinstance(metrics, list) and all(isinstance(record, dict) for record in metrics)):
         raise UserError(f"{path} holds an invalid log (its 'metrics' are not a list of records)")
-    for key in ("epoch", "epochs_before"):
-        if checkpoint.get(key) is not None and not is_whole(checkpoint[key], 0):
-            raise UserError(f"{path} holds an invalid {key} {checkpoint[key]!r} (not a count)")
+    counts = {"epoch": checkpoint.get("epoch", 0)}  # resume and export count on it
+    if checkpoint.get("epochs_before") is not None:  # None: unknown, as epochs_before() says
+        counts["epochs_before"] = checkpoint["epochs_before"]
+    for key, value in counts.items():
+        if not is_whole(value, 0):
+            raise UserError(f"{path} holds an invalid {key} {value!r} (not a count)")
     return checkpoint
 
 

@@ -25,7 +25,6 @@ from capslab.flags import add_config_flags, flag_fields, flag_values
 from capslab.hardware import add_device_flags
 from capslab.imagefolder import inspect_folder
 from capslab.models import MODEL_KINDS
-from capslab.settings import is_whole
 from capslab.training import DRY_RUN_BATCHES, TrainConfig, log, warn
 from CapsNet import CapsNetConfig
 
@@ -203,9 +202,7 @@ def configs_from_checkpoint(
         resumed = replace(saved, **changes)
     except ValueError as error:
         raise as_user_error(error) from error
-    done = checkpoint.get("epoch", 0)
-    if not is_whole(done, 0):
-        raise UserError(f"{path} holds an invalid epoch count {done!r}")
+    done = checkpoint["epoch"]  # a count: load_checkpoint checked it
     if done >= resumed.epochs:
         more = "raise --epochs to train more" if saved.schedule != "onecycle" else "it is finished"
         raise UserError(

@@ -364,6 +364,7 @@ def saved_run(trained_run):
         (lambda c: c.update(model_kind=["capsnet"]), "unknown model kind ['capsnet']"),
         (lambda c: c.update(metrics={"epoch": 1}), "its 'metrics' are not a list of records"),
         (lambda c: c.update(epoch="2"), "holds an invalid epoch '2' (not a count)"),
+        (lambda c: c.update(epoch=None), "holds an invalid epoch None (not a count)"),
         (lambda c: c.update(epochs_before=-1), "holds an invalid epochs_before -1 (not a count)"),
     ],
 )
