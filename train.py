@@ -96,8 +96,9 @@ def run(args, plan: RunPlan, model: torch.nn.Module, device) -> None:
         started=LAUNCHED,
     )
     check_batches_fit(config.batch_size, len(train_split), trainer.world_size)
-    trainer.progress.epochs_before = plan.epochs_before()  # a resumed run's comes from its file
-    if checkpoint is not None:
+    if checkpoint is None:
+        trainer.progress.epochs_before = plan.epochs_before()
+    else:
         if "optimizer" not in checkpoint:
             log(
                 f"{path} holds weights only: continuing at the scheduled lr with fresh Adam moments"
