@@ -61,7 +61,14 @@ from pathlib import Path
 
 from capslab.checkpoint import load_checkpoint
 from capslab.data import AFFINE_FAMILIES, add_data_flags
-from capslab.errors import UserError, exit_on_user_error, first_line, flag_name, make_output_folder
+from capslab.errors import (
+    UserError,
+    counted,
+    exit_on_user_error,
+    first_line,
+    flag_name,
+    make_output_folder,
+)
 from capslab.figures import plot_test_errors
 from capslab.flags import parse_flags
 from capslab.jsonl import chosen_by_validation, is_number, json_type, read_jsonl, write_jsonl
@@ -639,7 +646,7 @@ def next_run(
         elif listing:
             state = f"failed ({failure_line(outcome)}), " if failed else ""
             logged = len(records(runs_dir / name))
-            progress = f"{logged} epoch{'' if logged == 1 else 's'} logged" if logged else "to do"
+            progress = f"{counted(logged, 'epoch')} logged" if logged else "to do"
             print(f"[{name}] {state}{progress}")
         elif name not in tried:
             return run
@@ -751,10 +758,10 @@ def report(args: argparse.Namespace, results: Path) -> None:
 
 def run_sweep(args: argparse.Namespace, results: Path) -> None:
     """The sweep (or --list), with Ctrl-C and SIGTERM as one-line stops that keep what ran."""
-    # Both signals raise KeyboardInterrupt, SIGINT too: a sweep started with `&` from a script
-    # inherits an ignored SIGINT, and would otherwise not hear `kill -INT`.
     if args.grid.is_file() and not args.list:  # the results go beside it: found now, not later
         make_output_folder(results.parent, "the grid's folder")
+    # Both signals raise KeyboardInterrupt, SIGINT too: a sweep started with `&` from a script
+    # inherits an ignored SIGINT, and would otherwise not hear `kill -INT`.
     stopping = (signal.SIGINT, signal.SIGTERM)
     previous = {number: signal.signal(number, signal.default_int_handler) for number in stopping}
     try:
