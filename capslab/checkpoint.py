@@ -37,7 +37,7 @@ from capslab.atomic import remove_temporaries, write_atomically
 from capslab.data import CLASS_NAMES, DATASETS
 from capslab.errors import UserError, first_line, make_output_folder
 from capslab.imagefolder import FolderOptions
-from capslab.models import MODEL_KINDS, trains_decoder
+from capslab.models import MODEL_KINDS, refuse_unbuildable, trains_decoder
 from capslab.settings import is_whole, settings_from_dict, settings_to_dict
 from CapsNet import RECONSTRUCTION_WEIGHT, CapsNet
 
@@ -238,6 +238,7 @@ def config_from_checkpoint(checkpoint: dict, path: str | Path = "checkpoint"):
         raise UserError(
             f"{path} names {len(names)} classes for a model of {config.num_classes} outputs"
         )
+    refuse_unbuildable(kind.model_class, config, 1, "holding it", f"{path}'s model")
     return kind.model_class, config
 
 

@@ -2,6 +2,7 @@
 
 import argparse
 import ctypes
+import os
 import platform
 import sys
 from pathlib import Path
@@ -55,6 +56,14 @@ def set_threads(threads: int | None) -> None:
     if not 1 <= threads <= MAX_THREADS:
         raise UserError(f"--threads must be between 1 and {MAX_THREADS}, got {threads}")
     torch.set_num_threads(threads)
+
+
+def memory_bytes() -> int | None:
+    """This machine's physical memory, or None where the platform does not say (Windows)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
 
 
 def has_native_bf16(device: torch.device) -> bool:

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from capslab.baseline import BaselineCNN, BaselineConfig, PaperCNN, PaperCNNConfig
+from capslab.errors import UserError
+from capslab.hardware import memory_bytes
 from CapsNet import CapsNet, CapsNetConfig, capsule_loss
 
 
@@ -54,3 +56,18 @@ def trains_decoder(model_kind: str, reconstruction_weight: float) -> bool:
     """Whether training learns a decoder: a kind with one, and the reconstruction loss on.
     (Weight 0 trains the margin loss alone; the decoder stays as initialised.)"""
     return MODEL_KINDS[model_kind].has_decoder and reconstruction_weight > 0
+
+
+def refuse_unbuildable(model_class: type, config, copies: int, need: str, name: str) -> None:
+    """Refuse a model (`name`) whose `copies` float32 copies of its weights (1 to hold it; 4
+    to train it: weights, gradients and Adam's two moments) exceed this machine's memory,
+    which would otherwise end in the kernel killing the process. Counted on the meta device:
+    no memory used, no random numbers drawn."""
+    with torch.device("meta"):
+        parameters = sum(parameter.numel() for parameter in model_class(config).parameters())
+    needed, available = parameters * 4 * copies, memory_bytes()
+    if available is not None and needed > available:
+        raise UserError(
+            f"{name} would have {parameters:,} parameters: {need} needs {needed / 2**30:,.1f} "
+            f"GiB, more than this machine's {available / 2**30:,.1f} GiB of memory"
+        )

@@ -24,7 +24,7 @@ from capslab.errors import UserError, counted, flag_name
 from capslab.flags import add_config_flags, flag_fields, flag_values
 from capslab.hardware import add_device_flags
 from capslab.imagefolder import inspect_folder
-from capslab.models import MODEL_KINDS
+from capslab.models import MODEL_KINDS, refuse_unbuildable
 from capslab.training import DRY_RUN_BATCHES, TrainConfig, log, warn
 from CapsNet import CapsNetConfig
 
@@ -145,6 +145,7 @@ def configs_from_flags(args: argparse.Namespace):
         if not flags.keys() <= {field.name for field in fields(kind.config_class)}:
             flags = {}  # the CNNs have no routing
         model_config = kind.config_class(**flags, **input_shape(config))
+        refuse_unbuildable(kind.model_class, model_config, 4, "training", "the model")
         return config, kind.model_class, model_config
     except ValueError as error:
         raise as_user_error(error) from error

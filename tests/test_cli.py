@@ -281,6 +281,7 @@ def test_an_interrupted_dry_run_says_it_saved_nothing(data_dir, tmp_path, monkey
         (["--seed", "-1"], "--seed must be in 0 .. 2**32 - 1"),
         (["--routing-iterations", str(10**20)], "--routing-iterations must be a whole number from"),
         (["--conv1-channels", str(2**31)], "--conv1-channels must be a whole number from 1 to"),
+        (["--primary-channels", str(2**31 - 1)], "parameters: training needs"),
     ],
 )
 def test_train_rejects_bad_values(flags, fragment, data_dir, tmp_path):

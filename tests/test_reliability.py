@@ -350,6 +350,10 @@ def saved_run(trained_run):
         (lambda c: c["config"].update(routing_iterations="3"), "invalid model config"),
         (lambda c: c.update(train_config=[1, 2]), "invalid training settings"),
         (lambda c: c.update(config="capsnet"), "invalid model config"),
+        (  # a crafted config, within each size's bounds, too big to build: refused, not OOM-killed
+            lambda c: c["config"].update(conv1_channels=2**31 - 1),
+            "model would have 44,530,",
+        ),
         (
             lambda c: c["model"].update({"digit_caps.W": torch.zeros(3)}),
             "digit_caps.W has shape (3,)",
