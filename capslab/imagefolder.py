@@ -114,6 +114,12 @@ def scan_split(folder: Path, min_side: int = RECEPTIVE_FIELD) -> FolderScan:
     return scan
 
 
+def absent_classes(labels: torch.Tensor, num_classes: int) -> list[int]:
+    """The classes 0 .. num_classes - 1 that no label names: a folder written from these labels
+    would have them empty, which scan_split refuses."""
+    return sorted(set(range(num_classes)) - set(labels.tolist()))
+
+
 def image_header(path: Path) -> tuple[str, tuple[int, int]]:
     """(mode, (width, height)) from the file's header; one UserError if it is no image."""
     with image_errors(path), Image.open(path) as image:

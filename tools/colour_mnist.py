@@ -32,6 +32,7 @@ from capslab.errors import (
     exit_on_user_error,
     make_output_folder,
 )
+from capslab.imagefolder import absent_classes
 from capslab.settings import SEED_RANGE, is_seed
 
 MIN_DISTANCE = 0.5  # Euclidean distance in RGB [0, 1]^3 between ink and background
@@ -76,8 +77,8 @@ def make(out: Path, data_dir: str, train: int, test: int, seed: int, background:
     for split_name, count in (("train", train), ("test", test)):
         chosen = torch.randperm(len(splits[split_name]), generator=generator)[:count]
         drawn[split_name] = chosen, colour_pairs(count, generator, background)
-        missing = sorted(set(range(10)) - set(splits[split_name].labels[chosen].tolist()))
-        if missing:  # train.py reads a folder only if both splits hold every class
+        missing = absent_classes(splits[split_name].labels[chosen], 10)
+        if missing:
             raise UserError(
                 f"--{split_name} {count} draws no {', '.join(map(str, missing))}, so train.py "
                 f"would refuse the folder: raise --{split_name}"

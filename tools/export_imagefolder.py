@@ -32,6 +32,7 @@ from capslab.errors import (
     exit_on_user_error,
     make_output_folder,
 )
+from capslab.imagefolder import absent_classes
 
 
 def folder_name(label: int, name: str) -> str:
@@ -53,8 +54,8 @@ def export(dataset: str, data_dir: str, out: Path, limit: int | None = None) -> 
         name: len(split) if limit is None else min(limit, len(split))
         for name, split in splits.items()
     }
-    for split_name, split in splits.items():  # train.py reads a folder only if no class is empty
-        missing = sorted(set(range(len(names))) - set(split.labels[: counts[split_name]].tolist()))
+    for split_name, split in splits.items():
+        missing = absent_classes(split.labels[: counts[split_name]], len(names))
         if missing:
             raise UserError(
                 f"--limit {limit} leaves {split_name}/ without "
