@@ -33,7 +33,7 @@ import torch
 from capslab import fused_routing
 from capslab.atomic import write_atomically
 from capslab.data import IMAGE_SIZE, Split, to_model_input
-from capslab.errors import UserError, exit_on_user_error, flag_name, make_output_folder
+from capslab.errors import UserError, exit_on_user_error, flag_name, make_output_folder, warn
 from capslab.hardware import (
     add_device_flags,
     cpu_name,
@@ -45,7 +45,7 @@ from capslab.hardware import (
 from capslab.models import MODEL_KINDS
 from capslab.multimnist import PairPool
 from capslab.run_plan import as_user_error
-from capslab.training import TrainConfig, Trainer, epoch_generator, warn
+from capslab.training import TrainConfig, Trainer, epoch_generator
 from CapsNet import CapsNet
 
 MAX_COUNT = 100_000  # --batch-size, --steps, --rounds: beyond any real measurement

@@ -35,7 +35,7 @@ import torch.distributed as dist
 
 from capslab.checkpoint import claim_run_folder
 from capslab.data import load_run_splits
-from capslab.errors import UserError, exit_on_user_error
+from capslab.errors import UserError, exit_on_user_error, is_main_process, log, warn
 from capslab.flags import parse_flags
 from capslab.hardware import emulated_bf16_warning, keep_freed_memory, set_threads
 from capslab.run_plan import RunPlan, build_parser, plan_run
@@ -45,10 +45,7 @@ from capslab.training import (
     TrainConfig,
     Trainer,
     init_distributed,
-    is_main_process,
-    log,
     seed_everything,
-    warn,
 )
 
 

@@ -19,6 +19,7 @@ original image (up to float rounding); a digit translated to the canvas edge can
 
 import argparse
 import contextlib
+import functools
 import gzip
 import math
 import zlib
@@ -28,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from capslab.errors import UserError
+from capslab.errors import UserError, log
 from capslab.imagefolder import FileSplit, FolderOptions, load_folder
 
 DATA_DIR = "data"  # where --data-dir points unless given
@@ -93,7 +94,9 @@ def add_data_flags(parser: argparse.ArgumentParser, test_subset: bool = True) ->
     parser.add_argument(
         "--data-dir",
         default=DATA_DIR,
-        help=f"dataset root, downloaded into if absent (default: {DATA_DIR})",
+        help=f"dataset root, downloaded into if absent; Fashion-MNIST is read from "
+        f"{DEBIAN_FASHION_DIR} when the root lacks it and Debian's dataset-fashion-mnist is "
+        f"installed (default: {DATA_DIR})",
     )
     if test_subset:
         parser.add_argument(
@@ -201,10 +204,17 @@ def load_split(dataset: str, data_dir: str | Path, train: bool) -> Split:
     folder = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}[dataset]
     local_raw = data_dir / folder / "raw"
     if dataset == "fashion-mnist" and not local_raw.is_dir() and DEBIAN_FASHION_DIR.is_dir():
+        say_once(f"{local_raw} is absent: reading Debian's {DEBIAN_FASHION_DIR}")
         return read_raw(DEBIAN_FASHION_DIR, train)
     if all(idx_file(local_raw, name) for name in RAW_FILES):
         return read_raw(local_raw, train)
     return download(dataset, data_dir, train, local_raw)
+
+
+@functools.cache
+def say_once(line: str) -> None:
+    """log a line the first time it comes (both splits read the same folder)."""
+    log(line, flush=True)
 
 
 def idx_file(folder: Path, name: str) -> Path | None:

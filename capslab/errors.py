@@ -1,4 +1,5 @@
-"""One-line errors for the scripts: a problem the user can fix never shows a traceback."""
+"""What the scripts tell the user: one-line errors (a problem the user can fix never shows a
+traceback), and log and warning lines, printed by the first process only under torchrun."""
 
 import os
 import signal
@@ -21,6 +22,21 @@ def exit_interrupted(signum, frame) -> None:
     sys.stderr.write("error: interrupted\n")
     sys.stderr.flush()
     os._exit(130)  # main() has not begun: nothing is written, and no library half loaded exits
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0  # torchrun sets RANK; a plain run is rank 0
+
+
+def log(*args, **kwargs) -> None:
+    """print, on rank 0 only."""
+    if is_main_process():
+        print(*args, **kwargs)
+
+
+def warn(message: str) -> None:
+    """A "warning: ..." line on stderr, as every script prints its warnings (rank 0 only)."""
+    log(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 class UserError(Exception):

@@ -27,8 +27,8 @@ so a run does not depend on which one it took (tests/test_folder_dataset.py chec
 
 import contextlib
 import math
-import os
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +36,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from capslab.errors import UserError, counted, first_line
+from capslab.errors import log as log_rank0  # load_folder takes a `log` of its own
 from CapsNet import CapsNetConfig
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -337,7 +338,7 @@ def load_folder(root: str | Path, options: FolderOptions, parts=("train", "test"
         else "held in memory as uint8"
     )
     counts = ", ".join(f"{part} {len(scan.files)}" for part, scan in zip(parts, scans))
-    (log or log_rank0)(
+    (log or partial(log_rank0, flush=True))(
         f"folder {root}: {len(options.class_names)} classes, {counts} images of {shape}, "
         f"{estimate / 2**20:,.1f} MiB of pixels (limit {IN_MEMORY_LIMIT / 2**30:.0f} GiB): {where}"
     )
@@ -360,9 +361,3 @@ def shuffle(scan: FolderScan, seed: int) -> None:
     order = torch.randperm(len(scan.files), generator=torch.Generator().manual_seed(seed))
     scan.files = [scan.files[i] for i in order.tolist()]
     scan.labels = [scan.labels[i] for i in order.tolist()]
-
-
-def log_rank0(line: str) -> None:
-    """print, in the first process only (torchrun sets RANK)."""
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(line, flush=True)

@@ -20,12 +20,12 @@ from capslab.checkpoint import (
     model_from_checkpoint,
 )
 from capslab.data import IMAGE_SIZE, add_data_flags
-from capslab.errors import UserError, counted, flag_name
+from capslab.errors import UserError, counted, flag_name, log, warn
 from capslab.flags import add_config_flags, flag_fields, flag_values
 from capslab.hardware import add_device_flags
 from capslab.imagefolder import inspect_folder
 from capslab.models import MODEL_KINDS, refuse_unbuildable
-from capslab.training import DRY_RUN_BATCHES, TrainConfig, log, warn
+from capslab.training import DRY_RUN_BATCHES, TrainConfig
 from CapsNet import CapsNetConfig
 
 # Settings a resumed run may change: none of them changes what it computes.

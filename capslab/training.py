@@ -11,7 +11,6 @@ import math
 import os
 import random
 import signal
-import sys
 import time
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -30,7 +29,7 @@ from capslab.checkpoint import (
     training_checkpoint,
 )
 from capslab.data import CLASS_NAMES, DATASETS, IMAGE_SIZE, Split, batches, to_model_input
-from capslab.errors import UserError
+from capslab.errors import UserError, log, warn
 from capslab.figures import plot_curve
 from capslab.hardware import device_name, has_native_bf16, pick_device
 from capslab.imagefolder import (
@@ -389,21 +388,6 @@ def init_distributed(requested_device: str, batch_size: int) -> torch.device:
         raise UserError(f"data-parallel training runs on cuda or cpu, not {device.type}")
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return device
-
-
-def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0  # torchrun sets RANK; a plain run is rank 0
-
-
-def log(*args, **kwargs) -> None:
-    """print, on rank 0 only."""
-    if is_main_process():
-        print(*args, **kwargs)
-
-
-def warn(message: str) -> None:
-    """A "warning: ..." line on stderr, as every script prints its warnings (rank 0 only)."""
-    log(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def build_scheduler(optimizer, config: TrainConfig, steps_per_epoch: int):

@@ -248,7 +248,8 @@ def test_fashion_mnist_trains_and_evaluates_with_class_names(tmp_path, capsys):
         tmp_path / "data", tmp_path / "fashion", "--epochs", 1, "--dataset", "fashion-mnist"
     )
     assert checkpoint["dataset"] == "fashion-mnist"
-    capsys.readouterr()
+    said = capsys.readouterr().out
+    assert said.count(f"FashionMNIST/raw is absent: reading Debian's {DEBIAN_FASHION_DIR}") == 1
     evaluate.main(
         [
             "--checkpoint",
