@@ -238,7 +238,7 @@ def config_from_checkpoint(checkpoint: dict, path: str | Path = "checkpoint"):
         raise UserError(
             f"{path} names {len(names)} classes for a model of {config.num_classes} outputs"
         )
-    refuse_unbuildable(kind.model_class, config, 1, "holding it", f"{path}'s model")
+    refuse_unbuildable(kind.model_class, config, 2, "loading it", f"{path}'s model")
     return kind.model_class, config
 
 

@@ -59,11 +59,13 @@ def set_threads(threads: int | None) -> None:
 
 
 def memory_bytes() -> int | None:
-    """This machine's physical memory, or None where the platform does not say (Windows)."""
+    """This machine's physical memory, or None where the platform does not say (Windows, or
+    sysconf's -1). A container's own limit (cgroups) is not counted."""
     try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        pages, page_size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
     except (AttributeError, ValueError, OSError):
         return None
+    return pages * page_size if pages > 0 and page_size > 0 else None
 
 
 def has_native_bf16(device: torch.device) -> bool:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from capslab.baseline import BaselineCNN, BaselineConfig, PaperCNN, PaperCNNConfig
-from capslab.errors import UserError
+from capslab.errors import UserError, first_line
 from capslab.hardware import memory_bytes
 from CapsNet import CapsNet, CapsNetConfig, capsule_loss
 
@@ -59,12 +59,15 @@ def trains_decoder(model_kind: str, reconstruction_weight: float) -> bool:
 
 
 def refuse_unbuildable(model_class: type, config, copies: int, need: str, name: str) -> None:
-    """Refuse a model (`name`) whose `copies` float32 copies of its weights (1 to hold it; 4
-    to train it: weights, gradients and Adam's two moments) exceed this machine's memory,
-    which would otherwise end in the kernel killing the process. Counted on the meta device:
-    no memory used, no random numbers drawn."""
-    with torch.device("meta"):
-        parameters = sum(parameter.numel() for parameter in model_class(config).parameters())
+    """Refuse a model (`name`) that cannot be built, or whose `copies` float32 copies of its
+    weights (2 to load it: the file's and the model's; 4 to train it: weights, gradients and
+    Adam's two moments) exceed this machine's memory, which would otherwise end in the kernel
+    killing the process. Built on the meta device: no memory used, no random numbers drawn."""
+    try:
+        with torch.device("meta"):
+            parameters = sum(parameter.numel() for parameter in model_class(config).parameters())
+    except (RuntimeError, TypeError, OverflowError) as error:  # sizes torch cannot index
+        raise UserError(f"{name} cannot be built ({first_line(error)})") from error
     needed, available = parameters * 4 * copies, memory_bytes()
     if available is not None and needed > available:
         raise UserError(

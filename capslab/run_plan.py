@@ -104,13 +104,17 @@ def plan_run(args: argparse.Namespace, explicit: set[str]) -> RunPlan:
     path = resume_path(args)
     if path is None:
         plan = RunPlan(*configs_from_flags(args))
-        if args.init_from is not None:
-            plan.initial = init_from_checkpoint(args, explicit, plan.config)
-        return plan
-    checkpoint = load_checkpoint(path)
-    if "train_config" not in checkpoint or "epoch" not in checkpoint:
-        raise UserError(f"{path} has no training settings or epoch, so there is no run to continue")
-    return RunPlan(*configs_from_checkpoint(args, explicit, checkpoint, path), checkpoint, path)
+        if args.init_from is not None:  # the model is the checkpoint's
+            plan.initial, plan.model_config = init_from_checkpoint(args, explicit, plan.config)
+    else:
+        checkpoint = load_checkpoint(path)
+        if "train_config" not in checkpoint or "epoch" not in checkpoint:
+            raise UserError(
+                f"{path} has no training settings or epoch, so there is no run to continue"
+            )
+        plan = RunPlan(*configs_from_checkpoint(args, explicit, checkpoint, path), checkpoint, path)
+    refuse_unbuildable(plan.model_class, plan.model_config, 4, "training", "the model")
+    return plan
 
 
 def resume_path(args: argparse.Namespace) -> Path | None:
@@ -145,7 +149,6 @@ def configs_from_flags(args: argparse.Namespace):
         if not flags.keys() <= {field.name for field in fields(kind.config_class)}:
             flags = {}  # the CNNs have no routing
         model_config = kind.config_class(**flags, **input_shape(config))
-        refuse_unbuildable(kind.model_class, model_config, 4, "training", "the model")
         return config, kind.model_class, model_config
     except ValueError as error:
         raise as_user_error(error) from error
@@ -213,8 +216,8 @@ def configs_from_checkpoint(
 
 
 def init_from_checkpoint(args: argparse.Namespace, explicit: set[str], config: TrainConfig):
-    """--init-from: the checkpoint, checked against the flags, with a warning when this run's
-    validation split is not the checkpoint's."""
+    """--init-from: the checkpoint and its model config, checked against the flags, with a
+    warning when this run's validation split is not the checkpoint's."""
     path = Path(args.init_from)
     checkpoint = load_checkpoint(path)
     _, model_config = config_from_checkpoint(checkpoint, path)
@@ -244,7 +247,7 @@ def init_from_checkpoint(args: argparse.Namespace, explicit: set[str], config: T
             f"{path} was trained on another split ({theirs}; this run: {ours}), so this run's "
             "validation images may be ones it trained on"
         )
-    return checkpoint
+    return checkpoint, model_config
 
 
 def contradicted_flag(args: argparse.Namespace, names, saved: dict) -> str | None:

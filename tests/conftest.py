@@ -32,7 +32,7 @@ import evaluate  # noqa: E402
 import train  # noqa: E402
 from capslab import fused_routing  # noqa: E402
 from capslab.checkpoint import SHIPPED_CHECKPOINT, load_checkpoint, save_checkpoint  # noqa: E402
-from capslab.data import load_split  # noqa: E402
+from capslab.data import load_split, say_once  # noqa: E402
 from capslab.errors import exit_on_user_error  # noqa: E402
 from capslab.settings import settings_to_dict  # noqa: E402
 from capslab.training import TrainConfig, Trainer  # noqa: E402
@@ -146,7 +146,9 @@ def print_warning(message, category, filename, lineno, file=None, line=None) -> 
 def own_process_state():
     """Put back what a script's main changes in the process it runs in: the SIGINT and SIGTERM
     handlers (train.py's StopRequest installs its own and leaves them), torch's thread count
-    (--threads) and deterministic mode, and the random generators (seed_everything)."""
+    (--threads) and deterministic mode, and the random generators (seed_everything). Notes
+    said once a process (data.say_once) are said again, as in a fresh process."""
+    say_once.cache_clear()
     handlers = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
     threads = torch.get_num_threads()
     deterministic = (

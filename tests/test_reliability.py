@@ -352,8 +352,9 @@ def saved_run(trained_run):
         (lambda c: c.update(config="capsnet"), "invalid model config"),
         (  # a crafted config, within each size's bounds, too big to build: refused, not OOM-killed
             lambda c: c["config"].update(conv1_channels=2**31 - 1),
-            "parameters: holding it needs",
+            "parameters: loading it needs",
         ),
+        (lambda c: c["config"].update(image_size=2**31 - 1), "model cannot be built ("),
         (
             lambda c: c["model"].update({"digit_caps.W": torch.zeros(3)}),
             "digit_caps.W has shape (3,)",
