@@ -507,23 +507,30 @@ void backward_one(const In* votes, Shape n, bool detach_early, Acc eps, const Ac
   }
 }
 
-// Examples whose votes are made together, so each W_i is read once per group: 4 in float32 and
-// 8 in bf16, whose votes take half the bytes (a buffer of 8 MB at 36x36 either way; 8 bf16
-// examples ran 5-8% faster than 4 on Zen 3, results/README.md § "Groups of votes by bytes").
+// Examples whose votes are made together, so each W_i is read once per group: a power of two, at
+// most 8, whose votes fit in 4 MB (4 bf16 examples at 36x36, 8 at 28x28; 2 and 4 in float32).
+// On Zen 4 larger buffers ran slower: the bf16 kernel at 36x36 took 48.4 ms a step with 8
+// examples (8 MB), 42.3 with 4 and 44.7 with 2 (results/README.md § "Groups of votes by bytes").
+constexpr int64_t kGroupBytes = int64_t(4) << 20;
 template <typename In>
-constexpr int64_t kGroup = 16 / int64_t(sizeof(In));
+int64_t group_size(Shape n) {
+  const int64_t example = n.inputs * n.width() * int64_t(sizeof(In));
+  int64_t group = 1;
+  while (group < 8 && 2 * group * example <= kGroupBytes) group *= 2;
+  return group;
+}
 
 // Examples [begin, end) of the batch, a group at a time: the group's votes into a buffer of the
-// calling thread's (8 MB at 36x36), then route(b, votes of b) for each example while
-// its votes are in cache. The votes are never kept: backward makes them again, which costs less
-// than writing and reading back a batch's votes (65 MB at 36x36), fresh pages from the OS at
-// every step.
+// calling thread's (at most 4 MB at CapsNet's shapes), then route(b, votes of b) for each example
+// while its votes are in cache. The votes are never kept: backward makes them again, which costs
+// less than writing and reading back a batch's votes (65 MB at 36x36), fresh pages from the OS
+// at every step.
 // With `add_up`, route also gets each example's votes summed over the inputs (J vectors).
 template <typename In, typename Acc, typename Route>
 void route_in_groups(const In* u, const In* W, Shape n, int64_t begin, int64_t end, bool add_up,
                      const Route& route) {
   const int64_t size = n.inputs * n.width();
-  constexpr int64_t group = kGroup<In>;
+  const int64_t group = group_size<In>(n);
   std::vector<In> votes(group * size);
   std::vector<Vec<Acc>> totals(group * n.outputs);
   for (int64_t first = begin; first < end; first += group) {

@@ -151,7 +151,7 @@ def test_kernel_stays_finite_when_votes_are_huge():
 
 
 def test_one_thread_routes_several_groups_of_examples_right():
-    # One thread takes all 9 examples: two full groups of 4 and a partial one.
+    # One thread takes all 9 examples: a full group of 8 and a partial one.
     u, W = random_inputs(37, 9, 10, seed=3)
     threads = torch.get_num_threads()
     try:
