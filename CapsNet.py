@@ -146,12 +146,24 @@ def capsule_length(v: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return torch.where(length.isinf(), torch.finfo(length.dtype).max, length)
 
 
+def plain_geometry(conv: nn.Conv2d) -> bool:
+    """The geometry the faster gradients below are written for: no padding or dilation, one
+    group."""
+    return conv.padding in ((0, 0), "valid") and conv.dilation == (1, 1) and conv.groups == 1
+
+
 def float32_cpu_conv(conv: nn.Conv2d, x: torch.Tensor) -> bool:
-    """Whether `conv` may take its faster gradients below: float32 on a CPU outside autocast,
-    and the geometry they are written for (no padding or dilation, one group)."""
-    plain = conv.padding in ((0, 0), "valid") and conv.dilation == (1, 1) and conv.groups == 1
+    """Whether `conv` may take its faster gradients below: float32 on a CPU outside autocast."""
     on_cpu = x.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
-    return plain and on_cpu and x.dtype == torch.float32
+    return plain_geometry(conv) and on_cpu and x.dtype == torch.float32
+
+
+def bf16_cpu_autocast_conv(conv: nn.Conv2d, x: torch.Tensor) -> bool:
+    """Whether `conv` runs under bf16 autocast on a CPU, in the geometry of the gradients below."""
+    autocast = (
+        torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    )
+    return plain_geometry(conv) and x.device.type == "cpu" and autocast
 
 
 class ChannelsLastGradients(torch.autograd.Function):
@@ -234,15 +246,24 @@ class PrimaryConvGradients(torch.autograd.Function):
 
 
 class PrimaryConv2d(nn.Conv2d):
-    """The PrimaryCaps convolution's nn.Conv2d (no padding). On a CPU in float32 its gradients
-    are PrimaryConvGradients, which take less time than oneDNN's gradient kernels for this
-    shape (results/README.md §§ "The PrimaryCaps weight gradient as a convolution" and "The
-    PrimaryCaps input gradient in the kernel"). Under bf16 autocast (untimed) and elsewhere it
-    is nn.Conv2d."""
+    """The PrimaryCaps convolution's nn.Conv2d (no padding). On a CPU in float32, and under
+    bf16 autocast on a CPU, its gradients are PrimaryConvGradients, which take less time than
+    oneDNN's gradient kernels for this shape (results/README.md §§ "The PrimaryCaps weight
+    gradient as a convolution", "The PrimaryCaps input gradient in the kernel" and "The
+    PrimaryCaps weight gradient in bf16"). Elsewhere it is nn.Conv2d."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if float32_cpu_conv(self, x):
             return PrimaryConvGradients.apply(x, self.weight, self.bias, self.stride)
+        if bf16_cpu_autocast_conv(self, x):
+            # Cast as autocast casts, outside the function: the parameters' gradients come
+            # back through the casts in float32. The input gradient stays autograd's (the
+            # kernel's is float32 only); the weight gradient is a bf16 forward convolution.
+            with torch.autocast("cpu", enabled=False):
+                tensors = [
+                    t if t is None else t.to(torch.bfloat16) for t in (x, self.weight, self.bias)
+                ]
+                return PrimaryConvGradients.apply(*tensors, self.stride)
         return super().forward(x)
 
 

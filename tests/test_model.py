@@ -6,6 +6,7 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from capslab.baseline import BaselineConfig, PaperCNNConfig
 from capslab.settings import settings_from_dict, settings_to_dict
@@ -181,15 +182,39 @@ def test_primary_conv_gradients_pass_gradcheck(stride):
     )
 
 
-def test_primary_conv_takes_its_own_gradients_in_float32_on_the_cpu_only():
+def test_primary_conv_takes_its_own_gradients_in_float32_and_bf16_autocast_on_the_cpu_only():
     layer = PrimaryCaps(SMALL)
     x = torch.randn(2, SMALL.conv1_channels, 20, 20)
     assert layer.conv(x).grad_fn.name() == "PrimaryConvGradientsBackward"
     with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer.conv(x).grad_fn.name() == "PrimaryConvGradientsBackward"
+    with torch.autocast("cpu", dtype=torch.float16):
         assert layer.conv(x).grad_fn.name() == "ConvolutionBackward0"
     assert layer.double().conv(x.double()).grad_fn.name() == "ConvolutionBackward0"
     padded = PrimaryConv2d(4, 4, 3, stride=2, padding=1)  # not what it is written for
     assert padded(torch.randn(1, 4, 9, 9)).grad_fn.name() == "ConvolutionBackward0"
+
+
+def test_primary_conv_under_bf16_autocast_matches_autograd_to_bf16_rounding():
+    torch.manual_seed(0)
+    ours = PrimaryConv2d(6, 5, 9, stride=2)
+    plain = nn.Conv2d(6, 5, 9, stride=2)
+    plain.load_state_dict(ours.state_dict())
+    x = torch.rand(3, 6, 20, 20)
+    results = []
+    for conv in (ours, plain):
+        x_in = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = conv(x_in)
+        grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+        grads = torch.autograd.grad(out, (x_in, conv.weight, conv.bias), grad_out.bfloat16())
+        results.append((out, *grads))
+    (out, grad_x, grad_w, grad_b), (plain_out, plain_x, plain_w, plain_b) = results
+    assert out.dtype == torch.bfloat16 and torch.equal(out, plain_out)
+    assert grad_w.dtype == grad_b.dtype == torch.float32  # the parameters' own, as autocast's
+    assert torch.equal(grad_x, plain_x) and torch.equal(grad_b, plain_b)  # autograd's own
+    # The weight gradient, a bf16 convolution of its own, within bf16 rounding of autograd's.
+    torch.testing.assert_close(grad_w, plain_w, rtol=2**-7, atol=2**-8 * plain_w.abs().max())
 
 
 # --- routing -------------------------------------------------------------------------

@@ -15,8 +15,10 @@ between their gradients (0.0: the same bits).
     python tools/conv_gradient_timing.py --size 36 --batch 64      # MultiMNIST's pairs
     python tools/conv_gradient_timing.py --dtype bfloat16          # what bf16 autocast would run
 
-Under bf16 autocast both convolutions keep plain autograd; --dtype bfloat16 times what
-switching them would give. Run it alone on the machine: the numbers are wall-clock times.
+Under bf16 autocast on a CPU, Conv1 keeps plain autograd (its channels-last gradients were
+slower in bf16), and the PrimaryCaps convolution takes its weight gradient as a convolution,
+its input gradient from autograd (the kernel's is float32 only): --dtype bfloat16 times both
+ways in bf16. Run it alone on the machine: the numbers are wall-clock times.
 """
 
 import argparse
