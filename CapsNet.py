@@ -249,8 +249,9 @@ class PrimaryConv2d(nn.Conv2d):
     """The PrimaryCaps convolution's nn.Conv2d (no padding). On a CPU in float32, and under
     bf16 autocast on a CPU, its gradients are PrimaryConvGradients, which take less time than
     oneDNN's gradient kernels for this shape (results/README.md §§ "The PrimaryCaps weight
-    gradient as a convolution", "The PrimaryCaps input gradient in the kernel" and "The
-    PrimaryCaps weight gradient in bf16"). Elsewhere it is nn.Conv2d."""
+    gradient as a convolution", "The PrimaryCaps input gradient in the kernel" and "The kernel's
+    AVX-512 code on Zen 4, and the PrimaryCaps weight gradient in bf16"). Elsewhere it is
+    nn.Conv2d."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if float32_cpu_conv(self, x):
