@@ -159,11 +159,13 @@ def float32_cpu_conv(conv: nn.Conv2d, x: torch.Tensor) -> bool:
 
 
 def bf16_cpu_autocast_conv(conv: nn.Conv2d, x: torch.Tensor) -> bool:
-    """Whether `conv` runs under bf16 autocast on a CPU, in the geometry of the gradients below."""
+    """Whether `conv` runs under bf16 autocast on a CPU, in the geometry of the gradients below,
+    on an input autocast would run in bf16 (float32 or bf16: it leaves float64 as it is)."""
     autocast = (
         torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
     )
-    return plain_geometry(conv) and x.device.type == "cpu" and autocast
+    cast = x.dtype in (torch.float32, torch.bfloat16)
+    return plain_geometry(conv) and x.device.type == "cpu" and autocast and cast
 
 
 class ChannelsLastGradients(torch.autograd.Function):

@@ -190,7 +190,11 @@ def test_primary_conv_takes_its_own_gradients_in_float32_and_bf16_autocast_on_th
         assert layer.conv(x).grad_fn.name() == "PrimaryConvGradientsBackward"
     with torch.autocast("cpu", dtype=torch.float16):
         assert layer.conv(x).grad_fn.name() == "ConvolutionBackward0"
-    assert layer.double().conv(x.double()).grad_fn.name() == "ConvolutionBackward0"
+    layer.double()
+    assert layer.conv(x.double()).grad_fn.name() == "ConvolutionBackward0"
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast leaves float64 as it is
+        out = layer.conv(x.double())
+    assert out.dtype == torch.float64 and out.grad_fn.name() == "ConvolutionBackward0"
     padded = PrimaryConv2d(4, 4, 3, stride=2, padding=1)  # not what it is written for
     assert padded(torch.randn(1, 4, 9, 9)).grad_fn.name() == "ConvolutionBackward0"
 
