@@ -367,6 +367,13 @@ Vec<Acc> block_weighted_sum(const In* block, int64_t n, int64_t stride, int64_t 
   return out;
 }
 
+// Adds one example's votes (J, 16) to its sums over the inputs, `sums` (J vectors), as they
+// were stored (rounded to In), as the later passes read them.
+template <typename In, typename Acc>
+void add_stored_votes(const In* votes, int64_t J, Vec<Acc>* sums) {
+  for (int64_t j = 0; j < J; ++j) sums[j] += load(votes + j * kLanes);
+}
+
 // Eq. 2 for examples [begin, end): votes (end - begin, I, J*16) = W_ij u_bi, with u (B, I, K)
 // and W (I, K, J*16). Input by input, so that W_i is loaded once for all of these examples. kJ and
 // kK, when not 0, are J and K known at compile time: the sums over k then run side by side
@@ -406,10 +413,7 @@ void compute_votes(const In* u, const In* W, Shape n, int64_t begin, int64_t end
       }
       if constexpr (!std::is_same_v<In, Acc>)
         for (int j = 0; j < J; ++j) store(load(row + j * kLanes), out + j * kLanes);
-      if (totals) {  // the stored (rounded) votes, as the later passes read them
-        Vec<Acc>* sums_b = totals + (b - begin) * J;
-        for (int j = 0; j < J; ++j) sums_b[j] += load(out + j * kLanes);
-      }
+      if (totals) add_stored_votes<In, Acc>(out, J, totals + (b - begin) * J);
     }
   }
 }
@@ -451,10 +455,7 @@ void compute_votes_paired(const uint16_t* u, const uint16_t* W, Shape n, int64_t
         for (int j = 0; j < kJ; ++j) total[j] = _mm512_dpbf16_ps(total[j], weights[p * kJ + j], x);
       }
       for (int j = 0; j < kJ; ++j) store(load_vector<Vec<float>>(&total[j]), out + j * kLanes);
-      if (totals) {  // the stored (rounded) votes, as the later passes read them
-        Vec<float>* sums_b = totals + (b - begin) * kJ;
-        for (int j = 0; j < kJ; ++j) sums_b[j] += load(out + j * kLanes);
-      }
+      if (totals) add_stored_votes<uint16_t, float>(out, kJ, totals + (b - begin) * kJ);
     }
   }
 }
@@ -464,14 +465,13 @@ void compute_votes_paired(const uint16_t* u, const uint16_t* W, Shape n, int64_t
 template <typename In, typename Acc>
 void compute_votes_any(const In* u, const In* W, Shape n, int64_t begin, int64_t end,
                        In* votes, Vec<Acc>* totals) {
+  if (n.outputs == 10 && n.in_dim == 8) {
 #if defined(__AVX512BF16__)
-  if constexpr (std::is_same_v<In, uint16_t>)
-    if (n.outputs == 10 && n.in_dim == 8)
+    if constexpr (std::is_same_v<In, uint16_t>)
       return compute_votes_paired<10, 8>(u, W, n, begin, end, votes, totals);
 #endif
-  if (n.outputs == 10 && n.in_dim == 8)
     compute_votes<In, Acc, 10, 8>(u, W, n, begin, end, votes, totals);
-  else
+  } else
     compute_votes<In, Acc, 0, 0>(u, W, n, begin, end, votes, totals);
 }
 
@@ -571,8 +571,8 @@ void backward_one(const In* votes, Shape n, bool detach_early, Acc eps, const Ac
 
 // Examples whose votes are made together, so each W_i is read once per group: a power of two, at
 // most 8, whose votes fit in 4 MB (4 bf16 examples at 36x36, 8 at 28x28; 2 and 4 in float32).
-// On Zen 4 larger buffers ran slower: the bf16 kernel at 36x36 took 48.4 ms a step with 8
-// examples (8 MB), 42.3 with 4 and 44.7 with 2 (results/README.md § "Groups of votes by bytes").
+// On Zen 4 larger buffers ran slower: the bf16 kernel at 36x36 took 48.6 ms a step with 8
+// examples (8 MB), 41.9 with 4 and 44.4 with 2 (results/README.md § "Groups of votes by bytes").
 constexpr int64_t kGroupBytes = int64_t(4) << 20;
 template <typename In>
 int64_t group_size(Shape n) {
